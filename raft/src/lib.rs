@@ -1,0 +1,29 @@
+//! portcullis-raft: the replicated control plane of a Portcullis cluster.
+//!
+//! One Raft group (openraft 0.9, storage v2) spans every region. It replicates the routes,
+//! certificates and CVM peer table (`ClusterState`) that every gateway node serves from.
+//!
+//! Layout:
+//! - [`state`]: `ClusterState`, the typed `Command`s that change it, validation, and `apply`.
+//! - [`types`]: openraft type configuration (`TypeConfig`, `NodeInfo`).
+//! - [`store`]: log store and state machine on sled, with real fsyncs and group commit.
+//! - [`network`]: the tonic client side of the transport (mutual TLS, deadlines).
+//! - [`service`]: the tonic server side of the transport.
+//! - [`cluster`]: `Cluster`, the handle for writes, membership changes and forwarding to the leader.
+//! - [`tls`]: the cluster CA and node certificates.
+//! - [`metrics`]: Prometheus metrics owned by this crate.
+
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod metrics;
+pub mod network;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod tls;
+pub mod types;
+
+pub use cluster::{Cluster, ClusterError, Member};
+pub use state::{ClusterState, Command, Response};
+pub use types::{NodeId, NodeInfo, Raft, TypeConfig};

@@ -1,0 +1,55 @@
+//! The server side of the cluster RPC port: Raft messages in, openraft's answers out, plus
+//! leader-only requests forwarded by followers.
+
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use portcullis_proto::cluster::cluster_rpc_server::{ClusterRpc, ClusterRpcServer};
+use portcullis_proto::cluster::{ForwardPayload, IdentityReply, IdentityRequest, RaftPayload, SnapshotChunk};
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, ForwardRequest};
+use crate::network::{decode, encode, MAX_MESSAGE_BYTES};
+use crate::types::{NodeId, TypeConfig};
+
+pub struct ClusterService {
+    cluster: Cluster,
+}
+
+impl ClusterService {
+    pub fn new(cluster: Cluster) -> ClusterRpcServer<Self> {
+        ClusterRpcServer::new(ClusterService { cluster })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    Ok(Response::new(RaftPayload { data: encode(v)? }))
+}
+
+#[tonic::async_trait]
+impl ClusterRpc for ClusterService {
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(&req.into_inner().data)?;
+        reply(&self.cluster.raft.vote(rpc).await)
+    }
+
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        reply(&self.cluster.raft.append_entries(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<SnapshotChunk>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(&req.into_inner().request)?;
+        reply(&self.cluster.raft.install_snapshot(rpc).await)
+    }
+
+    async fn forward(&self, req: Request<ForwardPayload>) -> Result<Response<ForwardPayload>, Status> {
+        let fwd: ForwardRequest = decode(&req.into_inner().data)?;
+        let result = self.cluster.execute(fwd).await;
+        Ok(Response::new(ForwardPayload { data: encode(&result)? }))
+    }
+
+    async fn identity(&self, _req: Request<IdentityRequest>) -> Result<Response<IdentityReply>, Status> {
+        Ok(Response::new(IdentityReply { node_id: self.cluster.id }))
+    }
+}

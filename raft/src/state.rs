@@ -1,0 +1,555 @@
+//! The replicated state (`ClusterState`), the typed commands that change it, and `apply`.
+//!
+//! Two rules shape this module:
+//! - `Command::validate` runs before a command is proposed, so malformed input never enters the
+//!   log. `ClusterState::apply` checks again against the current state (an app may have been
+//!   created by a concurrent write) and answers with `Response::Rejected` instead of failing.
+//! - `apply` is deterministic and never panics: no clocks, no randomness, no hash-map iteration
+//!   order, no arithmetic that can overflow. Anything time-like (registration time) travels inside
+//!   the command, stamped by the proposer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// Most ports an app may declare; keeps entries small and routing tables bounded.
+pub const MAX_APP_PORTS: usize = 64;
+/// Longest PEM chain or encrypted key accepted in one certificate entry. Raft values stay well
+/// under sled's comfortable 128 KiB.
+pub const MAX_CERT_BYTES: usize = 64 * 1024;
+/// Longest name accepted for regions and instance ids.
+const MAX_NAME_LEN: usize = 63;
+
+/// A gateway node as the data plane and CVMs see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct GatewayNode {
+    pub id: u64,
+    pub region: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    pub rpc_addr: String,
+    /// Public addresses (HTTPS), as `host:port`.
+    pub public_addrs: Vec<String>,
+    /// WireGuard public key, base64 (empty until the node has one).
+    pub wg_public_key: String,
+    /// WireGuard endpoint, `host:port`.
+    pub wg_endpoint: String,
+    pub status: NodeStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum NodeStatus {
+    #[default]
+    Up,
+    Draining,
+    Down,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Region {
+    pub name: String,
+    pub latitude: f64,
+    pub longitude: f64,
+}
+
+/// An application: a name routed as `<app>.<base>`, its ports (the first is the default), and
+/// how its instances are balanced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct App {
+    pub name: String,
+    pub ports: Vec<u16>,
+    /// Load-balancing policy, e.g. `round-robin`, `least-conn`, `hash:ip`, `geo+least-conn`.
+    pub lb: String,
+    /// Log index of the entry that created the app: distinguishes a re-created app from the old one.
+    pub revision: u64,
+}
+
+/// A CVM instance registered with the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Instance {
+    pub instance_id: String,
+    pub app: String,
+    pub region: String,
+    pub wg_public_key: String,
+    pub tunnel_ip: Option<Ipv4Addr>,
+    /// Plain TCP backend address, for apps reached outside the tunnel (tests, local demo).
+    pub backend_addr: Option<String>,
+    /// Unix seconds, stamped by the proposer.
+    pub registered_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Domain {
+    pub name: String,
+    pub app: String,
+    pub port: u16,
+    /// The token that must appear in `_portcullis-challenge.<name>` for a custom domain.
+    pub token: String,
+    pub verified: bool,
+    pub passthrough: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Certificate {
+    /// The primary name (also the key in the table).
+    pub name: String,
+    pub names: Vec<String>,
+    pub chain_pem: String,
+    /// The private key, encrypted with the cluster data key (or, for imported development
+    /// certificates, marked by `key_encryption`).
+    pub key: Vec<u8>,
+    pub key_encryption: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub issuer: String,
+}
+
+/// Cluster-wide tunnel IP allocation. Addresses are offsets in one range, with no per-node
+/// sub-ranges, so any cluster size shares the full space. Offsets freed by removed instances are
+/// reused lowest-first, which keeps allocation deterministic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelPool {
+    pub base: Ipv4Addr,
+    pub prefix_len: u8,
+    pub next_offset: u32,
+    pub free: BTreeSet<u32>,
+}
+
+impl Default for TunnelPool {
+    fn default() -> Self {
+        // 100.64.0.0/10 (RFC 6598 shared space): ~4M addresses, well clear of typical LANs.
+        TunnelPool {
+            base: Ipv4Addr::new(100, 64, 0, 0),
+            prefix_len: 10,
+            next_offset: 0,
+            free: BTreeSet::new(),
+        }
+    }
+}
+
+impl TunnelPool {
+    fn capacity(&self) -> u32 {
+        let host_bits = 32u32.saturating_sub(u32::from(self.prefix_len));
+        if host_bits >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << host_bits).saturating_sub(1)
+        }
+    }
+
+    /// Offsets start at 1: offset 0 is the network address.
+    fn allocate(&mut self) -> Option<Ipv4Addr> {
+        let offset = match self.free.pop_first() {
+            Some(o) => o,
+            None => {
+                let o = self.next_offset.checked_add(1)?;
+                if o >= self.capacity() {
+                    return None;
+                }
+                self.next_offset = o;
+                o
+            }
+        };
+        Some(Ipv4Addr::from(u32::from(self.base).wrapping_add(offset)))
+    }
+
+    fn release(&mut self, ip: Ipv4Addr) {
+        let offset = u32::from(ip).wrapping_sub(u32::from(self.base));
+        if offset > 0 && offset <= self.next_offset {
+            self.free.insert(offset);
+        }
+    }
+}
+
+/// Everything the cluster agrees on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<u64, GatewayNode>,
+    pub regions: BTreeMap<String, Region>,
+    pub apps: BTreeMap<String, App>,
+    pub domains: BTreeMap<String, Domain>,
+    pub certificates: BTreeMap<String, Certificate>,
+    pub instances: BTreeMap<String, Instance>,
+    pub tunnel_pool: TunnelPool,
+    /// Per-key registers used by the chaos harness's linearizability workload.
+    pub registers: BTreeMap<String, Register>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Register {
+    pub value: String,
+    /// Log index of the write that produced `value`.
+    pub version: u64,
+}
+
+/// A typed change to the cluster state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    UpsertNode(GatewayNode),
+    RemoveNode { id: u64 },
+    SetNodeStatus { id: u64, status: NodeStatus },
+    UpsertRegion(Region),
+    CreateApp { name: String, ports: Vec<u16>, lb: String },
+    DeleteApp { name: String },
+    RegisterInstance(Instance),
+    RemoveInstance { instance_id: String },
+    AddDomain(Domain),
+    VerifyDomain { name: String },
+    RemoveDomain { name: String },
+    PutCertificate(Certificate),
+    RemoveCertificate { name: String },
+    /// Compare-and-set on a register: `expect: None` writes unconditionally.
+    CasRegister { key: String, expect: Option<String>, value: String },
+    /// Several commands in one entry, applied in order (each answered separately).
+    Batch(Vec<Command>),
+}
+
+/// The state machine's answer to one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub enum Response {
+    /// Blank and membership entries, and commands with nothing to return.
+    #[default]
+    Ok,
+    App(App),
+    Instance(Instance),
+    Register(Register),
+    /// The command was valid on its own but not against the state it met (for example the app
+    /// already exists). Nothing was changed.
+    Rejected(String),
+    Batch(Vec<Response>),
+}
+
+/// Why a command was refused before it was proposed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("invalid app name {0:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-', and not ending in '-<digits>' (that reads as a port)")]
+    AppName(String),
+    #[error("invalid port list {0:?}: give 1-64 distinct ports in 1-65535")]
+    Ports(Vec<u16>),
+    #[error("invalid load-balancing policy {0:?}: expected round-robin, least-conn, hash:ip, hash:header=NAME, hash:cookie=NAME, geo or geo+METHOD")]
+    Lb(String),
+    #[error("invalid {field} {value:?}: {reason}")]
+    Field { field: &'static str, value: String, reason: &'static str },
+    #[error("batch nests another batch")]
+    NestedBatch,
+}
+
+fn field(field: &'static str, value: impl Into<String>, reason: &'static str) -> ValidationError {
+    ValidationError::Field { field, value: value.into(), reason }
+}
+
+/// A DNS label as used in `<app>.<base>`.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// App names share the first label with `<app>-<port>[s|g]`, so a name whose last `-` segment
+/// looks like a port would be ambiguous.
+pub fn validate_app_name(name: &str) -> Result<(), ValidationError> {
+    if !is_dns_label(name) {
+        return Err(ValidationError::AppName(name.to_string()));
+    }
+    if let Some((_, tail)) = name.rsplit_once('-') {
+        let digits = tail.trim_end_matches(['s', 'g']);
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ValidationError::AppName(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_ports(ports: &[u16]) -> Result<(), ValidationError> {
+    let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+    if ports.is_empty() || ports.len() > MAX_APP_PORTS || distinct.len() != ports.len() || distinct.contains(&0) {
+        return Err(ValidationError::Ports(ports.to_vec()));
+    }
+    Ok(())
+}
+
+/// The policy grammar; the `geo` crate interprets it, this only keeps malformed ones out of the log.
+pub fn validate_lb(lb: &str) -> Result<(), ValidationError> {
+    fn inner(m: &str) -> bool {
+        match m {
+            "round-robin" | "least-conn" | "hash:ip" => true,
+            _ => {
+                let name = m.strip_prefix("hash:header=").or_else(|| m.strip_prefix("hash:cookie="));
+                name.is_some_and(|n| {
+                    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+            }
+        }
+    }
+    let ok = match lb {
+        "geo" => true,
+        _ => match lb.strip_prefix("geo+") {
+            Some(m) => inner(m),
+            None => inner(lb),
+        },
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::Lb(lb.to_string()))
+    }
+}
+
+fn validate_name(f: &'static str, s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() || s.len() > MAX_NAME_LEN {
+        return Err(field(f, s, "must be 1-63 characters"));
+    }
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        return Err(field(f, s, "only letters, digits, '-', '_' and '.' are allowed"));
+    }
+    Ok(())
+}
+
+fn validate_domain_name(s: &str) -> Result<(), ValidationError> {
+    let ok = s.len() <= 253
+        && s.contains('.')
+        && s.split('.').enumerate().all(|(i, l)| (i == 0 && l == "*") || is_dns_label(l));
+    if ok {
+        Ok(())
+    } else {
+        Err(field("domain", s, "must be a lowercase DNS name"))
+    }
+}
+
+fn validate_coords(lat: f64, lon: f64) -> Result<(), ValidationError> {
+    if !(-90.0..=90.0).contains(&lat) {
+        return Err(field("latitude", lat.to_string(), "must be within -90..=90"));
+    }
+    if !(-180.0..=180.0).contains(&lon) {
+        return Err(field("longitude", lon.to_string(), "must be within -180..=180"));
+    }
+    Ok(())
+}
+
+impl Command {
+    /// Checks the command on its own. Called before proposing, and again inside `apply` so that
+    /// an entry written by an older or hostile proposer cannot corrupt the state.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Command::UpsertNode(n) => {
+                validate_name("region", &n.region)?;
+                validate_coords(n.latitude, n.longitude)
+            }
+            Command::RemoveNode { .. } | Command::SetNodeStatus { .. } => Ok(()),
+            Command::UpsertRegion(r) => {
+                validate_name("region", &r.name)?;
+                validate_coords(r.latitude, r.longitude)
+            }
+            Command::CreateApp { name, ports, lb } => {
+                validate_app_name(name)?;
+                validate_ports(ports)?;
+                validate_lb(lb)
+            }
+            Command::DeleteApp { name } => validate_app_name(name),
+            Command::RegisterInstance(i) => {
+                validate_name("instance_id", &i.instance_id)?;
+                validate_app_name(&i.app)?;
+                validate_name("region", &i.region)?;
+                if i.wg_public_key.len() > 64 {
+                    return Err(field("wg_public_key", i.wg_public_key.clone(), "must be a base64 32-byte key"));
+                }
+                Ok(())
+            }
+            Command::RemoveInstance { instance_id } => validate_name("instance_id", instance_id),
+            Command::AddDomain(d) => {
+                validate_domain_name(&d.name)?;
+                validate_app_name(&d.app)?;
+                if d.port == 0 {
+                    return Err(field("port", "0", "must be 1-65535"));
+                }
+                Ok(())
+            }
+            Command::VerifyDomain { name } | Command::RemoveDomain { name } => validate_domain_name(name),
+            Command::PutCertificate(c) => {
+                validate_domain_name(&c.name)?;
+                if c.chain_pem.len() > MAX_CERT_BYTES || c.key.len() > MAX_CERT_BYTES {
+                    return Err(field("certificate", c.name.clone(), "chain or key larger than 64 KiB"));
+                }
+                Ok(())
+            }
+            Command::RemoveCertificate { name } => validate_domain_name(name),
+            Command::CasRegister { key, value, .. } => {
+                validate_name("key", key)?;
+                if value.len() > 1024 {
+                    return Err(field("value", value.clone(), "longer than 1024 bytes"));
+                }
+                Ok(())
+            }
+            Command::Batch(cmds) => {
+                for c in cmds {
+                    if matches!(c, Command::Batch(_)) {
+                        return Err(ValidationError::NestedBatch);
+                    }
+                    c.validate()?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ClusterState {
+    /// Applies one command at log index `index`. Never panics; a command that does not fit the
+    /// current state changes nothing and is answered with `Response::Rejected`.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        if let Err(e) = cmd.validate() {
+            return Response::Rejected(e.to_string());
+        }
+        match cmd {
+            Command::UpsertNode(n) => {
+                self.nodes.insert(n.id, n.clone());
+                Response::Ok
+            }
+            Command::RemoveNode { id } => match self.nodes.remove(id) {
+                Some(_) => Response::Ok,
+                None => Response::Rejected(format!("node {id} not found")),
+            },
+            Command::SetNodeStatus { id, status } => match self.nodes.get_mut(id) {
+                Some(n) => {
+                    n.status = *status;
+                    Response::Ok
+                }
+                None => Response::Rejected(format!("node {id} not found")),
+            },
+            Command::UpsertRegion(r) => {
+                self.regions.insert(r.name.clone(), r.clone());
+                Response::Ok
+            }
+            Command::CreateApp { name, ports, lb } => {
+                if self.apps.contains_key(name) {
+                    return Response::Rejected(format!("app {name:?} already exists"));
+                }
+                let app = App { name: name.clone(), ports: ports.clone(), lb: lb.clone(), revision: index };
+                self.apps.insert(name.clone(), app.clone());
+                Response::App(app)
+            }
+            Command::DeleteApp { name } => {
+                if self.apps.remove(name).is_none() {
+                    return Response::Rejected(format!("app {name:?} not found"));
+                }
+                // An app's instances and domains go with it; their tunnel IPs return to the pool.
+                let gone: Vec<String> =
+                    self.instances.values().filter(|i| &i.app == name).map(|i| i.instance_id.clone()).collect();
+                for id in gone {
+                    self.remove_instance(&id);
+                }
+                self.domains.retain(|_, d| &d.app != name);
+                Response::Ok
+            }
+            Command::RegisterInstance(new) => self.register_instance(new),
+            Command::RemoveInstance { instance_id } => {
+                if self.remove_instance(instance_id) {
+                    Response::Ok
+                } else {
+                    Response::Rejected(format!("instance {instance_id:?} not found"))
+                }
+            }
+            Command::AddDomain(d) => {
+                if self.domains.contains_key(&d.name) {
+                    return Response::Rejected(format!("domain {:?} already exists", d.name));
+                }
+                if !self.apps.contains_key(&d.app) {
+                    return Response::Rejected(format!("app {:?} not found", d.app));
+                }
+                self.domains.insert(d.name.clone(), Domain { verified: false, ..d.clone() });
+                Response::Ok
+            }
+            Command::VerifyDomain { name } => match self.domains.get_mut(name) {
+                Some(d) => {
+                    d.verified = true;
+                    Response::Ok
+                }
+                None => Response::Rejected(format!("domain {name:?} not found")),
+            },
+            Command::RemoveDomain { name } => match self.domains.remove(name) {
+                Some(_) => Response::Ok,
+                None => Response::Rejected(format!("domain {name:?} not found")),
+            },
+            Command::PutCertificate(c) => {
+                self.certificates.insert(c.name.clone(), c.clone());
+                Response::Ok
+            }
+            Command::RemoveCertificate { name } => match self.certificates.remove(name) {
+                Some(_) => Response::Ok,
+                None => Response::Rejected(format!("certificate {name:?} not found")),
+            },
+            Command::CasRegister { key, expect, value } => {
+                let current = self.registers.get(key);
+                if let Some(expected) = expect {
+                    if current.map(|r| &r.value) != Some(expected) {
+                        return Response::Rejected(format!(
+                            "cas failed on {key:?}: expected {expected:?}, found {:?}",
+                            current.map(|r| r.value.as_str())
+                        ));
+                    }
+                }
+                let reg = Register { value: value.clone(), version: index };
+                self.registers.insert(key.clone(), reg.clone());
+                Response::Register(reg)
+            }
+            Command::Batch(cmds) => Response::Batch(cmds.iter().map(|c| self.apply(index, c)).collect()),
+        }
+    }
+
+    fn register_instance(&mut self, new: &Instance) -> Response {
+        if !self.apps.contains_key(&new.app) {
+            return Response::Rejected(format!("app {:?} not found", new.app));
+        }
+        if let Some(existing) = self.instances.get(&new.instance_id) {
+            if existing.app != new.app {
+                return Response::Rejected(format!(
+                    "instance {:?} belongs to app {:?}",
+                    new.instance_id, existing.app
+                ));
+            }
+        }
+        if !new.wg_public_key.is_empty() {
+            let clash = self
+                .instances
+                .values()
+                .any(|i| i.wg_public_key == new.wg_public_key && i.instance_id != new.instance_id);
+            if clash {
+                return Response::Rejected("wireguard public key already registered by another instance".into());
+            }
+        }
+        // Sticky: a re-registering instance keeps its address.
+        let tunnel_ip = match self.instances.get(&new.instance_id).and_then(|i| i.tunnel_ip) {
+            Some(ip) => ip,
+            None => match self.tunnel_pool.allocate() {
+                Some(ip) => ip,
+                None => return Response::Rejected("tunnel address pool exhausted".into()),
+            },
+        };
+        let inst = Instance { tunnel_ip: Some(tunnel_ip), ..new.clone() };
+        self.instances.insert(inst.instance_id.clone(), inst.clone());
+        Response::Instance(inst)
+    }
+
+    fn remove_instance(&mut self, id: &str) -> bool {
+        match self.instances.remove(id) {
+            Some(inst) => {
+                if let Some(ip) = inst.tunnel_ip {
+                    self.tunnel_pool.release(ip);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Instances of one app, in a stable order.
+    pub fn instances_of<'a>(&'a self, app: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
+        self.instances.values().filter(move |i| i.app == app)
+    }
+}
+
+#[cfg(test)]
+mod tests;
