@@ -1,1 +1,86 @@
-fn main(){}
+//! `portcullis`: parse the command line, run the command, map failures to exit codes.
+
+use clap::Parser;
+use portcullis_node::cli::{self, Cli, Cmd};
+use portcullis_node::config::NodeConfig;
+use portcullis_node::{launcher, server, EXIT_CONFIG};
+use tokio_util::sync::CancellationToken;
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() {
+    init_tracing();
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Cmd::CheckConfig { file } => match NodeConfig::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(EXIT_CONFIG)
+            }
+        },
+        Cmd::Node { config } => {
+            let cfg = match NodeConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(EXIT_CONFIG);
+                }
+            };
+            let listeners = server::Listeners::bind(&cfg).await?;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            server::run(cfg, listeners, shutdown).await?;
+            Ok(0)
+        }
+        Cmd::Up(args) => launcher::up(args).await.map(|_| 0),
+        Cmd::Down { state_dir } => launcher::down(&state_dir).await.map(|_| 0),
+        Cmd::Cluster(c) => cli::cluster(&cli.global, c).await.map(|_| 0),
+        Cmd::App(c) => cli::app(&cli.global, c).await.map(|_| 0),
+    }
+}
+
+/// SIGTERM drains under the grace period; SIGINT (or a second signal) exits at once.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("sigterm: draining");
+                shutdown.cancel();
+            }
+            _ = int.recv() => {
+                tracing::info!("sigint: exiting");
+                std::process::exit(130);
+            }
+        }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        std::process::exit(130);
+    });
+}

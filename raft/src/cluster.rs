@@ -31,12 +31,15 @@ pub enum ForwardRequest {
     /// Sent by the leader to every voter during a leadership transfer.
     SetElect { enabled: bool },
     TransferLeader { to: NodeId },
+    /// Asks the leader for an index that a linearizable read must wait for.
+    ReadIndex,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardReply {
     Written { log_index: u64, response: Response },
     Membership { log_index: u64 },
+    ReadIndex { index: u64 },
     Done,
 }
 
@@ -108,6 +111,22 @@ impl Cluster {
             ForwardReply::Written { log_index, response } => Ok((log_index, response)),
             other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// Returns once this node's applied state includes every write committed before the call:
+    /// the leader confirms its leadership with a quorum (`ensure_linearizable`), and a follower
+    /// waits until it has applied up to the index the leader reports.
+    pub async fn linearizable_barrier(&self) -> Result<(), ClusterError> {
+        let index = match self.leader_op(ForwardRequest::ReadIndex).await? {
+            ForwardReply::ReadIndex { index } => index,
+            other => return Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
+        };
+        self.raft
+            .wait(Some(LEADER_WAIT))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        Ok(())
     }
 
     /// Bootstraps a new cluster with the given founding voters (this node included).
@@ -233,6 +252,13 @@ impl Cluster {
                 Ok(ForwardReply::Done)
             }
             ForwardRequest::TransferLeader { to } => self.transfer_leader_here(to).await,
+            ForwardRequest::ReadIndex => match self.raft.ensure_linearizable().await {
+                Ok(log_id) => Ok(ForwardReply::ReadIndex { index: log_id.map(|l| l.index).unwrap_or(0) }),
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                    Err(ClusterError::NotLeader(f.leader_id))
+                }
+                Err(e) => Err(ClusterError::Raft(e.to_string())),
+            },
         }
     }
 

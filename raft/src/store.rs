@@ -270,6 +270,22 @@ pub struct SharedState {
 }
 
 impl SharedState {
+    /// A standalone state, not backed by Raft: for tests of code that only reads the state.
+    pub fn detached(state: ClusterState) -> Self {
+        let (changed, _) = watch::channel(0);
+        SharedState { inner: Arc::new(RwLock::new(Applied { state, ..Default::default() })), changed }
+    }
+
+    /// Replaces the state of a detached instance and notifies subscribers (tests only).
+    pub fn replace_detached(&self, state: ClusterState) {
+        let index = {
+            let mut a = self.write();
+            a.state = state;
+            a.last_applied.map(|l| l.index).unwrap_or(0) + 1
+        };
+        self.notify(index);
+    }
+
     pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }

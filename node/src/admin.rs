@@ -1,0 +1,268 @@
+//! The admin listener: the gRPC admin API (bearer token) plus `/healthz`, `/readyz` and
+//! `/metrics` on the same port.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use portcullis_proto::admin::admin_server::{Admin, AdminServer};
+use portcullis_proto::admin::{
+    self as pb, AddLearnerRequest, AppName, ClusterStatusReply, ClusterStatusRequest, CreateAppRequest, Empty,
+    InitRequest, ListAppsReply, MembershipReply, NodeIdRequest, WriteReply,
+};
+use portcullis_raft::state::{App, Instance};
+use portcullis_raft::{Cluster, ClusterError, Command, NodeInfo, Response};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status};
+
+use crate::metrics::Metrics;
+
+/// Everything the admin handlers need.
+#[derive(Clone)]
+pub struct AdminState {
+    pub cluster: Cluster,
+    pub region: String,
+    pub metrics: Arc<Metrics>,
+    /// Set once the node is serving: joined Raft, certificates and geo database loaded.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Builds the router for the admin port. gRPC calls must carry `authorization: Bearer <token>`;
+/// the probe and metrics paths are unauthenticated because the listener is local-only.
+pub fn router(state: AdminState, token: String) -> axum::Router {
+    let token = Arc::new(token);
+    let svc = AdminServer::with_interceptor(AdminService { state: state.clone() }, move |req: Request<()>| {
+        check_token(&req, &token)?;
+        Ok(req)
+    });
+    let grpc = tonic::service::Routes::new(svc).prepare().into_axum_router();
+    let http = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    grpc.merge(http)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+fn check_token(req: &Request<()>, token: &str) -> Result<(), Status> {
+    let Some(value) = req.metadata().get("authorization") else {
+        return Err(Status::unauthenticated("missing bearer token (authorization: Bearer <token>)"));
+    };
+    let presented = value.to_str().unwrap_or("").strip_prefix("Bearer ").unwrap_or("");
+    if presented.as_bytes().ct_eq(token.as_bytes()).into() {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("invalid bearer token"))
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    let m = s.cluster.metrics();
+    let member = m.membership_config.membership().get_node(&s.cluster.id).is_some();
+    let ready = s.ready.load(std::sync::atomic::Ordering::Acquire);
+    match (ready, member, m.current_leader) {
+        (true, true, Some(l)) => (StatusCode::OK, format!("ready; leader {l}\n")),
+        (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string()),
+        (_, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not a cluster member yet\n".to_string()),
+        (_, _, None) => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".to_string()),
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let m = s.cluster.metrics();
+    match s.metrics.render(&m) {
+        Ok(body) => (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], format!("metrics: {e}\n")),
+    }
+}
+
+struct AdminService {
+    state: AdminState,
+}
+
+fn status(e: ClusterError) -> Status {
+    match e {
+        ClusterError::Invalid(m) => Status::invalid_argument(m),
+        ClusterError::Rejected(m) if m.contains("already exists") => Status::already_exists(m),
+        ClusterError::Rejected(m) if m.contains("not found") => Status::not_found(m),
+        ClusterError::Rejected(m) => Status::failed_precondition(m),
+        ClusterError::UnknownNode(_) => Status::not_found(e.to_string()),
+        ClusterError::NoLeader(_) | ClusterError::Forward { .. } | ClusterError::NotLeader(_) => {
+            Status::unavailable(e.to_string())
+        }
+        ClusterError::Raft(m) => Status::internal(m),
+    }
+}
+
+/// Maps a state-machine answer to the gRPC result.
+fn outcome(r: Response) -> Result<Response, Status> {
+    match r {
+        Response::Rejected(m) => Err(status(ClusterError::Rejected(m))),
+        other => Ok(other),
+    }
+}
+
+fn app_pb(a: &App, instances: Vec<pb::Instance>) -> pb::App {
+    pb::App {
+        name: a.name.clone(),
+        ports: a.ports.iter().map(|p| u32::from(*p)).collect(),
+        lb: a.lb.clone(),
+        revision: a.revision,
+        instances,
+    }
+}
+
+pub fn instance_pb(i: &Instance) -> pb::Instance {
+    pb::Instance {
+        instance_id: i.instance_id.clone(),
+        app: i.app.clone(),
+        region: i.region.clone(),
+        tunnel_ip: i.tunnel_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        wg_public_key: i.wg_public_key.clone(),
+        backend_addr: i.backend_addr.clone().unwrap_or_default(),
+    }
+}
+
+impl AdminService {
+    fn members_pb(&self) -> Vec<pb::Member> {
+        self.state
+            .cluster
+            .members()
+            .into_iter()
+            .map(|m| pb::Member {
+                id: m.id,
+                region: m.node.region,
+                voter: m.voter,
+                rpc_addr: m.node.rpc_addr,
+                admin_addr: m.node.admin_addr,
+            })
+            .collect()
+    }
+
+    fn membership_reply(&self, log_index: u64) -> MembershipReply {
+        let leader_id = self.state.cluster.metrics().current_leader.unwrap_or(0);
+        MembershipReply { log_index, members: self.members_pb(), leader_id }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn cluster_status(&self, _req: Request<ClusterStatusRequest>) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+        let m = self.state.cluster.metrics();
+        let members = self.members_pb();
+        Ok(tonic::Response::new(ClusterStatusReply {
+            node_id: m.id,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            initialized: !members.is_empty(),
+            members,
+            state: format!("{:?}", m.state).to_lowercase(),
+            region: self.state.region.clone(),
+        }))
+    }
+
+    async fn init(&self, req: Request<InitRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
+        let req = req.into_inner();
+        let mut members = std::collections::BTreeMap::new();
+        for m in req.members {
+            if m.id == 0 || m.rpc_addr.is_empty() {
+                return Err(Status::invalid_argument(format!("member {m:?} needs a non-zero id and an rpc_addr")));
+            }
+            members.insert(m.id, NodeInfo { rpc_addr: m.rpc_addr, admin_addr: m.admin_addr, region: m.region });
+        }
+        if members.is_empty() {
+            let me = self.state.cluster.id;
+            return Err(Status::invalid_argument(format!(
+                "give at least one member (this node is {me}); use --member ID=RPC_ADDR[@REGION]"
+            )));
+        }
+        if !members.contains_key(&self.state.cluster.id) {
+            return Err(Status::invalid_argument(format!(
+                "the members must include this node ({})",
+                self.state.cluster.id
+            )));
+        }
+        self.state.cluster.initialize(members).await.map_err(|e| match e {
+            ClusterError::Raft(m) if m.contains("NotAllowed") || m.contains("not allowed") => {
+                Status::failed_precondition(format!("cluster already initialized: {m}"))
+            }
+            other => status(other),
+        })?;
+        Ok(tonic::Response::new(self.membership_reply(0)))
+    }
+
+    async fn add_learner(&self, req: Request<AddLearnerRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
+        let r = req.into_inner();
+        if r.id == 0 || r.rpc_addr.is_empty() {
+            return Err(Status::invalid_argument("add-learner needs a non-zero id and an rpc address"));
+        }
+        let node = NodeInfo { rpc_addr: r.rpc_addr, admin_addr: r.admin_addr, region: r.region };
+        let idx = self.state.cluster.add_learner(r.id, node, r.blocking).await.map_err(status)?;
+        Ok(tonic::Response::new(self.membership_reply(idx)))
+    }
+
+    async fn promote(&self, req: Request<NodeIdRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
+        let idx = self.state.cluster.promote(req.into_inner().id).await.map_err(status)?;
+        Ok(tonic::Response::new(self.membership_reply(idx)))
+    }
+
+    async fn remove(&self, req: Request<NodeIdRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
+        let idx = self.state.cluster.remove(req.into_inner().id).await.map_err(status)?;
+        Ok(tonic::Response::new(self.membership_reply(idx)))
+    }
+
+    async fn transfer_leader(&self, req: Request<NodeIdRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
+        let idx = self.state.cluster.transfer_leader(req.into_inner().id).await.map_err(status)?;
+        Ok(tonic::Response::new(self.membership_reply(idx)))
+    }
+
+    async fn create_app(&self, req: Request<CreateAppRequest>) -> Result<tonic::Response<pb::App>, Status> {
+        let r = req.into_inner();
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| u16::try_from(*p).map_err(|_| Status::invalid_argument(format!("invalid port {p}: must be 1-65535"))))
+            .collect::<Result<Vec<u16>, Status>>()?;
+        let lb = if r.lb.is_empty() { "round-robin".to_string() } else { r.lb };
+        let cmd = Command::CreateApp { name: r.name, ports, lb };
+        let (_, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
+        match outcome(resp)? {
+            Response::App(a) => Ok(tonic::Response::new(app_pb(&a, Vec::new()))),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn list_apps(&self, _req: Request<Empty>) -> Result<tonic::Response<ListAppsReply>, Status> {
+        self.state.cluster.linearizable_barrier().await.map_err(status)?;
+        let applied = self.state.cluster.shared.read();
+        let apps = applied.state.apps.values().map(|a| app_pb(a, Vec::new())).collect();
+        Ok(tonic::Response::new(ListAppsReply { apps }))
+    }
+
+    async fn get_app(&self, req: Request<AppName>) -> Result<tonic::Response<pb::App>, Status> {
+        let name = req.into_inner().name;
+        self.state.cluster.linearizable_barrier().await.map_err(status)?;
+        let applied = self.state.cluster.shared.read();
+        let Some(app) = applied.state.apps.get(&name) else {
+            return Err(Status::not_found(format!("app {name:?} not found")));
+        };
+        let instances = applied.state.instances_of(&name).map(instance_pb).collect();
+        Ok(tonic::Response::new(app_pb(app, instances)))
+    }
+
+    async fn delete_app(&self, req: Request<AppName>) -> Result<tonic::Response<WriteReply>, Status> {
+        let name = req.into_inner().name;
+        let (log_index, resp) = self.state.cluster.write(Command::DeleteApp { name }).await.map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(WriteReply { log_index }))
+    }
+}

@@ -1,0 +1,352 @@
+//! The command line: argument definitions and the operator commands that talk to the admin API.
+//! The JSON shapes printed here are a contract (ARCHITECTURE.md §8); scripts and tests parse them.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use portcullis_proto::admin::{self as pb, AddLearnerRequest, AppName, ClusterStatusRequest, CreateAppRequest, Empty, InitRequest, NodeIdRequest};
+use serde::Serialize;
+
+use crate::client::Target;
+
+#[derive(Parser, Debug)]
+#[command(name = "portcullis", version, about = "HTTPS gateway cluster for Confidential VMs")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Admin API address of any node.
+    #[arg(long, global = true, env = "PORTCULLIS_ADMIN")]
+    pub admin: Option<String>,
+    /// File holding the admin bearer token.
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// The admin token itself (prefer --token-file; visible in the process list otherwise).
+    #[arg(long = "token", global = true, env = "PORTCULLIS_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A directory written by `portcullis up` (reads its cluster.json).
+    #[arg(long, global = true)]
+    pub cluster: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Global {
+    pub fn target(&self) -> Target {
+        Target {
+            admin: self.admin.clone(),
+            token_file: self.token_file.clone(),
+            token: self.token.clone(),
+            cluster: self.cluster.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Launch a local multi-region cluster with demo apps.
+    Up(crate::launcher::UpArgs),
+    /// Stop a cluster started by `up`.
+    Down {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Run one gateway node.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a node config and exit (0 valid, 64 invalid).
+    CheckConfig { file: PathBuf },
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Applications.
+    #[command(subcommand)]
+    App(AppCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Create the cluster CA, node certificates and admin token (with --pki), or bootstrap Raft
+    /// on the node behind --admin with the given founding members.
+    Init {
+        /// Write a new cluster CA, certificates for --node-id, and an admin token here.
+        #[arg(long)]
+        pki: Option<PathBuf>,
+        /// Node ids to issue certificates for (with --pki).
+        #[arg(long = "node-id", value_delimiter = ',')]
+        node_ids: Vec<u64>,
+        /// Founding voter as ID=RPC_ADDR[@REGION] (repeatable).
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// Issue a certificate for a joining node from the cluster CA in --pki.
+    IssueCert {
+        #[arg(long)]
+        pki: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+    },
+    /// Show leader, term and members.
+    Status,
+    /// Add a node as a non-voting learner.
+    AddLearner {
+        id: u64,
+        rpc_addr: String,
+        #[arg(long, default_value = "")]
+        region: String,
+        #[arg(long, default_value = "")]
+        admin_addr: String,
+        /// Return before the learner has caught up.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+    /// Remove a voter or learner.
+    Remove { id: u64 },
+    /// Hand leadership to another voter.
+    TransferLeader { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppCmd {
+    /// Create an app. The first --port is its default port.
+    Create {
+        name: String,
+        #[arg(long = "port", required = true)]
+        ports: Vec<u32>,
+        /// round-robin | least-conn | hash:ip | hash:header=NAME | hash:cookie=NAME | geo[+METHOD]
+        #[arg(long, default_value = "round-robin")]
+        lb: String,
+    },
+    List,
+    Show { name: String },
+    Delete { name: String },
+}
+
+#[derive(Serialize)]
+struct MemberOut {
+    id: u64,
+    region: String,
+    voter: bool,
+    rpc_addr: String,
+    admin_addr: String,
+}
+
+fn members_out(ms: &[pb::Member]) -> Vec<MemberOut> {
+    ms.iter()
+        .map(|m| MemberOut {
+            id: m.id,
+            region: m.region.clone(),
+            voter: m.voter,
+            rpc_addr: m.rpc_addr.clone(),
+            admin_addr: m.admin_addr.clone(),
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    node_id: u64,
+    leader_id: Option<u64>,
+    term: u64,
+    last_applied: u64,
+    last_log_index: u64,
+    state: String,
+    region: String,
+    members: Vec<MemberOut>,
+}
+
+#[derive(Serialize)]
+struct InstanceOut {
+    instance_id: String,
+    app: String,
+    region: String,
+    tunnel_ip: String,
+    wg_public_key: String,
+    backend_addr: String,
+}
+
+#[derive(Serialize)]
+struct AppOut {
+    name: String,
+    ports: Vec<u32>,
+    lb: String,
+    revision: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instances: Option<Vec<InstanceOut>>,
+}
+
+fn app_out(a: pb::App, with_instances: bool) -> AppOut {
+    AppOut {
+        name: a.name,
+        ports: a.ports,
+        lb: a.lb,
+        revision: a.revision,
+        instances: with_instances.then(|| {
+            a.instances
+                .into_iter()
+                .map(|i| InstanceOut {
+                    instance_id: i.instance_id,
+                    app: i.app,
+                    region: i.region,
+                    tunnel_ip: i.tunnel_ip,
+                    wg_public_key: i.wg_public_key,
+                    backend_addr: i.backend_addr,
+                })
+                .collect()
+        }),
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Turns a gRPC status into an error message an operator can act on.
+fn rpc<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    match r {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => bail!("{} ({:?})", s.message(), s.code()),
+    }
+}
+
+fn print_membership(g: &Global, r: pb::MembershipReply, what: &str) -> anyhow::Result<()> {
+    if g.json {
+        #[derive(Serialize)]
+        struct Out {
+            log_index: u64,
+            leader_id: u64,
+            members: Vec<MemberOut>,
+        }
+        return print_json(&Out { log_index: r.log_index, leader_id: r.leader_id, members: members_out(&r.members) });
+    }
+    println!("{what} (log index {}); leader {}", r.log_index, r.leader_id);
+    for m in r.members {
+        println!("  {:>4}  {:<8} {:<12} {}", m.id, if m.voter { "voter" } else { "learner" }, m.region, m.rpc_addr);
+    }
+    Ok(())
+}
+
+fn parse_member(s: &str) -> anyhow::Result<pb::Member> {
+    let (id, rest) = s.split_once('=').with_context(|| format!("member {s:?}: expected ID=RPC_ADDR[@REGION]"))?;
+    let id: u64 = id.parse().with_context(|| format!("member {s:?}: id {id:?} is not a number"))?;
+    let (addr, region) = rest.split_once('@').unwrap_or((rest, ""));
+    Ok(pb::Member { id, region: region.into(), voter: true, rpc_addr: addr.into(), admin_addr: String::new() })
+}
+
+pub async fn cluster(g: &Global, cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Init { pki: Some(dir), node_ids, .. } => {
+            crate::pki::init(&dir, &node_ids)?;
+            println!("wrote cluster CA, admin token and {} node certificate(s) to {}", node_ids.len(), dir.display());
+            println!("keep {} offline; nodes only need ca.pem and their own node-<id> files", dir.join("ca.key").display());
+            Ok(())
+        }
+        ClusterCmd::Init { pki: None, members, .. } => {
+            let members = members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut c = g.target().connect().await?;
+            let r = rpc(c.init(InitRequest { members }).await)?;
+            print_membership(g, r, "initialized")
+        }
+        ClusterCmd::IssueCert { pki, node_id } => {
+            let dir = crate::pki::issue(&pki, node_id)?;
+            println!("issued certificate for node {node_id} in {}", dir.display());
+            Ok(())
+        }
+        ClusterCmd::Status => {
+            let mut c = g.target().connect().await?;
+            let s = rpc(c.cluster_status(ClusterStatusRequest {}).await)?;
+            let out = StatusOut {
+                node_id: s.node_id,
+                leader_id: (s.leader_id != 0).then_some(s.leader_id),
+                term: s.term,
+                last_applied: s.last_applied,
+                last_log_index: s.last_log_index,
+                state: s.state,
+                region: s.region,
+                members: members_out(&s.members),
+            };
+            if g.json {
+                return print_json(&out);
+            }
+            println!("node {} ({}, {}), term {}, leader {:?}", out.node_id, out.region, out.state, out.term, out.leader_id);
+            println!("last applied {}, last log {}", out.last_applied, out.last_log_index);
+            for m in out.members {
+                println!("  {:>4}  {:<8} {:<12} {}", m.id, if m.voter { "voter" } else { "learner" }, m.region, m.rpc_addr);
+            }
+            Ok(())
+        }
+        ClusterCmd::AddLearner { id, rpc_addr, region, admin_addr, no_wait } => {
+            let mut c = g.target().connect().await?;
+            let r = rpc(c.add_learner(AddLearnerRequest { id, rpc_addr, region, admin_addr, blocking: !no_wait }).await)?;
+            print_membership(g, r, &format!("added learner {id}"))
+        }
+        ClusterCmd::Promote { id } => {
+            let mut c = g.target().connect().await?;
+            let r = rpc(c.promote(NodeIdRequest { id }).await)?;
+            print_membership(g, r, &format!("promoted {id}"))
+        }
+        ClusterCmd::Remove { id } => {
+            let mut c = g.target().connect().await?;
+            let r = rpc(c.remove(NodeIdRequest { id }).await)?;
+            print_membership(g, r, &format!("removed {id}"))
+        }
+        ClusterCmd::TransferLeader { id } => {
+            let mut c = g.target().connect().await?;
+            let r = rpc(c.transfer_leader(NodeIdRequest { id }).await)?;
+            print_membership(g, r, &format!("leadership moved to {id}"))
+        }
+    }
+}
+
+pub async fn app(g: &Global, cmd: AppCmd) -> anyhow::Result<()> {
+    let mut c = g.target().connect().await?;
+    match cmd {
+        AppCmd::Create { name, ports, lb } => {
+            let a = rpc(c.create_app(CreateAppRequest { name, ports, lb }).await)?;
+            if g.json {
+                return print_json(&app_out(a, false));
+            }
+            println!("created app {} (ports {:?}, lb {}, revision {})", a.name, a.ports, a.lb, a.revision);
+        }
+        AppCmd::List => {
+            let r = rpc(c.list_apps(Empty {}).await)?;
+            let apps: Vec<AppOut> = r.apps.into_iter().map(|a| app_out(a, false)).collect();
+            if g.json {
+                return print_json(&apps);
+            }
+            for a in apps {
+                println!("{:<24} ports {:?}  lb {}", a.name, a.ports, a.lb);
+            }
+        }
+        AppCmd::Show { name } => {
+            let a = app_out(rpc(c.get_app(AppName { name }).await)?, true);
+            if g.json {
+                return print_json(&a);
+            }
+            println!("{}: ports {:?}, lb {}, revision {}", a.name, a.ports, a.lb, a.revision);
+            for i in a.instances.unwrap_or_default() {
+                println!("  {:<20} {:<10} {:<15} {}", i.instance_id, i.region, i.tunnel_ip, i.backend_addr);
+            }
+        }
+        AppCmd::Delete { name } => {
+            let r = rpc(c.delete_app(AppName { name: name.clone() }).await)?;
+            if g.json {
+                return print_json(&serde_json::json!({ "deleted": name, "log_index": r.log_index }));
+            }
+            println!("deleted app {name}");
+        }
+    }
+    Ok(())
+}

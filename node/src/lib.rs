@@ -1,0 +1,25 @@
+//! portcullis-node: the `portcullis` binary — gateway node, operator CLI and local launcher.
+//!
+//! Layout:
+//! - [`config`]: the node's TOML configuration and its validation.
+//! - [`server`]: running one node (Raft, cluster RPC port, admin port, shutdown).
+//! - [`admin`]: the admin gRPC API and `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`]: every metric the node exports.
+//! - [`cli`]: argument definitions and the operator commands.
+//! - [`client`]: finding the cluster (`--admin`, `--cluster`) and calling its admin API.
+//! - [`launcher`]: `up` and `down`, a local multi-node cluster.
+//! - [`pki`]: the cluster CA, node certificates and the admin token on disk.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod launcher;
+pub mod metrics;
+pub mod pki;
+pub mod server;
+
+/// Exit code for an invalid configuration (EX_USAGE from sysexits.h, as linkerd does).
+pub const EXIT_CONFIG: i32 = 64;

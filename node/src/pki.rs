@@ -1,0 +1,66 @@
+//! Files on disk for the cluster's credentials: the CA, node certificates, the admin token.
+//!
+//! Layout of a PKI directory:
+//! `ca.pem`, `ca.key` (keep offline), `admin.token`, and `node-<id>/{cert.pem,key.pem}`.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use portcullis_raft::tls;
+use rand::RngCore;
+
+/// Writes `contents` to a new file readable only by its owner.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(contents).with_context(|| format!("write {}", path.display()))?;
+    f.sync_all().with_context(|| format!("sync {}", path.display()))
+}
+
+pub fn random_token() -> String {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Creates a new CA, an admin token, and certificates for `node_ids`.
+pub fn init(dir: &Path, node_ids: &[u64]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    if dir.join("ca.key").exists() {
+        bail!("{} already holds a cluster CA; refusing to overwrite it", dir.display());
+    }
+    let ca = tls::generate_ca("local")?;
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).context("write ca.pem")?;
+    write_private(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
+    write_private(&dir.join("admin.token"), random_token().as_bytes())?;
+    for id in node_ids {
+        issue(dir, *id)?;
+    }
+    Ok(())
+}
+
+/// Issues `node-<id>/cert.pem` and `key.pem` from the CA in `dir`.
+pub fn issue(dir: &Path, id: u64) -> anyhow::Result<PathBuf> {
+    if id == 0 {
+        bail!("node id 0 is reserved");
+    }
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| format!("read {}/ca.pem", dir.display()))?;
+    let ca_key = std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("read {}/ca.key", dir.display()))?;
+    let issued = tls::issue_node_cert(&ca_pem, &ca_key, id)?;
+    let out = node_dir(dir, id);
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    std::fs::write(out.join("cert.pem"), issued.cert_pem).context("write cert.pem")?;
+    write_private(&out.join("key.pem"), issued.key_pem.as_bytes())?;
+    Ok(out)
+}
+
+pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("node-{id}"))
+}

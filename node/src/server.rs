@@ -1,0 +1,136 @@
+//! Running one gateway node: open the store, start Raft, serve the cluster and admin ports, wait
+//! for a signal, drain.
+//!
+//! Listeners are bound by the caller and passed in, so tests (and later a deterministic
+//! simulation) can hand over their own.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::SnapshotPolicy;
+use portcullis_raft::network::Network;
+use portcullis_raft::service::ClusterService;
+use portcullis_raft::store;
+use portcullis_raft::tls::TlsMaterial;
+use portcullis_raft::{Cluster, Raft};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::admin::{self, AdminState};
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+
+/// How long SIGTERM waits for in-flight work before the node exits anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Listeners {
+    pub cluster: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &NodeConfig) -> anyhow::Result<Self> {
+        let cluster = TcpListener::bind(cfg.cluster.listen)
+            .await
+            .with_context(|| format!("bind cluster.listen {}", cfg.cluster.listen))?;
+        let admin =
+            TcpListener::bind(cfg.admin.listen).await.with_context(|| format!("bind admin.listen {}", cfg.admin.listen))?;
+        Ok(Listeners { cluster, admin })
+    }
+}
+
+fn read_token(cfg: &NodeConfig) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(&cfg.admin.token_file)
+        .with_context(|| format!("admin.token_file {}: cannot read the admin token", cfg.admin.token_file.display()))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 {
+        anyhow::bail!(
+            "admin.token_file {}: the token must be at least 16 characters; refusing to start without one",
+            cfg.admin.token_file.display()
+        );
+    }
+    Ok(token)
+}
+
+/// Runs the node until `shutdown` fires, then drains.
+pub async fn run(cfg: NodeConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let token = read_token(&cfg)?;
+    let tls = TlsMaterial::load(&cfg.cluster.ca_cert, &cfg.cluster.cert, &cfg.cluster.key)?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
+    let (log_store, sm) = store::open(&cfg.data_dir.join("raft")).await?;
+    let shared = sm.shared();
+
+    let c = &cfg.cluster;
+    let raft_config = openraft::Config {
+        cluster_name: "portcullis".into(),
+        heartbeat_interval: c.heartbeat_ms,
+        election_timeout_min: c.election_timeout_min_ms,
+        election_timeout_max: c.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+        max_in_snapshot_log_to_keep: 1000,
+        // Chunks stay far below the transport's message limit.
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        ..Default::default()
+    }
+    .validate()
+    .context("raft timing configuration")?;
+
+    let metrics = Arc::new(Metrics::new());
+    let network = Network::new(tls.clone(), Duration::from_millis(c.connect_timeout_ms), metrics.raft.clone());
+    let raft = Raft::new(cfg.node_id, Arc::new(raft_config), network.clone(), log_store, sm)
+        .await
+        .context("start raft")?;
+    let cluster = Cluster::new(cfg.node_id, raft.clone(), shared, network, metrics.raft.clone());
+
+    let tracker = TaskTracker::new();
+    let ready = Arc::new(AtomicBool::new(false));
+
+    // Cluster RPC: mutual TLS; a client without a certificate from the cluster CA is refused
+    // during the handshake.
+    let server_tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        .client_ca_root(Certificate::from_pem(&tls.ca_pem));
+    let cluster_addr = listeners.cluster.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.cluster);
+    let rpc = Server::builder()
+        .tls_config(server_tls)
+        .context("cluster TLS config")?
+        .timeout(Duration::from_secs(30))
+        .add_service(ClusterService::new(cluster.clone()));
+    let sd = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = rpc.serve_with_incoming_shutdown(incoming, sd.cancelled()).await {
+            tracing::error!(error = %e, "cluster rpc server failed");
+        }
+    });
+
+    let admin_addr = listeners.admin.local_addr()?;
+    let state = AdminState { cluster: cluster.clone(), region: cfg.region.clone(), metrics, ready: ready.clone() };
+    let router = admin::router(state, token);
+    let sd = shutdown.clone();
+    let admin_listener = listeners.admin;
+    tracker.spawn(async move {
+        if let Err(e) = admin::serve(admin_listener, router, sd).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+
+    ready.store(true, Ordering::Release);
+    tracing::info!(node_id = cfg.node_id, region = %cfg.region, cluster = %cluster_addr, admin = %admin_addr, "node started");
+
+    shutdown.cancelled().await;
+    tracing::info!("draining");
+    ready.store(false, Ordering::Release);
+    tracker.close();
+    if tokio::time::timeout(DRAIN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!(grace = ?DRAIN_GRACE, "drain grace period over; exiting with tasks still running");
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    Ok(())
+}
