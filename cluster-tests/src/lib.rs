@@ -1,1 +1,13 @@
-//! x
+//! portcullis-cluster-tests: multi-node tests against real `portcullis` processes, and the
+//! drivers for benchmarks and chaos runs.
+//!
+//! Layout:
+//! - [`harness`]: start a local cluster, run CLI commands, kill/restart nodes, wait for conditions.
+//! - `wgl`: a per-key linearizability checker for recorded histories.
+//! - `tests/tNN_*.rs`: the cluster tests, one topic per file.
+//! - `src/bin/`: benchmark drivers.
+
+#![forbid(unsafe_code)]
+
+pub mod harness;
+

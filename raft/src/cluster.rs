@@ -252,8 +252,15 @@ impl Cluster {
                 Ok(ForwardReply::Done)
             }
             ForwardRequest::TransferLeader { to } => self.transfer_leader_here(to).await,
+            // Leader completeness puts every acknowledged write in the leader's log, but the
+            // committed index a restarted leader reloads may lag (openraft does not require it to
+            // be durable), so `ensure_linearizable` alone could serve a read that misses an
+            // acknowledged write. Waiting for the leader's last log index closes that gap.
             ForwardRequest::ReadIndex => match self.raft.ensure_linearizable().await {
-                Ok(log_id) => Ok(ForwardReply::ReadIndex { index: log_id.map(|l| l.index).unwrap_or(0) }),
+                Ok(log_id) => {
+                    let last = self.metrics().last_log_index.unwrap_or(0);
+                    Ok(ForwardReply::ReadIndex { index: log_id.map(|l| l.index).unwrap_or(0).max(last) })
+                }
                 Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
                     Err(ClusterError::NotLeader(f.leader_id))
                 }

@@ -1,0 +1,279 @@
+//! Drives real `portcullis` processes: start a cluster with `portcullis up --detach`, run CLI
+//! commands against it, kill and restart nodes, and wait for conditions.
+//!
+//! The harness only uses the binary's public contract (CLI flags, `--json` output,
+//! `cluster.json`), never the node's Rust API, so the tests also prove that contract.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// The `portcullis` binary under test: `$PORTCULLIS_BIN`, or the workspace's own build (built
+/// on first use, so `cargo test` alone is enough).
+pub fn portcullis_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("PORTCULLIS_BIN") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "portcullis-node", "--bin", "portcullis"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build for the portcullis binary");
+        assert!(status.success(), "building the portcullis binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        target.join("debug").join("portcullis")
+    })
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeEntry {
+    pub id: u64,
+    pub region: String,
+    pub admin_addr: String,
+    pub https_addr: String,
+    pub http_addr: String,
+    pub rpc_addr: String,
+    pub pid: u32,
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterJson {
+    pub token_file: PathBuf,
+    pub ca_cert: PathBuf,
+    pub nodes: Vec<NodeEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub region: String,
+    pub voter: bool,
+    pub rpc_addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Status {
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub last_applied: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AppJson {
+    pub name: String,
+    pub ports: Vec<u32>,
+    pub lb: String,
+}
+
+/// Logs a test phase, in the style of openraft's cluster tests.
+pub fn phase(msg: &str) {
+    eprintln!("--- {msg}");
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A local cluster, stopped (and its directory removed) on drop.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub info: ClusterJson,
+    /// Processes started by `start_node` (restarts), reaped on drop.
+    children: Vec<std::process::Child>,
+}
+
+impl TestCluster {
+    pub fn up(nodes: u64) -> Self {
+        let dir = tempfile::Builder::new().prefix("portcullis-test-").tempdir().expect("tempdir");
+        let out = Command::new(portcullis_bin())
+            .args(["up", "--detach", "--nodes", &nodes.to_string(), "--state-dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run portcullis up");
+        assert!(
+            out.status.success(),
+            "portcullis up failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info = read_cluster_json(dir.path());
+        TestCluster { dir, info, children: Vec::new() }
+    }
+
+    pub fn node(&self, id: u64) -> &NodeEntry {
+        self.info.nodes.iter().find(|n| n.id == id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.info.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// `portcullis --cluster DIR <args>`: the first answering node serves it.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(portcullis_bin())
+            .arg("--cluster")
+            .arg(self.dir.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run portcullis cli")
+    }
+
+    /// `portcullis --admin <node> --token-file <token> <args>`: one specific node.
+    pub fn cli_at(&self, id: u64, args: &[&str]) -> Output {
+        Command::new(portcullis_bin())
+            .args(["--admin", &self.node(id).admin_addr, "--token-file"])
+            .arg(&self.info.token_file)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run portcullis cli")
+    }
+
+    pub fn status(&self, id: u64) -> Option<Status> {
+        let out = self.cli_at(id, &["cluster", "status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The leader every live node in `ids` agrees on, if they agree.
+    pub fn agreed_leader(&self, ids: &[u64]) -> Option<u64> {
+        let mut leader = None;
+        for id in ids {
+            let l = self.status(*id)?.leader_id?;
+            if leader.is_some_and(|x| x != l) {
+                return None;
+            }
+            leader = Some(l);
+        }
+        leader
+    }
+
+    pub fn apps_at(&self, id: u64) -> Option<Vec<AppJson>> {
+        let out = self.cli_at(id, &["app", "list", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn signal(&self, id: u64, sig: &str) {
+        let pid = self.node(id).pid;
+        let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+        assert!(st.success(), "kill -{sig} {pid} failed");
+    }
+
+    /// SIGKILLs node `id` and waits until its process is gone.
+    pub fn kill(&mut self, id: u64) {
+        self.signal(id, "KILL");
+        let pid = self.node(id).pid;
+        self.reap(pid);
+        wait_for(&format!("node {id} (pid {pid}) to exit"), Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    }
+
+    /// SIGTERMs node `id` and waits for it to exit.
+    pub fn stop(&mut self, id: u64) {
+        self.signal(id, "TERM");
+        let pid = self.node(id).pid;
+        wait_for(&format!("node {id} (pid {pid}) to exit"), Duration::from_secs(20), || {
+            self.reap(pid);
+            (!alive(pid)).then_some(())
+        });
+    }
+
+    fn reap(&mut self, pid: u32) {
+        for c in self.children.iter_mut().filter(|c| c.id() == pid) {
+            let _ = c.try_wait();
+        }
+    }
+
+    /// Starts node `id` again from its config, with the same data directory.
+    pub fn start_node(&mut self, id: u64) {
+        let node = self.node(id).clone();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.config.with_file_name("node.log"))
+            .expect("open node log");
+        let child = Command::new(portcullis_bin())
+            .args(["node", "--config"])
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start node");
+        let pid = child.id();
+        self.children.push(child);
+        if let Some(n) = self.info.nodes.iter_mut().find(|n| n.id == id) {
+            n.pid = pid;
+        }
+        wait_for(&format!("node {id} admin API after restart"), Duration::from_secs(20), || self.status(id));
+    }
+
+    pub fn node_log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.node(id).config.with_file_name("node.log")).unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &self.info.nodes {
+            if alive(n.pid) {
+                let _ = Command::new("kill").args(["-KILL", &n.pid.to_string()]).status();
+            }
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn read_cluster_json(dir: &Path) -> ClusterJson {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).expect("read cluster.json");
+    serde_json::from_str(&text).expect("parse cluster.json")
+}
+
+/// Is `pid` running (not gone, not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Stdout and stderr of a command, for assertion messages.
+pub fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
