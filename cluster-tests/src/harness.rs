@@ -65,6 +65,10 @@ pub struct Status {
     pub leader_id: Option<u64>,
     pub term: u64,
     pub last_applied: u64,
+    #[serde(default)]
+    pub snapshot_index: u64,
+    #[serde(default)]
+    pub purged_index: u64,
     pub members: Vec<MemberStatus>,
 }
 
@@ -102,10 +106,16 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub fn up(nodes: u64) -> Self {
+        Self::up_with(nodes, &[])
+    }
+
+    /// `portcullis up --detach --nodes N <extra>`.
+    pub fn up_with(nodes: u64, extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("portcullis-test-").tempdir().expect("tempdir");
         let out = Command::new(portcullis_bin())
             .args(["up", "--detach", "--nodes", &nodes.to_string(), "--state-dir"])
             .arg(dir.path())
+            .args(extra)
             .stdin(Stdio::null())
             .output()
             .expect("run portcullis up");

@@ -277,7 +277,12 @@ mod tests {
     #[test]
     fn table_is_sorted_unique_and_in_range() {
         for pair in CENTROIDS.windows(2) {
-            assert!(pair[0].0 < pair[1].0, "{} must sort before {}", pair[0].0, pair[1].0);
+            assert!(
+                pair[0].0 < pair[1].0,
+                "{} must sort before {}",
+                pair[0].0,
+                pair[1].0
+            );
         }
         for &(code, lat, lon) in CENTROIDS {
             assert!(
@@ -307,7 +312,10 @@ mod tests {
         ];
         for (code, s, n, w, e) in boxes {
             let (lat, lon) = centroid(code).unwrap_or_else(|| panic!("{code} missing"));
-            assert!(lat > s && lat < n && lon > w && lon < e, "{code}: ({lat}, {lon})");
+            assert!(
+                lat > s && lat < n && lon > w && lon < e,
+                "{code}: ({lat}, {lon})"
+            );
         }
     }
 

@@ -129,15 +129,53 @@ pub(crate) fn rank_indices(
     regions: &[Region],
     keep: impl Fn(&Region) -> bool,
 ) -> Vec<usize> {
-    let mut ranked: Vec<(f64, usize)> = regions
+    let points: Vec<UnitVector> = regions
+        .iter()
+        .map(|r| UnitVector::new(r.lat, r.lon))
+        .collect();
+    rank_by_vector(UnitVector::new(lat, lon), &points, regions, |i| {
+        regions.get(i).is_some_and(&keep)
+    })
+}
+
+/// A point on the unit sphere. The dot product of two is the cosine of the angle between
+/// them, which orders points by great-circle distance with two trigonometric calls per
+/// client instead of four per region.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct UnitVector([f64; 3]);
+
+impl UnitVector {
+    pub(crate) fn new(lat: f64, lon: f64) -> UnitVector {
+        let (sin_lat, cos_lat) = lat.to_radians().sin_cos();
+        let (sin_lon, cos_lon) = lon.to_radians().sin_cos();
+        UnitVector([cos_lat * cos_lon, cos_lat * sin_lon, sin_lat])
+    }
+
+    fn dot(&self, other: &UnitVector) -> f64 {
+        self.0[0] * other.0[0] + self.0[1] * other.0[1] + self.0[2] * other.0[2]
+    }
+}
+
+/// Indices of `points` (positions of `regions`) passing `keep`, nearest to `from` first;
+/// equal distances by region name, so that every node ranks alike.
+pub(crate) fn rank_by_vector(
+    from: UnitVector,
+    points: &[UnitVector],
+    regions: &[Region],
+    keep: impl Fn(usize) -> bool,
+) -> Vec<usize> {
+    let mut ranked: Vec<(f64, usize)> = points
         .iter()
         .enumerate()
-        .filter(|(_, r)| keep(r))
-        .map(|(i, r)| (r.distance_km(lat, lon), i))
+        .filter(|&(i, _)| keep(i))
+        .map(|(i, p)| (from.dot(p), i))
         .collect();
-    ranked.sort_by(|(da, ia), (db, ib)| {
-        da.total_cmp(db)
-            .then_with(|| regions[*ia].name.cmp(&regions[*ib].name))
+    // Larger cosine = smaller angle = nearer.
+    ranked.sort_by(|(ca, ia), (cb, ib)| {
+        cb.total_cmp(ca).then_with(|| {
+            let name = |i: &usize| regions.get(*i).map(|r| r.name.as_str());
+            name(ia).cmp(&name(ib))
+        })
     });
     ranked.into_iter().map(|(_, i)| i).collect()
 }

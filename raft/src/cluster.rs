@@ -8,11 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{ChangeMembers, ServerState};
 use portcullis_proto::cluster::ForwardPayload;
 use serde::{Deserialize, Serialize};
 
+use crate::batch::{map_write_err, Batcher};
 use crate::metrics::RaftMetricsSink;
 use crate::network::{decode, encode, Network};
 use crate::state::{Command, Response, ValidationError};
@@ -83,11 +84,13 @@ pub struct Cluster {
     pub shared: SharedState,
     network: Network,
     metrics: RaftMetricsSink,
+    batcher: Batcher,
 }
 
 impl Cluster {
     pub fn new(id: NodeId, raft: Raft, shared: SharedState, network: Network, metrics: RaftMetricsSink) -> Self {
-        Cluster { id, raft, shared, network, metrics }
+        let batcher = Batcher::spawn(raft.clone(), metrics.clone());
+        Cluster { id, raft, shared, network, metrics, batcher }
     }
 
     pub fn metrics(&self) -> RaftMetrics {
@@ -214,10 +217,8 @@ impl Cluster {
         match req {
             ForwardRequest::Write(cmd) => {
                 cmd.validate()?;
-                let started = Instant::now();
-                let r = self.raft.client_write(cmd).await.map_err(map_write_err)?;
-                self.metrics.commit_latency(started.elapsed().as_secs_f64());
-                Ok(ForwardReply::Written { log_index: r.log_id.index, response: r.data })
+                let (log_index, response) = self.batcher.write(cmd).await?;
+                Ok(ForwardReply::Written { log_index, response })
             }
             ForwardRequest::AddLearner { id, node, blocking } => {
                 let r = self.raft.add_learner(id, node, blocking).await.map_err(map_write_err)?;
@@ -329,13 +330,5 @@ impl Cluster {
             }
             let _ = tokio::time::timeout(left, rx.changed()).await;
         }
-    }
-}
-
-fn map_write_err(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ClusterError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader(f.leader_id),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => ClusterError::Rejected(c.to_string()),
-        other => ClusterError::Raft(other.to_string()),
     }
 }

@@ -9,12 +9,14 @@
 //! - [`store`]: log store and state machine on sled, with real fsyncs and group commit.
 //! - [`network`]: the tonic client side of the transport (mutual TLS, deadlines).
 //! - [`service`]: the tonic server side of the transport.
+//! - `batch`: folds concurrent writes into one log entry on the leader.
 //! - [`cluster`]: `Cluster`, the handle for writes, membership changes and forwarding to the leader.
 //! - [`tls`]: the cluster CA and node certificates.
 //! - [`metrics`]: Prometheus metrics owned by this crate.
 
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod cluster;
 pub mod metrics;
 pub mod network;

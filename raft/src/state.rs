@@ -271,31 +271,10 @@ pub fn validate_ports(ports: &[u16]) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// The policy grammar; the `geo` crate interprets it, this only keeps malformed ones out of the log.
+/// The policy grammar is owned by the `geo` crate, which also interprets it; one parser keeps
+/// what the log accepts and what the data plane understands the same.
 pub fn validate_lb(lb: &str) -> Result<(), ValidationError> {
-    fn inner(m: &str) -> bool {
-        match m {
-            "round-robin" | "least-conn" | "hash:ip" => true,
-            _ => {
-                let name = m.strip_prefix("hash:header=").or_else(|| m.strip_prefix("hash:cookie="));
-                name.is_some_and(|n| {
-                    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                })
-            }
-        }
-    }
-    let ok = match lb {
-        "geo" => true,
-        _ => match lb.strip_prefix("geo+") {
-            Some(m) => inner(m),
-            None => inner(lb),
-        },
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::Lb(lb.to_string()))
-    }
+    lb.parse::<portcullis_geo::LbPolicy>().map(|_| ()).map_err(|_| ValidationError::Lb(lb.to_string()))
 }
 
 fn validate_name(f: &'static str, s: &str) -> Result<(), ValidationError> {

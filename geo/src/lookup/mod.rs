@@ -155,13 +155,13 @@ impl GeoDb {
 
     /// Decodes the first records until one yields a location.
     fn check_schema(&self) -> Result<(), GeoDbError> {
-        let networks = self
-            .reader
-            .networks(Default::default())
-            .map_err(|source| GeoDbError::Invalid {
-                path: self.path.clone(),
-                source,
-            })?;
+        let networks =
+            self.reader
+                .networks(Default::default())
+                .map_err(|source| GeoDbError::Invalid {
+                    path: self.path.clone(),
+                    source,
+                })?;
         let mut sampled = 0;
         for item in networks.take(SCHEMA_SAMPLE) {
             sampled += 1;

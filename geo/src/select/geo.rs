@@ -7,7 +7,7 @@ use super::{
     prepare, Backend, BackendSelection, LocalIter, LocalSelector, RegionMethod, SelectConfig,
     SelectError, SelectInput,
 };
-use crate::region::{rank_indices, Region};
+use crate::region::{rank_by_vector, Region, UnitVector};
 
 /// What a [`GeoSelector`] is built from.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +32,9 @@ pub struct GeoSelector {
     /// `groups[..located.len()]` belong to `located[..]`; the rest are unknown regions.
     groups: Vec<LocalSelector>,
     located: Vec<Region>,
-    home: Option<(f64, f64)>,
+    /// `located` as unit vectors, so ranking costs no trigonometry per region.
+    points: Vec<UnitVector>,
+    home: Option<UnitVector>,
     hashes: bool,
 }
 
@@ -71,9 +73,13 @@ impl BackendSelection for GeoSelector {
                 .regions
                 .iter()
                 .find(|r| &r.name == name)
-                .map(|r| (r.lat, r.lon))
+                .map(|r| UnitVector::new(r.lat, r.lon))
         });
         Ok(GeoSelector {
+            points: located
+                .iter()
+                .map(|r| UnitVector::new(r.lat, r.lon))
+                .collect(),
             all,
             groups,
             located,
@@ -83,9 +89,12 @@ impl BackendSelection for GeoSelector {
     }
 
     fn iter<'a>(&'a self, input: &SelectInput<'_>) -> GeoIter<'a> {
-        let origin = input.location.map(|l| (l.lat, l.lon)).or(self.home);
+        let origin = input
+            .location
+            .map(|l| UnitVector::new(l.lat, l.lon))
+            .or(self.home);
         let mut order = match origin {
-            Some((lat, lon)) => rank_indices(lat, lon, &self.located, |_| true),
+            Some(from) => rank_by_vector(from, &self.points, &self.located, |_| true),
             None => (0..self.located.len()).collect(),
         };
         order.extend(self.located.len()..self.groups.len());

@@ -108,9 +108,7 @@ impl<'a> Iterator for LeastConnIter<'a> {
                         .then(ra.cmp(&rb))
                 });
                 let order: Vec<usize> = rest.into_iter().map(|(_, _, i)| i).collect();
-                let Some(&i) = order.first() else {
-                    return None;
-                };
+                let &i = order.first()?;
                 self.state = State::Rest(order, 1);
                 i
             }

@@ -140,7 +140,11 @@ fn populate(backends: &[Backend], size: usize) -> Vec<u16> {
             (offset, skip)
         })
         .collect();
-    let max_weight = backends.iter().map(|b| u64::from(b.weight)).max().unwrap_or(1);
+    let max_weight = backends
+        .iter()
+        .map(|b| u64::from(b.weight))
+        .max()
+        .unwrap_or(1);
     let mut target = vec![0u64; backends.len()];
     let mut filled = 0;
     let mut round: u64 = 1;
@@ -216,9 +220,8 @@ impl Maglev {
         if load == 0 {
             return true;
         }
-        let total = *total.get_or_insert_with(|| {
-            self.backends.iter().map(|b| b.load.get() as u64).sum()
-        });
+        let total =
+            *total.get_or_insert_with(|| self.backends.iter().map(|b| b.load.get() as u64).sum());
         let share = (total + 1) as f64 * f64::from(b.weight) / self.total_weight as f64;
         (load as f64) < (factor * share).ceil()
     }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use geo::{GeoIter, GeoSelector, GeoSelectorConfig};
 pub use least_conn::{LeastConnIter, LeastConnections};
-pub use maglev::{Maglev, MaglevConfig, MaglevIter};
+pub use maglev::{Maglev, MaglevConfig, MaglevIter, MAX_TABLE_SIZE};
 pub use policy::{HashKey, LbPolicy, PolicyParseError, RegionMethod};
 pub use round_robin::{RoundRobinIter, WeightedRoundRobin};
 
@@ -257,7 +257,7 @@ pub(crate) fn prepare(mut backends: Vec<Backend>) -> Result<Vec<Backend>, Select
 }
 
 /// Settings shared by all apps' selectors on a node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SelectConfig {
     /// Consistent hashing (`hash:*`, `geo+hash:*`).
@@ -265,15 +265,6 @@ pub struct SelectConfig {
     /// This node's region. When a client's location is unknown, `geo` policies rank regions
     /// from here, so such clients stay local. Default: none (configured region order).
     pub home_region: Option<String>,
-}
-
-impl Default for SelectConfig {
-    fn default() -> Self {
-        SelectConfig {
-            hash: MaglevConfig::default(),
-            home_region: None,
-        }
-    }
 }
 
 impl SelectConfig {

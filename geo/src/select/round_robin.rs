@@ -143,7 +143,13 @@ mod tests {
 
     #[test]
     fn every_cycle_gives_each_backend_exactly_its_weight() {
-        for ws in [&[1, 1, 1][..], &[5, 1, 1], &[3, 0, 7, 2], &[1], &[10_000, 1]] {
+        for ws in [
+            &[1, 1, 1][..],
+            &[5, 1, 1],
+            &[3, 0, 7, 2],
+            &[1],
+            &[10_000, 1],
+        ] {
             let rr = weighted(ws);
             let total: u32 = ws.iter().sum();
             let c = counts(&rr, total as usize * 3);
