@@ -24,7 +24,7 @@ fn repeated_kills_lose_no_acknowledged_write() {
             std::thread::spawn(move || {
                 let mut i = 0u32;
                 while !stop.load(Ordering::Relaxed) {
-                    let name = format!("c{w}-{i}");
+                    let name = format!("c{w}x{i}");
                     i += 1;
                     let out = std::process::Command::new(portcullis_bin())
                         .arg("--cluster")
