@@ -20,14 +20,26 @@ pub fn portcullis_bin() -> &'static Path {
             return PathBuf::from(p);
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "portcullis-node", "--bin", "portcullis"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "portcullis-node",
+                "--bin",
+                "portcullis",
+            ])
             .current_dir(&root)
             .status()
             .expect("run cargo build for the portcullis binary");
         assert!(status.success(), "building the portcullis binary failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
         target.join("debug").join("portcullis")
     })
 }
@@ -91,7 +103,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -111,9 +126,18 @@ impl TestCluster {
 
     /// `portcullis up --detach --nodes N <extra>`.
     pub fn up_with(nodes: u64, extra: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("portcullis-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-test-")
+            .tempdir()
+            .expect("tempdir");
         let out = Command::new(portcullis_bin())
-            .args(["up", "--detach", "--nodes", &nodes.to_string(), "--state-dir"])
+            .args([
+                "up",
+                "--detach",
+                "--nodes",
+                &nodes.to_string(),
+                "--state-dir",
+            ])
             .arg(dir.path())
             .args(extra)
             .stdin(Stdio::null())
@@ -126,11 +150,19 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let info = read_cluster_json(dir.path());
-        TestCluster { dir, info, children: Vec::new() }
+        TestCluster {
+            dir,
+            info,
+            children: Vec::new(),
+        }
     }
 
     pub fn node(&self, id: u64) -> &NodeEntry {
-        self.info.nodes.iter().find(|n| n.id == id).unwrap_or_else(|| panic!("no node {id}"))
+        self.info
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -190,7 +222,10 @@ impl TestCluster {
 
     pub fn signal(&self, id: u64, sig: &str) {
         let pid = self.node(id).pid;
-        let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("kill");
         assert!(st.success(), "kill -{sig} {pid} failed");
     }
 
@@ -199,17 +234,25 @@ impl TestCluster {
         self.signal(id, "KILL");
         let pid = self.node(id).pid;
         self.reap(pid);
-        wait_for(&format!("node {id} (pid {pid}) to exit"), Duration::from_secs(10), || (!alive(pid)).then_some(()));
+        wait_for(
+            &format!("node {id} (pid {pid}) to exit"),
+            Duration::from_secs(10),
+            || (!alive(pid)).then_some(()),
+        );
     }
 
     /// SIGTERMs node `id` and waits for it to exit.
     pub fn stop(&mut self, id: u64) {
         self.signal(id, "TERM");
         let pid = self.node(id).pid;
-        wait_for(&format!("node {id} (pid {pid}) to exit"), Duration::from_secs(20), || {
-            self.reap(pid);
-            (!alive(pid)).then_some(())
-        });
+        wait_for(
+            &format!("node {id} (pid {pid}) to exit"),
+            Duration::from_secs(20),
+            || {
+                self.reap(pid);
+                (!alive(pid)).then_some(())
+            },
+        );
     }
 
     fn reap(&mut self, pid: u32) {
@@ -239,7 +282,11 @@ impl TestCluster {
         if let Some(n) = self.info.nodes.iter_mut().find(|n| n.id == id) {
             n.pid = pid;
         }
-        wait_for(&format!("node {id} admin API after restart"), Duration::from_secs(20), || self.status(id));
+        wait_for(
+            &format!("node {id} admin API after restart"),
+            Duration::from_secs(20),
+            || self.status(id),
+        );
     }
 
     pub fn node_log(&self, id: u64) -> String {
@@ -255,7 +302,9 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         for n in &self.info.nodes {
             if alive(n.pid) {
-                let _ = Command::new("kill").args(["-KILL", &n.pid.to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-KILL", &n.pid.to_string()])
+                    .status();
             }
         }
         for c in &mut self.children {
@@ -273,7 +322,9 @@ pub fn read_cluster_json(dir: &Path) -> ClusterJson {
 /// Is `pid` running (not gone, not a zombie)?
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }

@@ -11,4 +11,3 @@
 
 pub mod harness;
 pub mod wgl;
-

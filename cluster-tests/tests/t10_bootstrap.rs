@@ -12,7 +12,11 @@ fn three_nodes_one_leader_three_voters() {
     assert_eq!(ids.len(), 3);
 
     phase("every node reports the same leader");
-    let leader = wait_for("all nodes agree on a leader", Duration::from_secs(10), || c.agreed_leader(&ids));
+    let leader = wait_for(
+        "all nodes agree on a leader",
+        Duration::from_secs(10),
+        || c.agreed_leader(&ids),
+    );
     assert!(ids.contains(&leader), "leader {leader} is not a member");
 
     phase("exactly one node is leader, and there are three voters with their regions");
@@ -34,6 +38,11 @@ fn three_nodes_one_leader_three_voters() {
 
     phase("cluster.json names every node with its addresses and pid");
     for n in &c.info.nodes {
-        assert!(n.pid > 0 && !n.admin_addr.is_empty() && !n.https_addr.is_empty() && !n.http_addr.is_empty());
+        assert!(
+            n.pid > 0
+                && !n.admin_addr.is_empty()
+                && !n.https_addr.is_empty()
+                && !n.http_addr.is_empty()
+        );
     }
 }

@@ -6,32 +6,54 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, wait_for, AppJson, TestCluster};
+use portcullis_cluster_tests::harness::{
+    phase, portcullis_bin, show, wait_for, AppJson, TestCluster,
+};
 
 fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").to_string()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .to_string()
 }
 
 #[test]
 fn late_learner_catches_up_from_a_snapshot() {
     let c = TestCluster::up_with(3, &["--snapshot-every", "10"]);
     let ids = c.ids();
-    let leader = wait_for("a leader", Duration::from_secs(10), || c.agreed_leader(&ids));
+    let leader = wait_for("a leader", Duration::from_secs(10), || {
+        c.agreed_leader(&ids)
+    });
 
     phase("write 40 apps so the leader snapshots and purges its log");
     for i in 0..40 {
         let out = c.cli(&["app", "create", &format!("s{i}"), "--port", "80"]);
         assert!(out.status.success(), "{}", show(&out));
     }
-    let s = wait_for("the leader to purge its log", Duration::from_secs(10), || {
-        let s = c.status(leader)?;
-        (s.purged_index >= 10 && s.snapshot_index >= 10).then_some(s)
-    });
-    eprintln!("leader snapshot at {}, purged through {}", s.snapshot_index, s.purged_index);
+    let s = wait_for(
+        "the leader to purge its log",
+        Duration::from_secs(10),
+        || {
+            let s = c.status(leader)?;
+            (s.purged_index >= 10 && s.snapshot_index >= 10).then_some(s)
+        },
+    );
+    eprintln!(
+        "leader snapshot at {}, purged through {}",
+        s.snapshot_index, s.purged_index
+    );
 
     phase("start node 4 with an empty store and add it as a learner");
     let pki = c.path().join("pki");
-    let out = c.cli(&["cluster", "issue-cert", "--pki", pki.to_str().expect("utf8"), "--node-id", "4"]);
+    let out = c.cli(&[
+        "cluster",
+        "issue-cert",
+        "--pki",
+        pki.to_str().expect("utf8"),
+        "--node-id",
+        "4",
+    ]);
     assert!(out.status.success(), "{}", show(&out));
     let dir = c.path().join("node-4");
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -55,24 +77,47 @@ fn late_learner_catches_up_from_a_snapshot() {
         .stderr(log)
         .spawn()
         .expect("start node 4");
-    let out = c.cli(&["cluster", "add-learner", "4", &rpc, "--region", "us-west", "--admin-addr", &admin]);
+    let out = c.cli(&[
+        "cluster",
+        "add-learner",
+        "4",
+        &rpc,
+        "--region",
+        "us-west",
+        "--admin-addr",
+        &admin,
+    ]);
     assert!(out.status.success(), "{}", show(&out));
 
     phase("node 4 installed a snapshot and has every app");
     let token = pki.join("admin.token");
     let node4_cli = |args: &[&str]| {
-        Command::new(portcullis_bin()).args(["--admin", &admin, "--token-file"]).arg(&token).args(args).output().expect("cli")
+        Command::new(portcullis_bin())
+            .args(["--admin", &admin, "--token-file"])
+            .arg(&token)
+            .args(args)
+            .output()
+            .expect("cli")
     };
-    let s4 = wait_for("node 4 to install a snapshot", Duration::from_secs(20), || {
-        let out = node4_cli(&["cluster", "status", "--json"]);
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (s["snapshot_index"].as_u64()? >= 10).then_some(s)
-    });
+    let s4 = wait_for(
+        "node 4 to install a snapshot",
+        Duration::from_secs(20),
+        || {
+            let out = node4_cli(&["cluster", "status", "--json"]);
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (s["snapshot_index"].as_u64()? >= 10).then_some(s)
+        },
+    );
     eprintln!("node 4 snapshot index {}", s4["snapshot_index"]);
     let apps: Vec<AppJson> = wait_for("node 4 app list", Duration::from_secs(10), || {
         serde_json::from_slice(&node4_cli(&["app", "list", "--json"]).stdout).ok()
     });
-    assert_eq!(apps.len(), 40);
+    // `up` also created its demo app.
+    assert_eq!(
+        apps.iter().filter(|a| a.name.starts_with('s')).count(),
+        40,
+        "{apps:?}"
+    );
     let _ = node4.kill();
     let _ = node4.wait();
 }

@@ -13,7 +13,9 @@ use portcullis_cluster_tests::harness::{phase, wait_for, TestCluster};
 fn leader_kill_then_recovery() {
     let mut c = TestCluster::up(3);
     let ids = c.ids();
-    let leader = wait_for("a leader", Duration::from_secs(10), || c.agreed_leader(&ids));
+    let leader = wait_for("a leader", Duration::from_secs(10), || {
+        c.agreed_leader(&ids)
+    });
 
     phase("start a writer that creates apps continuously and records acknowledgements");
     let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
@@ -27,19 +29,22 @@ fn leader_kill_then_recovery() {
             while !stop.load(Ordering::Relaxed) {
                 let name = format!("w{i}");
                 i += 1;
-                let out = std::process::Command::new(portcullis_cluster_tests::harness::portcullis_bin())
-                    .arg("--cluster")
-                    .arg(&cluster_dir)
-                    .args(["app", "create", &name, "--port", "80"])
-                    .output()
-                    .expect("run cli");
+                let out =
+                    std::process::Command::new(portcullis_cluster_tests::harness::portcullis_bin())
+                        .arg("--cluster")
+                        .arg(&cluster_dir)
+                        .args(["app", "create", &name, "--port", "80"])
+                        .output()
+                        .expect("run cli");
                 if out.status.success() {
                     acked.lock().expect("lock").push((name, Instant::now()));
                 }
             }
         })
     };
-    wait_for("some writes acknowledged", Duration::from_secs(20), || (acked.lock().ok()?.len() >= 10).then_some(()));
+    wait_for("some writes acknowledged", Duration::from_secs(20), || {
+        (acked.lock().ok()?.len() >= 10).then_some(())
+    });
 
     phase(&format!("SIGKILL the leader (node {leader})"));
     c.kill(leader);
@@ -47,30 +52,64 @@ fn leader_kill_then_recovery() {
     let survivors: Vec<u64> = ids.iter().copied().filter(|i| *i != leader).collect();
 
     phase("a new leader accepts writes");
-    let first_after = wait_for("a write acknowledged after the kill", Duration::from_secs(15), || {
-        acked.lock().ok()?.iter().find(|(_, t)| *t > killed_at).map(|(_, t)| *t)
-    });
+    let first_after = wait_for(
+        "a write acknowledged after the kill",
+        Duration::from_secs(15),
+        || {
+            acked
+                .lock()
+                .ok()?
+                .iter()
+                .find(|(_, t)| *t > killed_at)
+                .map(|(_, t)| *t)
+        },
+    );
     let gap = first_after - killed_at;
     eprintln!("first acknowledged write {gap:?} after the leader was killed");
-    assert!(gap < Duration::from_secs(5), "writes resumed only after {gap:?}");
-    let new_leader = wait_for("survivors agree on a leader", Duration::from_secs(10), || c.agreed_leader(&survivors));
+    assert!(
+        gap < Duration::from_secs(5),
+        "writes resumed only after {gap:?}"
+    );
+    let new_leader = wait_for(
+        "survivors agree on a leader",
+        Duration::from_secs(10),
+        || c.agreed_leader(&survivors),
+    );
     assert_ne!(new_leader, leader);
 
     phase("restart the old leader, then stop the writer");
     c.start_node(leader);
     let n = acked.lock().expect("lock").len();
-    wait_for("writes continue after the restart", Duration::from_secs(20), || (acked.lock().ok()?.len() > n + 5).then_some(()));
+    wait_for(
+        "writes continue after the restart",
+        Duration::from_secs(20),
+        || (acked.lock().ok()?.len() > n + 5).then_some(()),
+    );
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
 
     phase("every acknowledged write is on every node");
-    let acked: BTreeSet<String> = acked.lock().expect("lock").iter().map(|(n, _)| n.clone()).collect();
+    let acked: BTreeSet<String> = acked
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
     for id in &ids {
-        let present: BTreeSet<String> = wait_for(&format!("node {id} app list"), Duration::from_secs(20), || {
-            Some(c.apps_at(*id)?.into_iter().map(|a| a.name).collect())
-        });
+        let present: BTreeSet<String> = wait_for(
+            &format!("node {id} app list"),
+            Duration::from_secs(20),
+            || Some(c.apps_at(*id)?.into_iter().map(|a| a.name).collect()),
+        );
         let missing: Vec<_> = acked.difference(&present).collect();
-        assert!(missing.is_empty(), "node {id} is missing acknowledged writes {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "node {id} is missing acknowledged writes {missing:?}"
+        );
     }
-    eprintln!("{} acknowledged writes present on all {} nodes", acked.len(), ids.len());
+    eprintln!(
+        "{} acknowledged writes present on all {} nodes",
+        acked.len(),
+        ids.len()
+    );
 }

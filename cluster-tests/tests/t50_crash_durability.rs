@@ -12,7 +12,9 @@ use portcullis_cluster_tests::harness::{phase, portcullis_bin, wait_for, TestClu
 fn repeated_kills_lose_no_acknowledged_write() {
     let mut c = TestCluster::up(3);
     let ids = c.ids();
-    wait_for("a leader", Duration::from_secs(10), || c.agreed_leader(&ids));
+    wait_for("a leader", Duration::from_secs(10), || {
+        c.agreed_leader(&ids)
+    });
 
     let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -42,16 +44,35 @@ fn repeated_kills_lose_no_acknowledged_write() {
 
     // Alternate: a follower, then the leader, then a follower, then the leader.
     for round in 0..4 {
-        let leader = wait_for("a leader", Duration::from_secs(15), || c.agreed_leader(&ids));
-        let victim = if round % 2 == 0 { *ids.iter().find(|i| **i != leader).expect("follower") } else { leader };
-        let before = acked.lock().expect("lock").len();
-        wait_for("writes progress before the kill", Duration::from_secs(20), || {
-            (acked.lock().ok()?.len() >= before + 5).then_some(())
+        let leader = wait_for("a leader", Duration::from_secs(15), || {
+            c.agreed_leader(&ids)
         });
-        phase(&format!("round {round}: SIGKILL node {victim} ({})", if victim == leader { "leader" } else { "follower" }));
+        let victim = if round % 2 == 0 {
+            *ids.iter().find(|i| **i != leader).expect("follower")
+        } else {
+            leader
+        };
+        let before = acked.lock().expect("lock").len();
+        wait_for(
+            "writes progress before the kill",
+            Duration::from_secs(20),
+            || (acked.lock().ok()?.len() >= before + 5).then_some(()),
+        );
+        phase(&format!(
+            "round {round}: SIGKILL node {victim} ({})",
+            if victim == leader {
+                "leader"
+            } else {
+                "follower"
+            }
+        ));
         c.kill(victim);
         let n = acked.lock().expect("lock").len();
-        wait_for("writes progress with a node down", Duration::from_secs(20), || (acked.lock().ok()?.len() >= n + 5).then_some(()));
+        wait_for(
+            "writes progress with a node down",
+            Duration::from_secs(20),
+            || (acked.lock().ok()?.len() >= n + 5).then_some(()),
+        );
         c.start_node(victim);
     }
     stop.store(true, Ordering::Relaxed);
@@ -62,11 +83,19 @@ fn repeated_kills_lose_no_acknowledged_write() {
     phase("every acknowledged write is on every node");
     let acked = acked.lock().expect("lock").clone();
     for id in &ids {
-        let present: BTreeSet<String> = wait_for(&format!("node {id} app list"), Duration::from_secs(20), || {
-            Some(c.apps_at(*id)?.into_iter().map(|a| a.name).collect())
-        });
+        let present: BTreeSet<String> = wait_for(
+            &format!("node {id} app list"),
+            Duration::from_secs(20),
+            || Some(c.apps_at(*id)?.into_iter().map(|a| a.name).collect()),
+        );
         let missing: Vec<_> = acked.difference(&present).collect();
-        assert!(missing.is_empty(), "node {id} lost acknowledged writes: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "node {id} lost acknowledged writes: {missing:?}"
+        );
     }
-    eprintln!("{} acknowledged writes survived 4 kills on all nodes", acked.len());
+    eprintln!(
+        "{} acknowledged writes survived 4 kills on all nodes",
+        acked.len()
+    );
 }

@@ -21,72 +21,146 @@ fn stderr(out: &std::process::Output) -> String {
 fn admin_and_config_bad_input() {
     let c = TestCluster::up(3);
     let ids = c.ids();
-    wait_for("a leader", Duration::from_secs(10), || c.agreed_leader(&ids));
+    wait_for("a leader", Duration::from_secs(10), || {
+        c.agreed_leader(&ids)
+    });
     let out = c.cli(&["app", "create", "keep", "--port", "80"]);
     assert!(out.status.success(), "{}", show(&out));
     let applied_before = c.status(1).expect("status").last_applied;
 
     phase("wrong token");
     let out = std::process::Command::new(portcullis_bin())
-        .args(["--admin", &c.node(1).admin_addr, "--token", "not-the-token-at-all", "app", "list"])
+        .args([
+            "--admin",
+            &c.node(1).admin_addr,
+            "--token",
+            "not-the-token-at-all",
+            "app",
+            "list",
+        ])
         .output()
         .expect("cli");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("invalid bearer token"), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("invalid bearer token"),
+        "{}",
+        show(&out)
+    );
 
     phase("no token (raw gRPC)");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let addr = c.node(1).admin_addr.clone();
     let code = rt.block_on(async move {
-        let mut client = AdminClient::connect(format!("http://{addr}")).await.expect("connect");
-        client.list_apps(Empty {}).await.expect_err("must be refused").code()
+        let mut client = AdminClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        client
+            .list_apps(Empty {})
+            .await
+            .expect_err("must be refused")
+            .code()
     });
     assert_eq!(code, tonic::Code::Unauthenticated);
 
     phase("invalid app names and ports");
     for (args, needle) in [
-        (vec!["app", "create", "Bad_Name", "--port", "80"], "Bad_Name"),
-        (vec!["app", "create", "web-8080", "--port", "80"], "web-8080"),
+        (
+            vec!["app", "create", "Bad_Name", "--port", "80"],
+            "Bad_Name",
+        ),
+        (
+            vec!["app", "create", "web-8080", "--port", "80"],
+            "web-8080",
+        ),
         (vec!["app", "create", "ok", "--port", "0"], "port"),
         (vec!["app", "create", "ok", "--port", "70000"], "70000"),
-        (vec!["app", "create", "ok", "--port", "80", "--port", "80"], "port"),
-        (vec!["app", "create", "ok", "--port", "80", "--lb", "random"], "random"),
-        (vec!["app", "create", "keep", "--port", "80"], "already exists"),
+        (
+            vec!["app", "create", "ok", "--port", "80", "--port", "80"],
+            "port",
+        ),
+        (
+            vec!["app", "create", "ok", "--port", "80", "--lb", "random"],
+            "random",
+        ),
+        (
+            vec!["app", "create", "keep", "--port", "80"],
+            "already exists",
+        ),
         (vec!["app", "delete", "nope"], "not found"),
     ] {
         let out = c.cli(&args);
-        assert!(!out.status.success(), "{args:?} should fail: {}", show(&out));
-        assert!(stderr(&out).contains(needle), "{args:?}: message should mention {needle:?}: {}", show(&out));
+        assert!(
+            !out.status.success(),
+            "{args:?} should fail: {}",
+            show(&out)
+        );
+        assert!(
+            stderr(&out).contains(needle),
+            "{args:?}: message should mention {needle:?}: {}",
+            show(&out)
+        );
     }
 
     phase("nothing was written");
-    let apps: Vec<String> = c.apps_at(2).expect("apps").into_iter().map(|a| a.name).collect();
+    let apps: Vec<String> = c
+        .apps_at(2)
+        .expect("apps")
+        .into_iter()
+        .map(|a| a.name)
+        .filter(|n| n != "demo")
+        .collect();
     assert_eq!(apps, ["keep"]);
     let after = c.status(1).expect("status").last_applied;
     // Invalid input never reaches the log. The two commands that are valid on their own but not
     // against the state (a duplicate create, a delete of a missing app) are committed as no-ops.
-    assert!(after <= applied_before + 2, "log grew from {applied_before} to {after}");
+    assert!(
+        after <= applied_before + 2,
+        "log grew from {applied_before} to {after}"
+    );
 
     phase("malformed configs exit 64 and name the field");
     let dir = tempfile::tempdir().expect("tmp");
     for (text, field) in [
         ("node_id = 0\nregion = \"x\"\n", "node_id"),
         ("node_id = 1\nregion = \"x\"\nbogus = 1\n", "bogus"),
-        ("node_id = 1\nregion = \"x\"\n[cluster]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n", "admin.token_file"),
+        (
+            "node_id = 1\nregion = \"x\"\n[cluster]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+            "admin.token_file",
+        ),
         ("node_id = [\n", "invalid"),
     ] {
         let p = dir.path().join("bad.toml");
         std::fs::write(&p, text).expect("write");
-        for sub in [vec!["check-config", p.to_str().expect("utf8")], vec!["node", "--config", p.to_str().expect("utf8")]] {
-            let out = std::process::Command::new(portcullis_bin()).args(&sub).output().expect("run");
-            assert_eq!(out.status.code(), Some(64), "{sub:?} {text:?}: {}", show(&out));
-            assert!(stderr(&out).contains(field), "{text:?} should name {field}: {}", show(&out));
+        for sub in [
+            vec!["check-config", p.to_str().expect("utf8")],
+            vec!["node", "--config", p.to_str().expect("utf8")],
+        ] {
+            let out = std::process::Command::new(portcullis_bin())
+                .args(&sub)
+                .output()
+                .expect("run");
+            assert_eq!(
+                out.status.code(),
+                Some(64),
+                "{sub:?} {text:?}: {}",
+                show(&out)
+            );
+            assert!(
+                stderr(&out).contains(field),
+                "{text:?} should name {field}: {}",
+                show(&out)
+            );
         }
     }
 
     phase("the example config in the repo is valid");
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../node/examples/node.toml");
-    let out = std::process::Command::new(portcullis_bin()).arg("check-config").arg(&example).output().expect("run");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../node/examples/node.toml");
+    let out = std::process::Command::new(portcullis_bin())
+        .arg("check-config")
+        .arg(&example)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
 
     phase("a node refuses to start without an admin token");
@@ -110,7 +184,11 @@ fn admin_and_config_bad_input() {
         .join("\n");
     let cfg_path = c.node(1).config.with_file_name("no-token.toml");
     std::fs::write(&cfg_path, cfg).expect("write");
-    let out = std::process::Command::new(portcullis_bin()).args(["node", "--config"]).arg(&cfg_path).output().expect("run");
+    let out = std::process::Command::new(portcullis_bin())
+        .args(["node", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("token"), "{}", show(&out));
 }
@@ -119,7 +197,9 @@ fn admin_and_config_bad_input() {
 fn cluster_port_requires_a_cluster_certificate() {
     let c = TestCluster::up(3);
     let ids = c.ids();
-    wait_for("a leader", Duration::from_secs(10), || c.agreed_leader(&ids));
+    wait_for("a leader", Duration::from_secs(10), || {
+        c.agreed_leader(&ids)
+    });
     let pki = c.path().join("pki");
     let read = |p: &str| std::fs::read_to_string(pki.join(p)).expect("read pki file");
     let ca = read("ca.pem");
@@ -134,7 +214,9 @@ fn cluster_port_requires_a_cluster_certificate() {
         let ca = ca.clone();
         let target = target.clone();
         rt.block_on(async move {
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(tls::node_server_name(expect_name));
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(tls::node_server_name(expect_name));
             if let Some(id) = identity {
                 tls = tls.identity(id);
             }
@@ -148,7 +230,11 @@ fn cluster_port_requires_a_cluster_certificate() {
                 Ok(ch) => ch,
                 Err(e) => return Err(format!("connect: {e:?}")),
             };
-            ClusterRpcClient::new(ch).identity(IdentityRequest {}).await.map(|r| r.into_inner().node_id).map_err(|e| format!("{e:?}"))
+            ClusterRpcClient::new(ch)
+                .identity(IdentityRequest {})
+                .await
+                .map(|r| r.into_inner().node_id)
+                .map_err(|e| format!("{e:?}"))
         })
     };
 
@@ -163,7 +249,11 @@ fn cluster_port_requires_a_cluster_certificate() {
 
     phase("garbage bytes on the cluster and admin ports do not disturb the node");
     for addr in [c.node(2).rpc_addr.clone(), c.node(2).admin_addr.clone()] {
-        for payload in [&b"\x16\x03\x01\xff\xffgarbage"[..], &[0u8; 4096][..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] {
+        for payload in [
+            &b"\x16\x03\x01\xff\xffgarbage"[..],
+            &[0u8; 4096][..],
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
             if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
                 let _ = s.write_all(payload);
             }

@@ -9,10 +9,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use portcullis_proto::admin::admin_server::{Admin, AdminServer};
 use portcullis_proto::admin::{
-    self as pb, AddLearnerRequest, AppName, ClusterStatusReply, ClusterStatusRequest, CreateAppRequest, Empty,
-    InitRequest, ListAppsReply, MembershipReply, NodeIdRequest, WriteReply,
+    self as pb, AddLearnerRequest, AppName, ClusterStatusReply, ClusterStatusRequest,
+    CreateAppRequest, Empty, InitRequest, InstanceId, ListAppsReply, ListCertificatesReply,
+    ListInstancesReply, ListInstancesRequest, MembershipReply, NodeIdRequest,
+    PutCertificateRequest, RegisterInstanceRequest, WriteReply,
 };
-use portcullis_raft::state::{App, Instance};
+use portcullis_raft::state::{App, Certificate, Instance};
 use portcullis_raft::{Cluster, ClusterError, Command, NodeInfo, Response};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -34,11 +36,18 @@ pub struct AdminState {
 /// the probe and metrics paths are unauthenticated because the listener is local-only.
 pub fn router(state: AdminState, token: String) -> axum::Router {
     let token = Arc::new(token);
-    let svc = AdminServer::with_interceptor(AdminService { state: state.clone() }, move |req: Request<()>| {
-        check_token(&req, &token)?;
-        Ok(req)
-    });
-    let grpc = tonic::service::Routes::new(svc).prepare().into_axum_router();
+    let svc = AdminServer::with_interceptor(
+        AdminService {
+            state: state.clone(),
+        },
+        move |req: Request<()>| {
+            check_token(&req, &token)?;
+            Ok(req)
+        },
+    );
+    let grpc = tonic::service::Routes::new(svc)
+        .prepare()
+        .into_axum_router();
     let http = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -47,15 +56,27 @@ pub fn router(state: AdminState, token: String) -> axum::Router {
     grpc.merge(http)
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 fn check_token(req: &Request<()>, token: &str) -> Result<(), Status> {
     let Some(value) = req.metadata().get("authorization") else {
-        return Err(Status::unauthenticated("missing bearer token (authorization: Bearer <token>)"));
+        return Err(Status::unauthenticated(
+            "missing bearer token (authorization: Bearer <token>)",
+        ));
     };
-    let presented = value.to_str().unwrap_or("").strip_prefix("Bearer ").unwrap_or("");
+    let presented = value
+        .to_str()
+        .unwrap_or("")
+        .strip_prefix("Bearer ")
+        .unwrap_or("");
     if presented.as_bytes().ct_eq(token.as_bytes()).into() {
         Ok(())
     } else {
@@ -65,12 +86,19 @@ fn check_token(req: &Request<()>, token: &str) -> Result<(), Status> {
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let m = s.cluster.metrics();
-    let member = m.membership_config.membership().get_node(&s.cluster.id).is_some();
+    let member = m
+        .membership_config
+        .membership()
+        .get_node(&s.cluster.id)
+        .is_some();
     let ready = s.ready.load(std::sync::atomic::Ordering::Acquire);
     match (ready, member, m.current_leader) {
         (true, true, Some(l)) => (StatusCode::OK, format!("ready; leader {l}\n")),
         (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string()),
-        (_, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not a cluster member yet\n".to_string()),
+        (_, false, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not a cluster member yet\n".to_string(),
+        ),
         (_, _, None) => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".to_string()),
     }
 }
@@ -78,8 +106,19 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     let m = s.cluster.metrics();
     match s.metrics.render(&m) {
-        Ok(body) => (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], format!("metrics: {e}\n")),
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            format!("metrics: {e}\n"),
+        ),
     }
 }
 
@@ -130,6 +169,23 @@ pub fn instance_pb(i: &Instance) -> pb::Instance {
     }
 }
 
+fn cert_pb(c: &Certificate) -> pb::CertificateInfo {
+    pb::CertificateInfo {
+        name: c.name.clone(),
+        names: c.names.clone(),
+        not_after: c.not_after,
+        issuer: c.issuer.clone(),
+        key_encryption: c.key_encryption.clone(),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 impl AdminService {
     fn members_pb(&self) -> Vec<pb::Member> {
         self.state
@@ -148,13 +204,20 @@ impl AdminService {
 
     fn membership_reply(&self, log_index: u64) -> MembershipReply {
         let leader_id = self.state.cluster.metrics().current_leader.unwrap_or(0);
-        MembershipReply { log_index, members: self.members_pb(), leader_id }
+        MembershipReply {
+            log_index,
+            members: self.members_pb(),
+            leader_id,
+        }
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn cluster_status(&self, _req: Request<ClusterStatusRequest>) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
         let m = self.state.cluster.metrics();
         let members = self.members_pb();
         Ok(tonic::Response::new(ClusterStatusReply {
@@ -167,17 +230,31 @@ impl Admin for AdminService {
             members,
             state: format!("{:?}", m.state).to_lowercase(),
             region: self.state.region.clone(),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }))
     }
 
-    async fn init(&self, req: Request<InitRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
+    async fn init(
+        &self,
+        req: Request<InitRequest>,
+    ) -> Result<tonic::Response<MembershipReply>, Status> {
         let req = req.into_inner();
         let mut members = std::collections::BTreeMap::new();
         for m in req.members {
             if m.id == 0 || m.rpc_addr.is_empty() {
-                return Err(Status::invalid_argument(format!("member {m:?} needs a non-zero id and an rpc_addr")));
+                return Err(Status::invalid_argument(format!(
+                    "member {m:?} needs a non-zero id and an rpc_addr"
+                )));
             }
-            members.insert(m.id, NodeInfo { rpc_addr: m.rpc_addr, admin_addr: m.admin_addr, region: m.region });
+            members.insert(
+                m.id,
+                NodeInfo {
+                    rpc_addr: m.rpc_addr,
+                    admin_addr: m.admin_addr,
+                    region: m.region,
+                },
+            );
         }
         if members.is_empty() {
             let me = self.state.cluster.id;
@@ -191,49 +268,106 @@ impl Admin for AdminService {
                 self.state.cluster.id
             )));
         }
-        self.state.cluster.initialize(members).await.map_err(|e| match e {
-            ClusterError::Raft(m) if m.contains("NotAllowed") || m.contains("not allowed") => {
-                Status::failed_precondition(format!("cluster already initialized: {m}"))
-            }
-            other => status(other),
-        })?;
+        self.state
+            .cluster
+            .initialize(members)
+            .await
+            .map_err(|e| match e {
+                ClusterError::Raft(m) if m.contains("NotAllowed") || m.contains("not allowed") => {
+                    Status::failed_precondition(format!("cluster already initialized: {m}"))
+                }
+                other => status(other),
+            })?;
         Ok(tonic::Response::new(self.membership_reply(0)))
     }
 
-    async fn add_learner(&self, req: Request<AddLearnerRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
+    async fn add_learner(
+        &self,
+        req: Request<AddLearnerRequest>,
+    ) -> Result<tonic::Response<MembershipReply>, Status> {
         let r = req.into_inner();
         if r.id == 0 || r.rpc_addr.is_empty() {
-            return Err(Status::invalid_argument("add-learner needs a non-zero id and an rpc address"));
+            return Err(Status::invalid_argument(
+                "add-learner needs a non-zero id and an rpc address",
+            ));
         }
-        let node = NodeInfo { rpc_addr: r.rpc_addr, admin_addr: r.admin_addr, region: r.region };
-        let idx = self.state.cluster.add_learner(r.id, node, r.blocking).await.map_err(status)?;
+        let node = NodeInfo {
+            rpc_addr: r.rpc_addr,
+            admin_addr: r.admin_addr,
+            region: r.region,
+        };
+        let idx = self
+            .state
+            .cluster
+            .add_learner(r.id, node, r.blocking)
+            .await
+            .map_err(status)?;
         Ok(tonic::Response::new(self.membership_reply(idx)))
     }
 
-    async fn promote(&self, req: Request<NodeIdRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
-        let idx = self.state.cluster.promote(req.into_inner().id).await.map_err(status)?;
+    async fn promote(
+        &self,
+        req: Request<NodeIdRequest>,
+    ) -> Result<tonic::Response<MembershipReply>, Status> {
+        let idx = self
+            .state
+            .cluster
+            .promote(req.into_inner().id)
+            .await
+            .map_err(status)?;
         Ok(tonic::Response::new(self.membership_reply(idx)))
     }
 
-    async fn remove(&self, req: Request<NodeIdRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
-        let idx = self.state.cluster.remove(req.into_inner().id).await.map_err(status)?;
+    async fn remove(
+        &self,
+        req: Request<NodeIdRequest>,
+    ) -> Result<tonic::Response<MembershipReply>, Status> {
+        let idx = self
+            .state
+            .cluster
+            .remove(req.into_inner().id)
+            .await
+            .map_err(status)?;
         Ok(tonic::Response::new(self.membership_reply(idx)))
     }
 
-    async fn transfer_leader(&self, req: Request<NodeIdRequest>) -> Result<tonic::Response<MembershipReply>, Status> {
-        let idx = self.state.cluster.transfer_leader(req.into_inner().id).await.map_err(status)?;
+    async fn transfer_leader(
+        &self,
+        req: Request<NodeIdRequest>,
+    ) -> Result<tonic::Response<MembershipReply>, Status> {
+        let idx = self
+            .state
+            .cluster
+            .transfer_leader(req.into_inner().id)
+            .await
+            .map_err(status)?;
         Ok(tonic::Response::new(self.membership_reply(idx)))
     }
 
-    async fn create_app(&self, req: Request<CreateAppRequest>) -> Result<tonic::Response<pb::App>, Status> {
+    async fn create_app(
+        &self,
+        req: Request<CreateAppRequest>,
+    ) -> Result<tonic::Response<pb::App>, Status> {
         let r = req.into_inner();
         let ports = r
             .ports
             .iter()
-            .map(|p| u16::try_from(*p).map_err(|_| Status::invalid_argument(format!("invalid port {p}: must be 1-65535"))))
+            .map(|p| {
+                u16::try_from(*p).map_err(|_| {
+                    Status::invalid_argument(format!("invalid port {p}: must be 1-65535"))
+                })
+            })
             .collect::<Result<Vec<u16>, Status>>()?;
-        let lb = if r.lb.is_empty() { "round-robin".to_string() } else { r.lb };
-        let cmd = Command::CreateApp { name: r.name, ports, lb };
+        let lb = if r.lb.is_empty() {
+            "round-robin".to_string()
+        } else {
+            r.lb
+        };
+        let cmd = Command::CreateApp {
+            name: r.name,
+            ports,
+            lb,
+        };
         let (_, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
         match outcome(resp)? {
             Response::App(a) => Ok(tonic::Response::new(app_pb(&a, Vec::new()))),
@@ -241,16 +375,32 @@ impl Admin for AdminService {
         }
     }
 
-    async fn list_apps(&self, _req: Request<Empty>) -> Result<tonic::Response<ListAppsReply>, Status> {
-        self.state.cluster.linearizable_barrier().await.map_err(status)?;
+    async fn list_apps(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<tonic::Response<ListAppsReply>, Status> {
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
         let applied = self.state.cluster.shared.read();
-        let apps = applied.state.apps.values().map(|a| app_pb(a, Vec::new())).collect();
+        let apps = applied
+            .state
+            .apps
+            .values()
+            .map(|a| app_pb(a, Vec::new()))
+            .collect();
         Ok(tonic::Response::new(ListAppsReply { apps }))
     }
 
     async fn get_app(&self, req: Request<AppName>) -> Result<tonic::Response<pb::App>, Status> {
         let name = req.into_inner().name;
-        self.state.cluster.linearizable_barrier().await.map_err(status)?;
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
         let applied = self.state.cluster.shared.read();
         let Some(app) = applied.state.apps.get(&name) else {
             return Err(Status::not_found(format!("app {name:?} not found")));
@@ -259,9 +409,150 @@ impl Admin for AdminService {
         Ok(tonic::Response::new(app_pb(app, instances)))
     }
 
-    async fn delete_app(&self, req: Request<AppName>) -> Result<tonic::Response<WriteReply>, Status> {
+    async fn delete_app(
+        &self,
+        req: Request<AppName>,
+    ) -> Result<tonic::Response<WriteReply>, Status> {
         let name = req.into_inner().name;
-        let (log_index, resp) = self.state.cluster.write(Command::DeleteApp { name }).await.map_err(status)?;
+        let (log_index, resp) = self
+            .state
+            .cluster
+            .write(Command::DeleteApp { name })
+            .await
+            .map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(WriteReply { log_index }))
+    }
+
+    async fn put_certificate(
+        &self,
+        req: Request<PutCertificateRequest>,
+    ) -> Result<tonic::Response<pb::CertificateInfo>, Status> {
+        let r = req.into_inner();
+        let name = r.name.trim().to_ascii_lowercase();
+        // Parse and check before proposing: a bad certificate never enters the log.
+        let meta = crate::edge::tls::inspect(&name, &r.chain_pem, r.key_pem.as_bytes())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cert = Certificate {
+            name,
+            names: meta.names,
+            chain_pem: r.chain_pem,
+            // key encryption: issue 6 — stored as PEM until the cluster data key exists.
+            key: r.key_pem.into_bytes(),
+            key_encryption: "none".into(),
+            not_after: meta.not_after,
+            issuer: meta.issuer,
+        };
+        let info = cert_pb(&cert);
+        let (_, resp) = self
+            .state
+            .cluster
+            .write(Command::PutCertificate(cert))
+            .await
+            .map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(info))
+    }
+
+    async fn list_certificates(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<tonic::Response<ListCertificatesReply>, Status> {
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        let applied = self.state.cluster.shared.read();
+        let certificates = applied.state.certificates.values().map(cert_pb).collect();
+        Ok(tonic::Response::new(ListCertificatesReply { certificates }))
+    }
+
+    async fn register_instance(
+        &self,
+        req: Request<RegisterInstanceRequest>,
+    ) -> Result<tonic::Response<pb::Instance>, Status> {
+        let r = req.into_inner();
+        if !r.backend_addr.is_empty()
+            && crate::edge::route::split_host_port(&r.backend_addr)
+                .0
+                .is_empty()
+        {
+            return Err(Status::invalid_argument(format!(
+                "backend_addr {:?}: expected host or host:port",
+                r.backend_addr
+            )));
+        }
+        let inst = Instance {
+            instance_id: r.instance_id,
+            app: r.app,
+            region: r.region,
+            wg_public_key: r.wg_public_key,
+            tunnel_ip: None,
+            backend_addr: (!r.backend_addr.is_empty()).then_some(r.backend_addr),
+            registered_at: unix_now(),
+        };
+        let (_, resp) = self
+            .state
+            .cluster
+            .write(Command::RegisterInstance(inst))
+            .await
+            .map_err(status)?;
+        match outcome(resp)? {
+            Response::Instance(i) => Ok(tonic::Response::new(instance_pb(&i))),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn list_instances(
+        &self,
+        req: Request<ListInstancesRequest>,
+    ) -> Result<tonic::Response<ListInstancesReply>, Status> {
+        let app = req.into_inner().app;
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        let applied = self.state.cluster.shared.read();
+        let instances = applied
+            .state
+            .instances
+            .values()
+            .filter(|i| app.is_empty() || i.app == app)
+            .map(instance_pb)
+            .collect();
+        Ok(tonic::Response::new(ListInstancesReply { instances }))
+    }
+
+    async fn get_instance(
+        &self,
+        req: Request<InstanceId>,
+    ) -> Result<tonic::Response<pb::Instance>, Status> {
+        let id = req.into_inner().instance_id;
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        let applied = self.state.cluster.shared.read();
+        match applied.state.instances.get(&id) {
+            Some(i) => Ok(tonic::Response::new(instance_pb(i))),
+            None => Err(Status::not_found(format!("instance {id:?} not found"))),
+        }
+    }
+
+    async fn remove_instance(
+        &self,
+        req: Request<InstanceId>,
+    ) -> Result<tonic::Response<WriteReply>, Status> {
+        let instance_id = req.into_inner().instance_id;
+        let (log_index, resp) = self
+            .state
+            .cluster
+            .write(Command::RemoveInstance { instance_id })
+            .await
+            .map_err(status)?;
         outcome(resp)?;
         Ok(tonic::Response::new(WriteReply { log_index }))
     }

@@ -5,13 +5,21 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use portcullis_proto::admin::{self as pb, AddLearnerRequest, AppName, ClusterStatusRequest, CreateAppRequest, Empty, InitRequest, NodeIdRequest};
+use portcullis_proto::admin::{
+    self as pb, AddLearnerRequest, AppName, ClusterStatusRequest, CreateAppRequest, Empty,
+    InitRequest, InstanceId, ListInstancesRequest, NodeIdRequest, PutCertificateRequest,
+    RegisterInstanceRequest,
+};
 use serde::Serialize;
 
 use crate::client::Target;
 
 #[derive(Parser, Debug)]
-#[command(name = "portcullis", version, about = "HTTPS gateway cluster for Confidential VMs")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "HTTPS gateway cluster for Confidential VMs"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -28,7 +36,12 @@ pub struct Global {
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
     /// The admin token itself (prefer --token-file; visible in the process list otherwise).
-    #[arg(long = "token", global = true, env = "PORTCULLIS_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "token",
+        global = true,
+        env = "PORTCULLIS_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// A directory written by `portcullis up` (reads its cluster.json).
     #[arg(long, global = true)]
@@ -71,6 +84,61 @@ pub enum Cmd {
     /// Applications.
     #[command(subcommand)]
     App(AppCmd),
+    /// TLS certificates served by the data plane.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// CVM instances (an app's backends).
+    #[command(subcommand)]
+    Cvm(CvmCmd),
+    /// Run the built-in demo HTTP service (a backend for the demo app and for tests).
+    DemoApp(crate::demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertCmd {
+    /// Add or replace a certificate (PEM chain and PEM private key).
+    Import {
+        /// The name it is stored under, e.g. `*.apps.example.com`; the certificate must cover it.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CvmCmd {
+    /// Register (or re-register) an instance of an app.
+    Register {
+        /// Instance id; also routable as `<instance-id>.<base>`.
+        #[arg(long)]
+        instance_id: String,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: String,
+        /// Plain TCP backend: `host` (every app port on that host) or `host:port` (where the
+        /// app's default port is served).
+        #[arg(long)]
+        backend: Option<String>,
+        /// WireGuard public key (base64).
+        #[arg(long, default_value = "")]
+        wg_public_key: String,
+    },
+    List {
+        /// Only this app's instances.
+        #[arg(long)]
+        app: Option<String>,
+    },
+    Show {
+        instance_id: String,
+    },
+    Remove {
+        instance_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,8 +197,12 @@ pub enum AppCmd {
         lb: String,
     },
     List,
-    Show { name: String },
-    Delete { name: String },
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -163,6 +235,8 @@ struct StatusOut {
     last_log_index: u64,
     state: String,
     region: String,
+    snapshot_index: u64,
+    purged_index: u64,
     members: Vec<MemberOut>,
 }
 
@@ -174,6 +248,36 @@ struct InstanceOut {
     tunnel_ip: String,
     wg_public_key: String,
     backend_addr: String,
+}
+
+fn instance_out(i: pb::Instance) -> InstanceOut {
+    InstanceOut {
+        instance_id: i.instance_id,
+        app: i.app,
+        region: i.region,
+        tunnel_ip: i.tunnel_ip,
+        wg_public_key: i.wg_public_key,
+        backend_addr: i.backend_addr,
+    }
+}
+
+#[derive(Serialize)]
+struct CertOut {
+    name: String,
+    names: Vec<String>,
+    not_after: u64,
+    issuer: String,
+    key_encryption: String,
+}
+
+fn cert_out(c: pb::CertificateInfo) -> CertOut {
+    CertOut {
+        name: c.name,
+        names: c.names,
+        not_after: c.not_after,
+        issuer: c.issuer,
+        key_encryption: c.key_encryption,
+    }
 }
 
 #[derive(Serialize)]
@@ -192,19 +296,7 @@ fn app_out(a: pb::App, with_instances: bool) -> AppOut {
         ports: a.ports,
         lb: a.lb,
         revision: a.revision,
-        instances: with_instances.then(|| {
-            a.instances
-                .into_iter()
-                .map(|i| InstanceOut {
-                    instance_id: i.instance_id,
-                    app: i.app,
-                    region: i.region,
-                    tunnel_ip: i.tunnel_ip,
-                    wg_public_key: i.wg_public_key,
-                    backend_addr: i.backend_addr,
-                })
-                .collect()
-        }),
+        instances: with_instances.then(|| a.instances.into_iter().map(instance_out).collect()),
     }
 }
 
@@ -229,32 +321,68 @@ fn print_membership(g: &Global, r: pb::MembershipReply, what: &str) -> anyhow::R
             leader_id: u64,
             members: Vec<MemberOut>,
         }
-        return print_json(&Out { log_index: r.log_index, leader_id: r.leader_id, members: members_out(&r.members) });
+        return print_json(&Out {
+            log_index: r.log_index,
+            leader_id: r.leader_id,
+            members: members_out(&r.members),
+        });
     }
     println!("{what} (log index {}); leader {}", r.log_index, r.leader_id);
     for m in r.members {
-        println!("  {:>4}  {:<8} {:<12} {}", m.id, if m.voter { "voter" } else { "learner" }, m.region, m.rpc_addr);
+        println!(
+            "  {:>4}  {:<8} {:<12} {}",
+            m.id,
+            if m.voter { "voter" } else { "learner" },
+            m.region,
+            m.rpc_addr
+        );
     }
     Ok(())
 }
 
 fn parse_member(s: &str) -> anyhow::Result<pb::Member> {
-    let (id, rest) = s.split_once('=').with_context(|| format!("member {s:?}: expected ID=RPC_ADDR[@REGION]"))?;
-    let id: u64 = id.parse().with_context(|| format!("member {s:?}: id {id:?} is not a number"))?;
+    let (id, rest) = s
+        .split_once('=')
+        .with_context(|| format!("member {s:?}: expected ID=RPC_ADDR[@REGION]"))?;
+    let id: u64 = id
+        .parse()
+        .with_context(|| format!("member {s:?}: id {id:?} is not a number"))?;
     let (addr, region) = rest.split_once('@').unwrap_or((rest, ""));
-    Ok(pb::Member { id, region: region.into(), voter: true, rpc_addr: addr.into(), admin_addr: String::new() })
+    Ok(pb::Member {
+        id,
+        region: region.into(),
+        voter: true,
+        rpc_addr: addr.into(),
+        admin_addr: String::new(),
+    })
 }
 
 pub async fn cluster(g: &Global, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Init { pki: Some(dir), node_ids, .. } => {
+        ClusterCmd::Init {
+            pki: Some(dir),
+            node_ids,
+            ..
+        } => {
             crate::pki::init(&dir, &node_ids)?;
-            println!("wrote cluster CA, admin token and {} node certificate(s) to {}", node_ids.len(), dir.display());
-            println!("keep {} offline; nodes only need ca.pem and their own node-<id> files", dir.join("ca.key").display());
+            println!(
+                "wrote cluster CA, admin token and {} node certificate(s) to {}",
+                node_ids.len(),
+                dir.display()
+            );
+            println!(
+                "keep {} offline; nodes only need ca.pem and their own node-<id> files",
+                dir.join("ca.key").display()
+            );
             Ok(())
         }
-        ClusterCmd::Init { pki: None, members, .. } => {
-            let members = members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
+        ClusterCmd::Init {
+            pki: None, members, ..
+        } => {
+            let members = members
+                .iter()
+                .map(|m| parse_member(m))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let mut c = g.target().connect().await?;
             let r = rpc(c.init(InitRequest { members }).await)?;
             print_membership(g, r, "initialized")
@@ -275,21 +403,49 @@ pub async fn cluster(g: &Global, cmd: ClusterCmd) -> anyhow::Result<()> {
                 last_log_index: s.last_log_index,
                 state: s.state,
                 region: s.region,
+                snapshot_index: s.snapshot_index,
+                purged_index: s.purged_index,
                 members: members_out(&s.members),
             };
             if g.json {
                 return print_json(&out);
             }
-            println!("node {} ({}, {}), term {}, leader {:?}", out.node_id, out.region, out.state, out.term, out.leader_id);
-            println!("last applied {}, last log {}", out.last_applied, out.last_log_index);
+            println!(
+                "node {} ({}, {}), term {}, leader {:?}",
+                out.node_id, out.region, out.state, out.term, out.leader_id
+            );
+            println!(
+                "last applied {}, last log {}",
+                out.last_applied, out.last_log_index
+            );
             for m in out.members {
-                println!("  {:>4}  {:<8} {:<12} {}", m.id, if m.voter { "voter" } else { "learner" }, m.region, m.rpc_addr);
+                println!(
+                    "  {:>4}  {:<8} {:<12} {}",
+                    m.id,
+                    if m.voter { "voter" } else { "learner" },
+                    m.region,
+                    m.rpc_addr
+                );
             }
             Ok(())
         }
-        ClusterCmd::AddLearner { id, rpc_addr, region, admin_addr, no_wait } => {
+        ClusterCmd::AddLearner {
+            id,
+            rpc_addr,
+            region,
+            admin_addr,
+            no_wait,
+        } => {
             let mut c = g.target().connect().await?;
-            let r = rpc(c.add_learner(AddLearnerRequest { id, rpc_addr, region, admin_addr, blocking: !no_wait }).await)?;
+            let r = rpc(c
+                .add_learner(AddLearnerRequest {
+                    id,
+                    rpc_addr,
+                    region,
+                    admin_addr,
+                    blocking: !no_wait,
+                })
+                .await)?;
             print_membership(g, r, &format!("added learner {id}"))
         }
         ClusterCmd::Promote { id } => {
@@ -318,7 +474,10 @@ pub async fn app(g: &Global, cmd: AppCmd) -> anyhow::Result<()> {
             if g.json {
                 return print_json(&app_out(a, false));
             }
-            println!("created app {} (ports {:?}, lb {}, revision {})", a.name, a.ports, a.lb, a.revision);
+            println!(
+                "created app {} (ports {:?}, lb {}, revision {})",
+                a.name, a.ports, a.lb, a.revision
+            );
         }
         AppCmd::List => {
             let r = rpc(c.list_apps(Empty {}).await)?;
@@ -335,17 +494,138 @@ pub async fn app(g: &Global, cmd: AppCmd) -> anyhow::Result<()> {
             if g.json {
                 return print_json(&a);
             }
-            println!("{}: ports {:?}, lb {}, revision {}", a.name, a.ports, a.lb, a.revision);
+            println!(
+                "{}: ports {:?}, lb {}, revision {}",
+                a.name, a.ports, a.lb, a.revision
+            );
             for i in a.instances.unwrap_or_default() {
-                println!("  {:<20} {:<10} {:<15} {}", i.instance_id, i.region, i.tunnel_ip, i.backend_addr);
+                println!(
+                    "  {:<20} {:<10} {:<15} {}",
+                    i.instance_id, i.region, i.tunnel_ip, i.backend_addr
+                );
             }
         }
         AppCmd::Delete { name } => {
             let r = rpc(c.delete_app(AppName { name: name.clone() }).await)?;
             if g.json {
-                return print_json(&serde_json::json!({ "deleted": name, "log_index": r.log_index }));
+                return print_json(
+                    &serde_json::json!({ "deleted": name, "log_index": r.log_index }),
+                );
             }
             println!("deleted app {name}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn cert(g: &Global, cmd: CertCmd) -> anyhow::Result<()> {
+    let mut c = g.target().connect().await?;
+    match cmd {
+        CertCmd::Import { name, cert, key } => {
+            let chain_pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("read {}", cert.display()))?;
+            let key_pem =
+                std::fs::read_to_string(&key).with_context(|| format!("read {}", key.display()))?;
+            let info = cert_out(rpc(c
+                .put_certificate(PutCertificateRequest {
+                    name,
+                    chain_pem,
+                    key_pem,
+                })
+                .await)?);
+            if g.json {
+                return print_json(&info);
+            }
+            println!(
+                "imported certificate {} (names {:?}, expires {})",
+                info.name, info.names, info.not_after
+            );
+        }
+        CertCmd::List => {
+            let certs: Vec<CertOut> = rpc(c.list_certificates(Empty {}).await)?
+                .certificates
+                .into_iter()
+                .map(cert_out)
+                .collect();
+            if g.json {
+                return print_json(&certs);
+            }
+            for cert in certs {
+                println!(
+                    "{:<32} expires {}  names {:?}",
+                    cert.name, cert.not_after, cert.names
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn cvm(g: &Global, cmd: CvmCmd) -> anyhow::Result<()> {
+    let mut c = g.target().connect().await?;
+    match cmd {
+        CvmCmd::Register {
+            instance_id,
+            app,
+            region,
+            backend,
+            wg_public_key,
+        } => {
+            let req = RegisterInstanceRequest {
+                instance_id,
+                app,
+                region,
+                wg_public_key,
+                backend_addr: backend.unwrap_or_default(),
+            };
+            let i = instance_out(rpc(c.register_instance(req).await)?);
+            if g.json {
+                return print_json(&i);
+            }
+            println!(
+                "registered {} (app {}, region {}, tunnel ip {})",
+                i.instance_id, i.app, i.region, i.tunnel_ip
+            );
+        }
+        CvmCmd::List { app } => {
+            let r = rpc(c
+                .list_instances(ListInstancesRequest {
+                    app: app.unwrap_or_default(),
+                })
+                .await)?;
+            let list: Vec<InstanceOut> = r.instances.into_iter().map(instance_out).collect();
+            if g.json {
+                return print_json(&list);
+            }
+            for i in list {
+                println!(
+                    "{:<24} {:<16} {:<10} {:<15} {}",
+                    i.instance_id, i.app, i.region, i.tunnel_ip, i.backend_addr
+                );
+            }
+        }
+        CvmCmd::Show { instance_id } => {
+            let i = instance_out(rpc(c.get_instance(InstanceId { instance_id }).await)?);
+            if g.json {
+                return print_json(&i);
+            }
+            println!(
+                "{}: app {}, region {}, tunnel ip {}, backend {}",
+                i.instance_id, i.app, i.region, i.tunnel_ip, i.backend_addr
+            );
+        }
+        CvmCmd::Remove { instance_id } => {
+            let r = rpc(c
+                .remove_instance(InstanceId {
+                    instance_id: instance_id.clone(),
+                })
+                .await)?;
+            if g.json {
+                return print_json(
+                    &serde_json::json!({ "removed": instance_id, "log_index": r.log_index }),
+                );
+            }
+            println!("removed {instance_id}");
         }
     }
     Ok(())

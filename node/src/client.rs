@@ -19,6 +19,17 @@ pub struct ClusterFile {
     #[serde(default)]
     pub base_domain: String,
     pub nodes: Vec<ClusterFileNode>,
+    /// Demo-app processes started by `up` (one per region); `down` stops them too.
+    #[serde(default)]
+    pub demo_apps: Vec<DemoProcess>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoProcess {
+    pub instance_id: String,
+    pub region: String,
+    pub addr: String,
+    pub pid: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,7 +58,8 @@ impl ClusterFile {
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         let p = Self::path(dir);
         let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, &p).with_context(|| format!("write {}", p.display()))?;
         Ok(())
     }
@@ -76,12 +88,16 @@ pub struct Target {
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string(path).with_context(|| format!("read token file {}", path.display()))?.trim().to_string())
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("read token file {}", path.display()))?
+        .trim()
+        .to_string())
 }
 
 pub async fn connect_addr(addr: &str, token: &str) -> anyhow::Result<Admin> {
-    let value: MetadataValue<Ascii> =
-        format!("Bearer {token}").parse().context("the admin token contains characters not allowed in a header")?;
+    let value: MetadataValue<Ascii> = format!("Bearer {token}")
+        .parse()
+        .context("the admin token contains characters not allowed in a header")?;
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .with_context(|| format!("bad admin address {addr:?}"))?
         .connect_timeout(Duration::from_secs(2))
@@ -100,7 +116,10 @@ impl Target {
             (Some(a), _) => (vec![a.clone()], None),
             (None, Some(dir)) => {
                 let cf = ClusterFile::load(dir)?;
-                (cf.nodes.iter().map(|n| n.admin_addr.clone()).collect(), Some(cf.token_file))
+                (
+                    cf.nodes.iter().map(|n| n.admin_addr.clone()).collect(),
+                    Some(cf.token_file),
+                )
             }
             (None, None) => (vec!["127.0.0.1:9080".to_string()], None),
         };

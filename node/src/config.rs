@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config: field `{field}`: {reason}")]
@@ -17,7 +20,10 @@ pub enum ConfigError {
 }
 
 fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Field { field, reason: reason.into() }
+    ConfigError::Field {
+        field,
+        reason: reason.into(),
+    }
 }
 
 /// One gateway node.
@@ -77,6 +83,9 @@ pub struct ClusterConfig {
     pub connect_timeout_ms: u64,
     /// Take a snapshot (and purge the log before it) after this many applied entries. Default 5000.
     pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the log
+    /// instead of receiving a whole snapshot. Default 1000.
+    pub keep_logs_after_snapshot: u64,
 }
 
 impl Default for ClusterConfig {
@@ -92,6 +101,7 @@ impl Default for ClusterConfig {
             election_timeout_max_ms: 3000,
             connect_timeout_ms: 2000,
             snapshot_every: 5000,
+            keep_logs_after_snapshot: 1000,
         }
     }
 }
@@ -108,22 +118,76 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9080)), token_file: PathBuf::new() }
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9080)),
+            token_file: PathBuf::new(),
+        }
     }
 }
 
-/// Public listeners (the data plane).
+/// Public listeners (the data plane). Every timeout is in milliseconds unless its name says
+/// otherwise.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
-    /// HTTPS listen address. Default `0.0.0.0:443`. Unset with `enabled = false`.
+    /// HTTPS listen address. Default `0.0.0.0:443`; `[::]:443` accepts IPv4 and IPv6 on Linux.
     pub https_listen: SocketAddr,
-    /// Plain HTTP listen address (redirects to HTTPS). Default `0.0.0.0:80`.
+    /// Plain HTTP listen address (308 redirect to HTTPS, ACME HTTP-01). Default `0.0.0.0:80`.
     pub http_listen: SocketAddr,
     /// Serve the data plane at all. Default true.
     pub enabled: bool,
     /// Base domains under which `<app>.<base>` routes. Default empty.
     pub base_domains: Vec<String>,
+    /// HTTPS port that clients see, used in redirects from the HTTP port (differs from the
+    /// listen port behind port mapping). Default: the port of `https_listen`.
+    pub https_public_port: Option<u16>,
+    /// Largest ClientHello accepted, bytes. At least 16384: post-quantum key shares make
+    /// ClientHellos exceed one TLS record. Default 32768.
+    pub max_client_hello_bytes: usize,
+    /// Time for a new connection to send its PROXY header and whole ClientHello. Default 5000.
+    pub client_hello_timeout_ms: u64,
+    /// Time for the TLS handshake after the ClientHello. Default 10000.
+    pub tls_handshake_timeout_ms: u64,
+    /// Time for a client to send a request's headers (slow-header defence). Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no bytes moving in either direction and no request in flight is
+    /// closed after this long. Default 60000.
+    pub idle_timeout_ms: u64,
+    /// Time from receiving a request to the backend's response headers. Default 60000.
+    pub request_timeout_ms: u64,
+    /// Time to open a connection to a backend. Default 3000.
+    pub backend_connect_timeout_ms: u64,
+    /// Oldest a client connection may get before it is asked to close (it finishes in-flight
+    /// requests first). Default 3600.
+    pub max_connection_age_secs: u64,
+    /// Most request headers (HTTP/1.1). Default 100.
+    pub max_header_count: usize,
+    /// Most bytes of request headers. Default 65536.
+    pub max_header_bytes: usize,
+    /// Largest request body, bytes; larger bodies get 413. Default 104857600 (100 MiB).
+    pub max_request_body_bytes: u64,
+    /// HTTP/2 concurrent streams per connection. Default 100.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams reset by the client before they were answered, per connection, beyond
+    /// which the connection is closed (rapid-reset defence, CVE-2023-44487). Default 50.
+    pub h2_max_pending_reset_streams: usize,
+    /// Open client connections per node. Default 10000.
+    pub max_connections: usize,
+    /// Open client connections per client IP. Default 256.
+    pub max_connections_per_ip: usize,
+    /// CIDRs whose connections may (and may only) start with a PROXY protocol v1/v2 header,
+    /// e.g. a load balancer. Default empty.
+    pub proxy_protocol_from: Vec<String>,
+    /// CIDRs allowed to reach `<cvm-id>.internal`. Default empty (nobody on the public ports).
+    pub trusted_networks: Vec<String>,
+    /// `Strict-Transport-Security` max-age in seconds; 0 sends no header. Default 31536000.
+    pub hsts_max_age_secs: u64,
+    /// Idle pooled backend connections are closed after this long. Default 90000.
+    pub backend_pool_idle_timeout_ms: u64,
+    /// Idle pooled connections kept per backend address. Default 64.
+    pub backend_pool_max_idle: usize,
+    /// One structured log line per request (target `portcullis::access`). Default true.
+    pub access_log: bool,
 }
 
 impl Default for EdgeConfig {
@@ -133,17 +197,142 @@ impl Default for EdgeConfig {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             enabled: true,
             base_domains: Vec::new(),
+            https_public_port: None,
+            max_client_hello_bytes: 32 * 1024,
+            client_hello_timeout_ms: 5_000,
+            tls_handshake_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 60_000,
+            backend_connect_timeout_ms: 3_000,
+            max_connection_age_secs: 3_600,
+            max_header_count: 100,
+            max_header_bytes: 64 * 1024,
+            max_request_body_bytes: 100 * 1024 * 1024,
+            h2_max_concurrent_streams: 100,
+            h2_max_pending_reset_streams: 50,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            proxy_protocol_from: Vec::new(),
+            trusted_networks: Vec::new(),
+            hsts_max_age_secs: 31_536_000,
+            backend_pool_idle_timeout_ms: 90_000,
+            backend_pool_max_idle: 64,
+            access_log: true,
         }
     }
+}
+
+impl EdgeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for d in &self.base_domains {
+            let ok = d.contains('.')
+                && d.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                });
+            if !ok {
+                return Err(bad(
+                    "edge.base_domains",
+                    format!("{d:?} is not a lowercase DNS name"),
+                ));
+            }
+        }
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.https_listen == self.http_listen {
+            return Err(bad(
+                "edge.http_listen",
+                "must differ from edge.https_listen",
+            ));
+        }
+        if !(16 * 1024..=1024 * 1024).contains(&self.max_client_hello_bytes) {
+            return Err(bad(
+                "edge.max_client_hello_bytes",
+                format!("{} must be within 16384..=1048576 (large post-quantum ClientHellos need 16 KiB)", self.max_client_hello_bytes),
+            ));
+        }
+        for (field, v) in [
+            ("edge.client_hello_timeout_ms", self.client_hello_timeout_ms),
+            (
+                "edge.tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms,
+            ),
+            ("edge.header_read_timeout_ms", self.header_read_timeout_ms),
+            ("edge.idle_timeout_ms", self.idle_timeout_ms),
+            ("edge.request_timeout_ms", self.request_timeout_ms),
+            (
+                "edge.backend_connect_timeout_ms",
+                self.backend_connect_timeout_ms,
+            ),
+            ("edge.max_connection_age_secs", self.max_connection_age_secs),
+            (
+                "edge.backend_pool_idle_timeout_ms",
+                self.backend_pool_idle_timeout_ms,
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be > 0"));
+            }
+        }
+        if self.max_header_count == 0 || self.max_header_bytes < 1024 {
+            return Err(bad(
+                "edge.max_header_bytes",
+                "max_header_count must be > 0 and max_header_bytes at least 1024",
+            ));
+        }
+        if self.h2_max_concurrent_streams == 0 {
+            return Err(bad("edge.h2_max_concurrent_streams", "must be > 0"));
+        }
+        if self.max_connections == 0
+            || self.max_connections_per_ip == 0
+            || self.max_connections_per_ip > self.max_connections
+        {
+            return Err(bad(
+                "edge.max_connections_per_ip",
+                format!(
+                    "{} must be within 1..=max_connections ({})",
+                    self.max_connections_per_ip, self.max_connections
+                ),
+            ));
+        }
+        for (field, list) in [
+            ("edge.proxy_protocol_from", &self.proxy_protocol_from),
+            ("edge.trusted_networks", &self.trusted_networks),
+        ] {
+            for c in list {
+                parse_cidr(c).map_err(|e| bad(field, format!("{c:?}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `10.0.0.0/8` or a bare address (a /32 or /128).
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(n) = s.parse::<ipnet::IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| "not a CIDR or IP address".to_string())
 }
 
 impl NodeConfig {
     /// Reads, parses and validates `path`. Relative paths inside the file are resolved against
     /// the file's directory, so a config and its keys can move together.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut cfg: NodeConfig =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut cfg.data_dir,
@@ -166,18 +355,34 @@ impl NodeConfig {
         }
         if self.region.is_empty()
             || self.region.len() > 63
-            || !self.region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(bad("region", format!("{:?}: use 1-63 letters, digits, '-' or '_'", self.region)));
+            return Err(bad(
+                "region",
+                format!("{:?}: use 1-63 letters, digits, '-' or '_'", self.region),
+            ));
         }
         if !(-90.0..=90.0).contains(&self.latitude) {
-            return Err(bad("latitude", format!("{} is outside -90..=90", self.latitude)));
+            return Err(bad(
+                "latitude",
+                format!("{} is outside -90..=90", self.latitude),
+            ));
         }
         if !(-180.0..=180.0).contains(&self.longitude) {
-            return Err(bad("longitude", format!("{} is outside -180..=180", self.longitude)));
+            return Err(bad(
+                "longitude",
+                format!("{} is outside -180..=180", self.longitude),
+            ));
         }
         let c = &self.cluster;
-        for (field, p) in [("cluster.ca_cert", &c.ca_cert), ("cluster.cert", &c.cert), ("cluster.key", &c.key)] {
+        for (field, p) in [
+            ("cluster.ca_cert", &c.ca_cert),
+            ("cluster.cert", &c.cert),
+            ("cluster.key", &c.key),
+        ] {
             if p.as_os_str().is_empty() {
                 return Err(bad(field, "is required (mutual TLS on the cluster port)"));
             }
@@ -188,38 +393,39 @@ impl NodeConfig {
         if c.election_timeout_min_ms < 3 * c.heartbeat_ms {
             return Err(bad(
                 "cluster.election_timeout_min_ms",
-                format!("{} must be at least 3 x heartbeat_ms ({})", c.election_timeout_min_ms, c.heartbeat_ms),
+                format!(
+                    "{} must be at least 3 x heartbeat_ms ({})",
+                    c.election_timeout_min_ms, c.heartbeat_ms
+                ),
             ));
         }
         if c.election_timeout_max_ms <= c.election_timeout_min_ms {
             return Err(bad(
                 "cluster.election_timeout_max_ms",
-                format!("{} must exceed election_timeout_min_ms ({})", c.election_timeout_max_ms, c.election_timeout_min_ms),
+                format!(
+                    "{} must exceed election_timeout_min_ms ({})",
+                    c.election_timeout_max_ms, c.election_timeout_min_ms
+                ),
             ));
         }
         if c.snapshot_every == 0 {
             return Err(bad("cluster.snapshot_every", "must be > 0"));
         }
         if self.admin.token_file.as_os_str().is_empty() {
-            return Err(bad("admin.token_file", "is required: the admin API refuses to run without a bearer token"));
+            return Err(bad(
+                "admin.token_file",
+                "is required: the admin API refuses to run without a bearer token",
+            ));
         }
-        for d in &self.edge.base_domains {
-            let ok = d.contains('.')
-                && d.split('.').all(|l| {
-                    !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                });
-            if !ok {
-                return Err(bad("edge.base_domains", format!("{d:?} is not a lowercase DNS name")));
-            }
-        }
-        if self.edge.enabled && self.edge.https_listen == self.edge.http_listen {
-            return Err(bad("edge.http_listen", "must differ from edge.https_listen"));
-        }
+        self.edge.validate()?;
         Ok(())
     }
 
     pub fn advertise_addr(&self) -> String {
-        self.cluster.advertise.clone().unwrap_or_else(|| self.cluster.listen.to_string())
+        self.cluster
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.cluster.listen.to_string())
     }
 }
 
@@ -228,7 +434,11 @@ mod tests {
     use super::*;
 
     fn valid() -> NodeConfig {
-        let mut c = NodeConfig { node_id: 1, region: "us-east".into(), ..Default::default() };
+        let mut c = NodeConfig {
+            node_id: 1,
+            region: "us-east".into(),
+            ..Default::default()
+        };
         c.cluster.ca_cert = "ca.pem".into();
         c.cluster.cert = "node.pem".into();
         c.cluster.key = "node.key".into();
@@ -243,14 +453,43 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut NodeConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut NodeConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("node_id", Box::new(|c| c.node_id = 0)),
             ("region", Box::new(|c| c.region = "bad region".into())),
-            ("admin.token_file", Box::new(|c| c.admin.token_file = PathBuf::new())),
-            ("cluster.election_timeout_min_ms", Box::new(|c| c.cluster.election_timeout_min_ms = 10)),
-            ("cluster.election_timeout_max_ms", Box::new(|c| c.cluster.election_timeout_max_ms = 1)),
+            (
+                "admin.token_file",
+                Box::new(|c| c.admin.token_file = PathBuf::new()),
+            ),
+            (
+                "cluster.election_timeout_min_ms",
+                Box::new(|c| c.cluster.election_timeout_min_ms = 10),
+            ),
+            (
+                "cluster.election_timeout_max_ms",
+                Box::new(|c| c.cluster.election_timeout_max_ms = 1),
+            ),
             ("latitude", Box::new(|c| c.latitude = 91.0)),
-            ("edge.base_domains", Box::new(|c| c.edge.base_domains = vec!["Not Valid".into()])),
+            (
+                "edge.base_domains",
+                Box::new(|c| c.edge.base_domains = vec!["Not Valid".into()]),
+            ),
+            (
+                "edge.max_client_hello_bytes",
+                Box::new(|c| c.edge.max_client_hello_bytes = 4096),
+            ),
+            (
+                "edge.proxy_protocol_from",
+                Box::new(|c| c.edge.proxy_protocol_from = vec!["10.0.0.0/33".into()]),
+            ),
+            (
+                "edge.max_connections_per_ip",
+                Box::new(|c| c.edge.max_connections_per_ip = 0),
+            ),
+            (
+                "edge.idle_timeout_ms",
+                Box::new(|c| c.edge.idle_timeout_ms = 0),
+            ),
         ];
         for (field, mutate) in cases {
             let mut c = valid();

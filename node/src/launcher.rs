@@ -14,9 +14,12 @@ use anyhow::{bail, Context};
 use clap::Args;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use portcullis_proto::admin::{ClusterStatusRequest, InitRequest, Member};
+use portcullis_proto::admin::{
+    ClusterStatusRequest, CreateAppRequest, InitRequest, Member, PutCertificateRequest,
+    RegisterInstanceRequest,
+};
 
-use crate::client::{connect_addr, ClusterFile, ClusterFileNode};
+use crate::client::{connect_addr, ClusterFile, ClusterFileNode, DemoProcess};
 use crate::config::NodeConfig;
 use crate::pki;
 
@@ -26,7 +29,11 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 3)]
     pub nodes: u64,
     /// Regions, assigned to nodes in turn.
-    #[arg(long, value_delimiter = ',', default_value = "us-east,eu-west,ap-south")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "us-east,eu-west,ap-south"
+    )]
     pub regions: Vec<String>,
     /// Where configs, keys, data and logs go.
     #[arg(long, default_value = ".portcullis")]
@@ -34,6 +41,9 @@ pub struct UpArgs {
     /// Base domain for the demo apps.
     #[arg(long, default_value = "portcullis.localhost")]
     pub base_domain: String,
+    /// Take a snapshot every N entries and keep no log behind it (exercises snapshot transfer).
+    #[arg(long, hide = true)]
+    pub snapshot_every: Option<u64>,
     /// Return once the cluster is up and leave the nodes running.
     #[arg(long)]
     pub detach: bool,
@@ -54,10 +64,14 @@ fn region_coords(name: &str) -> (f64, f64) {
     }
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    // Bound and released right before the node binds it; the window for a collision is tiny.
+/// Picks a free loopback port and keeps it bound in `held`, so that later picks in the same
+/// plan cannot be handed the same port. The caller drops `held` right before starting the
+/// processes that bind them.
+fn reserve_port(held: &mut Vec<TcpListener>) -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").context("find a free port")?;
-    Ok(l.local_addr()?)
+    let addr = l.local_addr()?;
+    held.push(l);
+    Ok(addr)
 }
 
 struct Planned {
@@ -80,8 +94,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.state_dir).context("state dir")?;
     if ClusterFile::path(&dir).exists() {
         if let Ok(cf) = ClusterFile::load(&dir) {
-            if cf.nodes.iter().any(|n| alive(n.pid)) {
-                bail!("{} already runs a cluster; stop it with `portcullis down --state-dir {}`", dir.display(), dir.display());
+            if cf.nodes.iter().any(|n| alive(n.pid)) || cf.demo_apps.iter().any(|d| alive(d.pid)) {
+                bail!(
+                    "{} already runs a cluster; stop it with `portcullis down --state-dir {}`",
+                    dir.display(),
+                    dir.display()
+                );
             }
         }
         // A stopped cluster's leftovers: start from scratch.
@@ -92,6 +110,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let ids: Vec<u64> = (1..=args.nodes).collect();
     pki::init(&pki_dir, &ids)?;
 
+    let mut held = Vec::new();
     let mut planned = Vec::new();
     for id in &ids {
         let region = args.regions[((id - 1) as usize) % args.regions.len()].clone();
@@ -101,18 +120,25 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             id: *id,
             region,
             dir: node_dir,
-            rpc: free_port()?,
-            admin: free_port()?,
-            https: free_port()?,
-            http: free_port()?,
+            rpc: reserve_port(&mut held)?,
+            admin: reserve_port(&mut held)?,
+            https: reserve_port(&mut held)?,
+            http: reserve_port(&mut held)?,
         });
     }
+    drop(held);
 
     let exe = std::env::current_exe().context("locate the portcullis binary")?;
     let mut nodes = Vec::new();
     for p in &planned {
         let (lat, lon) = region_coords(&p.region);
-        let mut cfg = NodeConfig { node_id: p.id, region: p.region.clone(), latitude: lat, longitude: lon, ..Default::default() };
+        let mut cfg = NodeConfig {
+            node_id: p.id,
+            region: p.region.clone(),
+            latitude: lat,
+            longitude: lon,
+            ..Default::default()
+        };
         cfg.data_dir = "data".into();
         cfg.cluster.listen = p.rpc;
         cfg.cluster.ca_cert = "../pki/ca.pem".into();
@@ -122,6 +148,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         cfg.cluster.heartbeat_ms = 100;
         cfg.cluster.election_timeout_min_ms = 500;
         cfg.cluster.election_timeout_max_ms = 1000;
+        if let Some(n) = args.snapshot_every {
+            cfg.cluster.snapshot_every = n;
+            cfg.cluster.keep_logs_after_snapshot = 0;
+        }
         cfg.admin.listen = p.admin;
         cfg.admin.token_file = "../pki/admin.token".into();
         cfg.edge.https_listen = p.https;
@@ -146,13 +176,27 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ca_cert: pki_dir.join("ca.pem"),
         base_domain: args.base_domain.clone(),
         nodes,
+        demo_apps: Vec::new(),
     };
     cf.save(&dir)?;
 
     if let Err(e) = form_cluster(&cf).await {
         stop_nodes(&cf).await;
-        return Err(e.context(format!("the cluster did not form; node logs are in {}/node-*/node.log", dir.display())));
+        return Err(e.context(format!(
+            "the cluster did not form; node logs are in {}/node-*/node.log",
+            dir.display()
+        )));
     }
+    let mut cf = cf;
+    if let Err(e) = setup_demo(&dir, &exe, &mut cf).await {
+        cf.save(&dir)?;
+        stop_nodes(&cf).await;
+        return Err(e.context(format!(
+            "the demo app did not come up; logs are in {}",
+            dir.display()
+        )));
+    }
+    cf.save(&dir)?;
     print_next_steps(&dir, &cf);
 
     if args.detach {
@@ -213,11 +257,18 @@ async fn form_cluster(cf: &ClusterFile) -> anyhow::Result<()> {
             admin_addr: n.admin_addr.clone(),
         })
         .collect();
-    clients[0].init(InitRequest { members }).await.map_err(|s| anyhow::anyhow!("init: {}", s.message()))?;
+    clients[0]
+        .init(InitRequest { members })
+        .await
+        .map_err(|s| anyhow::anyhow!("init: {}", s.message()))?;
     // Formed means every node knows the same leader and all members.
     for (n, c) in cf.nodes.iter().zip(clients.iter_mut()) {
         loop {
-            let s = c.cluster_status(ClusterStatusRequest {}).await.map_err(|s| anyhow::anyhow!("status: {}", s.message()))?.into_inner();
+            let s = c
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("status: {}", s.message()))?
+                .into_inner();
             if s.leader_id != 0 && s.members.len() == cf.nodes.len() {
                 break;
             }
@@ -230,11 +281,192 @@ async fn form_cluster(cf: &ClusterFile) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The demo: a development CA and a wildcard certificate for the base domain (imported like any
+/// certificate, through the admin API), app `demo`, and one demo-app process per region
+/// registered as its instances. Returns once every node serves the demo over HTTPS.
+async fn setup_demo(dir: &Path, exe: &Path, cf: &mut ClusterFile) -> anyhow::Result<()> {
+    let token = std::fs::read_to_string(&cf.token_file)?.trim().to_string();
+    let mut admin = connect_addr(&cf.nodes[0].admin_addr, &token).await?;
+    let pki_dir = dir.join("pki");
+    let ca_path = crate::pki::init_dev_ca(&pki_dir)?;
+    let base = cf.base_domain.clone();
+    let wildcard = format!("*.{base}");
+    let issued = crate::pki::issue_dev_cert(&pki_dir, &[wildcard.clone(), base.clone()])?;
+    std::fs::write(pki_dir.join("dev-wildcard.pem"), &issued.cert_pem)?;
+    crate::pki::write_private(&pki_dir.join("dev-wildcard.key"), issued.key_pem.as_bytes())?;
+    let rpc_err =
+        |what: &'static str| move |s: tonic::Status| anyhow::anyhow!("{what}: {}", s.message());
+    admin
+        .put_certificate(PutCertificateRequest {
+            name: wildcard,
+            chain_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+        })
+        .await
+        .map_err(rpc_err("import the development certificate"))?;
+    admin
+        .create_app(CreateAppRequest {
+            name: "demo".into(),
+            ports: vec![8080],
+            lb: "round-robin".into(),
+        })
+        .await
+        .map_err(rpc_err("create app demo"))?;
+
+    let mut regions: Vec<String> = Vec::new();
+    for n in &cf.nodes {
+        if !regions.contains(&n.region) {
+            regions.push(n.region.clone());
+        }
+    }
+    for region in regions {
+        let instance_id = format!("demo-{region}");
+        let log = dir.join(format!("{instance_id}.log"));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args([
+            "demo-app",
+            // The demo app picks its own port and logs it; no window for another process to
+            // take a port chosen here.
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "demo",
+            "--region",
+            &region,
+            "--instance-id",
+            &instance_id,
+        ]);
+        for n in &cf.nodes {
+            cmd.arg("--exit-with").arg(n.pid.to_string());
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("start demo-app for {region}"))?;
+        let addr = wait_listening(&log, child.id())
+            .await
+            .with_context(|| format!("demo-app {instance_id}; see {}", log.display()))?;
+        cf.demo_apps.push(DemoProcess {
+            instance_id: instance_id.clone(),
+            region: region.clone(),
+            addr: addr.to_string(),
+            pid: child.id(),
+        });
+        admin
+            .register_instance(RegisterInstanceRequest {
+                instance_id,
+                app: "demo".into(),
+                region,
+                wg_public_key: String::new(),
+                backend_addr: addr.to_string(),
+            })
+            .await
+            .map_err(rpc_err("register demo instance"))?;
+    }
+
+    // "Up" means the printed curl line works on every node.
+    let ca_pem = std::fs::read_to_string(&ca_path)?;
+    let host = format!("demo.{base}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &cf.nodes {
+        let addr: SocketAddr = n.https_addr.parse().context("https address")?;
+        loop {
+            match probe_https(addr, &host, &ca_pem).await {
+                Ok(200) => break,
+                Ok(status) if Instant::now() > deadline => {
+                    bail!("node {} answers {status} for https://{host}/", n.id)
+                }
+                Err(e) if Instant::now() > deadline => {
+                    bail!("node {} does not serve https://{host}/: {e:#}", n.id)
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the demo app's "listening on ADDR" log line and returns ADDR.
+async fn wait_listening(log: &Path, pid: u32) -> anyhow::Result<SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(addr) = text
+            .lines()
+            .find_map(|l| {
+                l.split_once("listening on ")
+                    .map(|(_, rest)| rest.split_whitespace().next().unwrap_or(""))
+            })
+            .and_then(|a| a.parse().ok())
+        {
+            return Ok(addr);
+        }
+        if Instant::now() > deadline || !alive(pid) {
+            bail!("did not start listening: {}", text.trim());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One HTTPS GET through a node, verified against the development CA; returns the status.
+pub async fn probe_https(addr: SocketAddr, host: &str, ca_pem: &str) -> anyhow::Result<u16> {
+    use http_body_util::Empty;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::edge::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await??;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", host)
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
+    Ok(resp.status().as_u16())
+}
+
 fn print_next_steps(dir: &Path, cf: &ClusterFile) {
     let d = dir.display();
     println!("portcullis: {} nodes up; state in {d}", cf.nodes.len());
     for n in &cf.nodes {
-        println!("  node {} ({:<9}) admin {}  https {}  http {}  pid {}", n.id, n.region, n.admin_addr, n.https_addr, n.http_addr, n.pid);
+        println!(
+            "  node {} ({:<9}) admin {}  https {}  http {}  pid {}",
+            n.id, n.region, n.admin_addr, n.https_addr, n.http_addr, n.pid
+        );
+    }
+    if !cf.demo_apps.is_empty() {
+        let host = format!("demo.{}", cf.base_domain);
+        println!(
+            "\ndemo app (instances {}):",
+            cf.demo_apps
+                .iter()
+                .map(|d| d.instance_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for n in &cf.nodes {
+            let port = n
+                .https_addr
+                .rsplit_once(':')
+                .map(|(_, p)| p)
+                .unwrap_or("443");
+            println!("  curl --cacert {d}/pki/dev-ca.pem --resolve {host}:{port}:127.0.0.1 https://{host}:{port}/");
+        }
     }
     println!("\nnext:");
     println!("  portcullis --cluster {d} cluster status");
@@ -260,23 +492,39 @@ async fn wait_for_signal() {
 
 /// Is `pid` a live portcullis process (and not a recycled pid)?
 pub fn alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else { return false };
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
     if kill(Pid::from_raw(raw), None).is_err() {
         return false;
     }
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmd) => String::from_utf8_lossy(&cmd).contains("portcullis") && !zombie(pid),
+        // An empty command line means the process is between fork and exec: it exists.
+        Ok(cmd) => {
+            (cmd.is_empty() || String::from_utf8_lossy(&cmd).contains("portcullis")) && !zombie(pid)
+        }
         Err(_) => false,
     }
 }
 
 fn zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
 async fn stop_nodes(cf: &ClusterFile) {
+    // Demo apps hold no state: they just stop.
+    for d in &cf.demo_apps {
+        if alive(d.pid) {
+            if let Ok(raw) = i32::try_from(d.pid) {
+                let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+            }
+        }
+    }
     for n in &cf.nodes {
         if alive(n.pid) {
             if let Ok(raw) = i32::try_from(n.pid) {

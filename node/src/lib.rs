@@ -8,7 +8,9 @@
 //! - [`cli`]: argument definitions and the operator commands.
 //! - [`client`]: finding the cluster (`--admin`, `--cluster`) and calling its admin API.
 //! - [`launcher`]: `up` and `down`, a local multi-node cluster.
-//! - [`pki`]: the cluster CA, node certificates and the admin token on disk.
+//! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
+//! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying.
+//! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +18,8 @@ pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
+pub mod edge;
 pub mod launcher;
 pub mod metrics;
 pub mod pki;

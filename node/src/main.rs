@@ -7,9 +7,13 @@ use portcullis_node::{launcher, server, EXIT_CONFIG};
 use tokio_util::sync::CancellationToken;
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[tokio::main]
@@ -56,6 +60,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Down { state_dir } => launcher::down(&state_dir).await.map(|_| 0),
         Cmd::Cluster(c) => cli::cluster(&cli.global, c).await.map(|_| 0),
         Cmd::App(c) => cli::app(&cli.global, c).await.map(|_| 0),
+        Cmd::Cert(c) => cli::cert(&cli.global, c).await.map(|_| 0),
+        Cmd::Cvm(c) => cli::cvm(&cli.global, c).await.map(|_| 0),
+        Cmd::DemoApp(args) => portcullis_node::demo::run(args).await.map(|_| 0),
     }
 }
 
@@ -63,7 +70,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };

@@ -1,14 +1,21 @@
 //! Every Prometheus metric the node exports, declared in one place.
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
 use portcullis_raft::metrics::RaftMetricsSink;
 use portcullis_raft::types::RaftMetrics;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
 pub struct Metrics {
     registry: Registry,
     pub raft: RaftMetricsSink,
+    pub edge: Arc<EdgeMetrics>,
     term: Gauge,
     leader: Gauge,
     is_leader: Gauge,
@@ -22,6 +29,7 @@ impl Metrics {
         let mut r = Registry::default();
         let raft = RaftMetricsSink::default();
         raft.register(&mut r);
+        let edge = Arc::new(EdgeMetrics::register(&mut r));
         let gauge = |r: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
             r.register(name, help, g.clone());
@@ -29,12 +37,33 @@ impl Metrics {
         };
         Metrics {
             raft,
+            edge,
             term: gauge(&mut r, "portcullis_raft_term", "Current Raft term"),
-            leader: gauge(&mut r, "portcullis_raft_leader_id", "Id of the known leader (0: none)"),
-            is_leader: gauge(&mut r, "portcullis_raft_is_leader", "1 when this node leads"),
-            last_applied: gauge(&mut r, "portcullis_raft_last_applied", "Index of the last applied log entry"),
-            last_log_index: gauge(&mut r, "portcullis_raft_last_log_index", "Index of the last log entry"),
-            members: gauge(&mut r, "portcullis_raft_members", "Members (voters and learners) in the current config"),
+            leader: gauge(
+                &mut r,
+                "portcullis_raft_leader_id",
+                "Id of the known leader (0: none)",
+            ),
+            is_leader: gauge(
+                &mut r,
+                "portcullis_raft_is_leader",
+                "1 when this node leads",
+            ),
+            last_applied: gauge(
+                &mut r,
+                "portcullis_raft_last_applied",
+                "Index of the last applied log entry",
+            ),
+            last_log_index: gauge(
+                &mut r,
+                "portcullis_raft_last_log_index",
+                "Index of the last log entry",
+            ),
+            members: gauge(
+                &mut r,
+                "portcullis_raft_members",
+                "Members (voters and learners) in the current config",
+            ),
             registry: r,
         }
     }
@@ -44,10 +73,15 @@ impl Metrics {
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.term.set(as_i64(m.current_term));
         self.leader.set(as_i64(m.current_leader.unwrap_or(0)));
-        self.is_leader.set(i64::from(m.current_leader == Some(m.id)));
-        self.last_applied.set(as_i64(m.last_applied.map(|l| l.index).unwrap_or(0)));
-        self.last_log_index.set(as_i64(m.last_log_index.unwrap_or(0)));
-        self.members.set(as_i64(m.membership_config.membership().nodes().count() as u64));
+        self.is_leader
+            .set(i64::from(m.current_leader == Some(m.id)));
+        self.last_applied
+            .set(as_i64(m.last_applied.map(|l| l.index).unwrap_or(0)));
+        self.last_log_index
+            .set(as_i64(m.last_log_index.unwrap_or(0)));
+        self.members.set(as_i64(
+            m.membership_config.membership().nodes().count() as u64
+        ));
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)
@@ -57,5 +91,130 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The routed app, or `-` when the request matched no app.
+    pub app: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// The data plane's metrics (`portcullis_edge_*`). Labels are bounded: apps come from the
+/// replicated state, never from client-supplied host names.
+pub struct EdgeMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    /// Seconds from request received to response headers sent.
+    pub request_duration: HistogramFamily<AppLabels>,
+    pub open_connections: Family<ListenerLabels, Gauge>,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub tls_handshake_failures: Family<ReasonLabels, Counter>,
+    pub limit_rejections: Family<ReasonLabels, Counter>,
+    pub passthrough_connections: Family<AppLabels, Counter>,
+    pub route_table_rebuilds: Counter,
+    pub route_table_apply_index: Gauge,
+}
+
+impl EdgeMetrics {
+    pub fn register(r: &mut Registry) -> Self {
+        let m = EdgeMetrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            open_connections: Family::default(),
+            connections: Family::default(),
+            tls_handshake_failures: Family::default(),
+            limit_rejections: Family::default(),
+            passthrough_connections: Family::default(),
+            route_table_rebuilds: Counter::default(),
+            route_table_apply_index: Gauge::default(),
+        };
+        let e = r.sub_registry_with_prefix("portcullis_edge");
+        e.register(
+            "requests",
+            "Proxied HTTP requests by app and status",
+            m.requests.clone(),
+        );
+        e.register(
+            "request_duration_seconds",
+            "Time to response headers, by app",
+            m.request_duration.clone(),
+        );
+        e.register(
+            "open_connections",
+            "Open client connections by listener",
+            m.open_connections.clone(),
+        );
+        e.register(
+            "connections",
+            "Accepted client connections by listener",
+            m.connections.clone(),
+        );
+        e.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes by reason",
+            m.tls_handshake_failures.clone(),
+        );
+        e.register(
+            "limit_rejections",
+            "Connections or requests refused by a limit, by reason",
+            m.limit_rejections.clone(),
+        );
+        e.register(
+            "passthrough_connections",
+            "TLS passthrough connections by app",
+            m.passthrough_connections.clone(),
+        );
+        e.register(
+            "route_table_rebuilds",
+            "Routing table and certificate rebuilds",
+            m.route_table_rebuilds.clone(),
+        );
+        e.register(
+            "route_table_applied_index",
+            "Raft log index the routing table was built from",
+            m.route_table_apply_index.clone(),
+        );
+        m
+    }
+
+    pub fn limit(&self, reason: &'static str) {
+        self.limit_rejections
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self::register(&mut Registry::default())
     }
 }

@@ -22,6 +22,9 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::admin::{self, AdminState};
 use crate::config::NodeConfig;
+use crate::edge::redirect::NoAcme;
+use crate::edge::upstream::TcpUpstream;
+use crate::edge::{Edge, EdgeListeners};
 use crate::metrics::Metrics;
 
 /// How long SIGTERM waits for in-flight work before the node exits anyway.
@@ -30,6 +33,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub struct Listeners {
     pub cluster: TcpListener,
     pub admin: TcpListener,
+    /// The public HTTPS and HTTP listeners; `None` when `edge.enabled = false`.
+    pub edge: Option<EdgeListeners>,
 }
 
 impl Listeners {
@@ -37,15 +42,34 @@ impl Listeners {
         let cluster = TcpListener::bind(cfg.cluster.listen)
             .await
             .with_context(|| format!("bind cluster.listen {}", cfg.cluster.listen))?;
-        let admin =
-            TcpListener::bind(cfg.admin.listen).await.with_context(|| format!("bind admin.listen {}", cfg.admin.listen))?;
-        Ok(Listeners { cluster, admin })
+        let admin = TcpListener::bind(cfg.admin.listen)
+            .await
+            .with_context(|| format!("bind admin.listen {}", cfg.admin.listen))?;
+        let edge = if cfg.edge.enabled {
+            Some(EdgeListeners::bind(&cfg.edge).await.with_context(|| {
+                format!(
+                    "bind edge.https_listen {} / edge.http_listen {}",
+                    cfg.edge.https_listen, cfg.edge.http_listen
+                )
+            })?)
+        } else {
+            None
+        };
+        Ok(Listeners {
+            cluster,
+            admin,
+            edge,
+        })
     }
 }
 
 fn read_token(cfg: &NodeConfig) -> anyhow::Result<String> {
-    let token = std::fs::read_to_string(&cfg.admin.token_file)
-        .with_context(|| format!("admin.token_file {}: cannot read the admin token", cfg.admin.token_file.display()))?;
+    let token = std::fs::read_to_string(&cfg.admin.token_file).with_context(|| {
+        format!(
+            "admin.token_file {}: cannot read the admin token",
+            cfg.admin.token_file.display()
+        )
+    })?;
     let token = token.trim().to_string();
     if token.len() < 16 {
         anyhow::bail!(
@@ -57,10 +81,15 @@ fn read_token(cfg: &NodeConfig) -> anyhow::Result<String> {
 }
 
 /// Runs the node until `shutdown` fires, then drains.
-pub async fn run(cfg: NodeConfig, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: NodeConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let token = read_token(&cfg)?;
     let tls = TlsMaterial::load(&cfg.cluster.ca_cert, &cfg.cluster.cert, &cfg.cluster.key)?;
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
     let (log_store, sm) = store::open(&cfg.data_dir.join("raft")).await?;
     let shared = sm.shared();
 
@@ -71,7 +100,7 @@ pub async fn run(cfg: NodeConfig, listeners: Listeners, shutdown: CancellationTo
         election_timeout_min: c.election_timeout_min_ms,
         election_timeout_max: c.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: c.keep_logs_after_snapshot,
         // Chunks stay far below the transport's message limit.
         snapshot_max_chunk_size: 4 * 1024 * 1024,
         ..Default::default()
@@ -80,11 +109,27 @@ pub async fn run(cfg: NodeConfig, listeners: Listeners, shutdown: CancellationTo
     .context("raft timing configuration")?;
 
     let metrics = Arc::new(Metrics::new());
-    let network = Network::new(tls.clone(), Duration::from_millis(c.connect_timeout_ms), metrics.raft.clone());
-    let raft = Raft::new(cfg.node_id, Arc::new(raft_config), network.clone(), log_store, sm)
-        .await
-        .context("start raft")?;
-    let cluster = Cluster::new(cfg.node_id, raft.clone(), shared, network, metrics.raft.clone());
+    let network = Network::new(
+        tls.clone(),
+        Duration::from_millis(c.connect_timeout_ms),
+        metrics.raft.clone(),
+    );
+    let raft = Raft::new(
+        cfg.node_id,
+        Arc::new(raft_config),
+        network.clone(),
+        log_store,
+        sm,
+    )
+    .await
+    .context("start raft")?;
+    let cluster = Cluster::new(
+        cfg.node_id,
+        raft.clone(),
+        shared.clone(),
+        network,
+        metrics.raft.clone(),
+    );
 
     let tracker = TaskTracker::new();
     let ready = Arc::new(AtomicBool::new(false));
@@ -103,13 +148,21 @@ pub async fn run(cfg: NodeConfig, listeners: Listeners, shutdown: CancellationTo
         .add_service(ClusterService::new(cluster.clone()));
     let sd = shutdown.clone();
     tracker.spawn(async move {
-        if let Err(e) = rpc.serve_with_incoming_shutdown(incoming, sd.cancelled()).await {
+        if let Err(e) = rpc
+            .serve_with_incoming_shutdown(incoming, sd.cancelled())
+            .await
+        {
             tracing::error!(error = %e, "cluster rpc server failed");
         }
     });
 
     let admin_addr = listeners.admin.local_addr()?;
-    let state = AdminState { cluster: cluster.clone(), region: cfg.region.clone(), metrics, ready: ready.clone() };
+    let state = AdminState {
+        cluster: cluster.clone(),
+        region: cfg.region.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
     let router = admin::router(state, token);
     let sd = shutdown.clone();
     let admin_listener = listeners.admin;
@@ -119,6 +172,23 @@ pub async fn run(cfg: NodeConfig, listeners: Listeners, shutdown: CancellationTo
         }
     });
 
+    // The data plane serves from the local applied state; it starts with whatever this node
+    // has applied and follows every change.
+    if let Some(edge_listeners) = listeners.edge {
+        let https = edge_listeners.https.local_addr()?;
+        let http = edge_listeners.http.local_addr()?;
+        let edge = Edge::new(
+            cfg.edge.clone(),
+            &shared,
+            Arc::new(TcpUpstream),
+            metrics.edge.clone(),
+            Arc::new(NoAcme),
+        )
+        .context("start the data plane")?;
+        edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
+        tracing::info!(%https, %http, bases = ?cfg.edge.base_domains, "data plane listening");
+    }
+
     ready.store(true, Ordering::Release);
     tracing::info!(node_id = cfg.node_id, region = %cfg.region, cluster = %cluster_addr, admin = %admin_addr, "node started");
 
@@ -126,7 +196,10 @@ pub async fn run(cfg: NodeConfig, listeners: Listeners, shutdown: CancellationTo
     tracing::info!("draining");
     ready.store(false, Ordering::Release);
     tracker.close();
-    if tokio::time::timeout(DRAIN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(grace = ?DRAIN_GRACE, "drain grace period over; exiting with tasks still running");
     }
     if let Err(e) = raft.shutdown().await {

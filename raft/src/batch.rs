@@ -42,8 +42,12 @@ impl Batcher {
 
     pub(crate) async fn write(&self, cmd: Command) -> WriteResult {
         let (tx, rx) = oneshot::channel();
-        self.tx.send((cmd, tx)).await.map_err(|_| ClusterError::Raft("write batcher stopped".into()))?;
-        rx.await.map_err(|_| ClusterError::Raft("write batcher dropped the request".into()))?
+        self.tx
+            .send((cmd, tx))
+            .await
+            .map_err(|_| ClusterError::Raft("write batcher stopped".into()))?;
+        rx.await
+            .map_err(|_| ClusterError::Raft("write batcher dropped the request".into()))?
     }
 }
 
@@ -51,7 +55,9 @@ async fn run(raft: Raft, metrics: RaftMetricsSink, mut rx: mpsc::Receiver<Pendin
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         // Waiting for a permit is what lets a batch build up behind busy proposals.
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let mut bytes = size_of(&first.0);
         // A batch never nests another batch (validation would refuse the whole entry).
         let lone = matches!(first.0, Command::Batch(_));
@@ -89,7 +95,11 @@ async fn propose(raft: &Raft, metrics: &RaftMetricsSink, mut batch: Vec<Pending>
     let started = Instant::now();
     if batch.len() == 1 {
         if let Some((cmd, tx)) = batch.pop() {
-            let r = raft.client_write(cmd).await.map(|r| (r.log_id.index, r.data)).map_err(map_write_err);
+            let r = raft
+                .client_write(cmd)
+                .await
+                .map(|r| (r.log_id.index, r.data))
+                .map_err(map_write_err);
             metrics.commit_latency(started.elapsed().as_secs_f64());
             let _ = tx.send(r);
         }
@@ -114,7 +124,9 @@ async fn propose(raft: &Raft, metrics: &RaftMetricsSink, mut batch: Vec<Pending>
                 }
                 other => {
                     for tx in txs {
-                        let _ = tx.send(Err(ClusterError::Raft(format!("batch answered with {other:?}"))));
+                        let _ = tx.send(Err(ClusterError::Raft(format!(
+                            "batch answered with {other:?}"
+                        ))));
                     }
                 }
             }
@@ -128,10 +140,16 @@ async fn propose(raft: &Raft, metrics: &RaftMetricsSink, mut batch: Vec<Pending>
     }
 }
 
-pub(crate) fn map_write_err(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ClusterError {
+pub(crate) fn map_write_err(
+    e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>,
+) -> ClusterError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader(f.leader_id),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => ClusterError::Rejected(c.to_string()),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ClusterError::NotLeader(f.leader_id)
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            ClusterError::Rejected(c.to_string())
+        }
         other => ClusterError::Raft(other.to_string()),
     }
 }

@@ -26,12 +26,24 @@ const LEADER_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardRequest {
     Write(Command),
-    AddLearner { id: NodeId, node: NodeInfo, blocking: bool },
-    Promote { id: NodeId },
-    Remove { id: NodeId },
+    AddLearner {
+        id: NodeId,
+        node: NodeInfo,
+        blocking: bool,
+    },
+    Promote {
+        id: NodeId,
+    },
+    Remove {
+        id: NodeId,
+    },
     /// Sent by the leader to every voter during a leadership transfer.
-    SetElect { enabled: bool },
-    TransferLeader { to: NodeId },
+    SetElect {
+        enabled: bool,
+    },
+    TransferLeader {
+        to: NodeId,
+    },
     /// Asks the leader for an index that a linearizable read must wait for.
     ReadIndex,
 }
@@ -88,9 +100,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(id: NodeId, raft: Raft, shared: SharedState, network: Network, metrics: RaftMetricsSink) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        shared: SharedState,
+        network: Network,
+        metrics: RaftMetricsSink,
+    ) -> Self {
         let batcher = Batcher::spawn(raft.clone(), metrics.clone());
-        Cluster { id, raft, shared, network, metrics, batcher }
+        Cluster {
+            id,
+            raft,
+            shared,
+            network,
+            metrics,
+            batcher,
+        }
     }
 
     pub fn metrics(&self) -> RaftMetrics {
@@ -103,7 +128,11 @@ impl Cluster {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         membership
             .nodes()
-            .map(|(id, node)| Member { id: *id, voter: voters.contains(id), node: node.clone() })
+            .map(|(id, node)| Member {
+                id: *id,
+                voter: voters.contains(id),
+                node: node.clone(),
+            })
             .collect()
     }
 
@@ -111,7 +140,10 @@ impl Cluster {
     pub async fn write(&self, cmd: Command) -> Result<(u64, Response), ClusterError> {
         cmd.validate()?;
         match self.leader_op(ForwardRequest::Write(cmd)).await? {
-            ForwardReply::Written { log_index, response } => Ok((log_index, response)),
+            ForwardReply::Written {
+                log_index,
+                response,
+            } => Ok((log_index, response)),
             other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
         }
     }
@@ -133,12 +165,24 @@ impl Cluster {
     }
 
     /// Bootstraps a new cluster with the given founding voters (this node included).
-    pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), ClusterError> {
-        self.raft.initialize(members).await.map_err(|e| ClusterError::Raft(e.to_string()))
+    pub async fn initialize(
+        &self,
+        members: BTreeMap<NodeId, NodeInfo>,
+    ) -> Result<(), ClusterError> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))
     }
 
-    pub async fn add_learner(&self, id: NodeId, node: NodeInfo, blocking: bool) -> Result<u64, ClusterError> {
-        self.membership_op(ForwardRequest::AddLearner { id, node, blocking }).await
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        node: NodeInfo,
+        blocking: bool,
+    ) -> Result<u64, ClusterError> {
+        self.membership_op(ForwardRequest::AddLearner { id, node, blocking })
+            .await
     }
 
     pub async fn promote(&self, id: NodeId) -> Result<u64, ClusterError> {
@@ -150,7 +194,8 @@ impl Cluster {
     }
 
     pub async fn transfer_leader(&self, to: NodeId) -> Result<u64, ClusterError> {
-        self.membership_op(ForwardRequest::TransferLeader { to }).await
+        self.membership_op(ForwardRequest::TransferLeader { to })
+            .await
     }
 
     async fn membership_op(&self, req: ForwardRequest) -> Result<u64, ClusterError> {
@@ -169,7 +214,8 @@ impl Cluster {
             let (leader, node) = {
                 let m = rx.borrow_and_update();
                 let leader = m.current_leader;
-                let node = leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+                let node =
+                    leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
                 (leader, node)
             };
             match (leader, node) {
@@ -192,9 +238,17 @@ impl Cluster {
         }
     }
 
-    async fn forward(&self, leader: NodeId, node: &NodeInfo, req: &ForwardRequest) -> Result<ForwardReply, ClusterError> {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        node: &NodeInfo,
+        req: &ForwardRequest,
+    ) -> Result<ForwardReply, ClusterError> {
         let fwd_err = |reason: String| ClusterError::Forward { leader, reason };
-        let mut client = self.network.client(leader, &node.rpc_addr).map_err(|e| fwd_err(e.to_string()))?;
+        let mut client = self
+            .network
+            .client(leader, &node.rpc_addr)
+            .map_err(|e| fwd_err(e.to_string()))?;
         let data = encode(req).map_err(|e| fwd_err(e.to_string()))?;
         let mut request = tonic::Request::new(ForwardPayload { data });
         request.set_timeout(LEADER_WAIT);
@@ -208,7 +262,8 @@ impl Cluster {
             Ok(Err(status)) => return Err(fwd_err(status.message().to_string())),
             Err(_) => return Err(fwd_err("timed out".into())),
         };
-        let result: Result<ForwardReply, ClusterError> = decode(&reply.data).map_err(|e| fwd_err(e.to_string()))?;
+        let result: Result<ForwardReply, ClusterError> =
+            decode(&reply.data).map_err(|e| fwd_err(e.to_string()))?;
         result
     }
 
@@ -218,11 +273,20 @@ impl Cluster {
             ForwardRequest::Write(cmd) => {
                 cmd.validate()?;
                 let (log_index, response) = self.batcher.write(cmd).await?;
-                Ok(ForwardReply::Written { log_index, response })
+                Ok(ForwardReply::Written {
+                    log_index,
+                    response,
+                })
             }
             ForwardRequest::AddLearner { id, node, blocking } => {
-                let r = self.raft.add_learner(id, node, blocking).await.map_err(map_write_err)?;
-                Ok(ForwardReply::Membership { log_index: r.log_id.index })
+                let r = self
+                    .raft
+                    .add_learner(id, node, blocking)
+                    .await
+                    .map_err(map_write_err)?;
+                Ok(ForwardReply::Membership {
+                    log_index: r.log_id.index,
+                })
             }
             ForwardRequest::Promote { id } => {
                 if !self.members().iter().any(|m| m.id == id) {
@@ -233,7 +297,9 @@ impl Cluster {
                     .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                     .await
                     .map_err(map_write_err)?;
-                Ok(ForwardReply::Membership { log_index: r.log_id.index })
+                Ok(ForwardReply::Membership {
+                    log_index: r.log_id.index,
+                })
             }
             ForwardRequest::Remove { id } => {
                 let Some(member) = self.members().into_iter().find(|m| m.id == id) else {
@@ -245,8 +311,14 @@ impl Cluster {
                     ChangeMembers::RemoveNodes(BTreeSet::from([id]))
                 };
                 // `retain = false`: a removed voter leaves entirely instead of staying a learner.
-                let r = self.raft.change_membership(change, false).await.map_err(map_write_err)?;
-                Ok(ForwardReply::Membership { log_index: r.log_id.index })
+                let r = self
+                    .raft
+                    .change_membership(change, false)
+                    .await
+                    .map_err(map_write_err)?;
+                Ok(ForwardReply::Membership {
+                    log_index: r.log_id.index,
+                })
             }
             ForwardRequest::SetElect { enabled } => {
                 self.raft.runtime_config().elect(enabled);
@@ -260,11 +332,13 @@ impl Cluster {
             ForwardRequest::ReadIndex => match self.raft.ensure_linearizable().await {
                 Ok(log_id) => {
                     let last = self.metrics().last_log_index.unwrap_or(0);
-                    Ok(ForwardReply::ReadIndex { index: log_id.map(|l| l.index).unwrap_or(0).max(last) })
+                    Ok(ForwardReply::ReadIndex {
+                        index: log_id.map(|l| l.index).unwrap_or(0).max(last),
+                    })
                 }
-                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                    Err(ClusterError::NotLeader(f.leader_id))
-                }
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                    f,
+                ))) => Err(ClusterError::NotLeader(f.leader_id)),
                 Err(e) => Err(ClusterError::Raft(e.to_string())),
             },
         }
@@ -283,10 +357,14 @@ impl Cluster {
             return Err(ClusterError::UnknownNode(to));
         };
         if !target.voter {
-            return Err(ClusterError::Invalid(format!("node {to} is a learner; promote it first")));
+            return Err(ClusterError::Invalid(format!(
+                "node {to} is a learner; promote it first"
+            )));
         }
         if to == self.id {
-            return Ok(ForwardReply::Membership { log_index: self.metrics().last_applied.map(|l| l.index).unwrap_or(0) });
+            return Ok(ForwardReply::Membership {
+                log_index: self.metrics().last_applied.map(|l| l.index).unwrap_or(0),
+            });
         }
         let others: Vec<&Member> = members.iter().filter(|m| m.voter && m.id != to).collect();
         for m in &others {
@@ -300,7 +378,9 @@ impl Cluster {
         }
         match outcome {
             Some(index) => Ok(ForwardReply::Membership { log_index: index }),
-            None => Err(ClusterError::Raft(format!("node {to} did not take over leadership within 10s"))),
+            None => Err(ClusterError::Raft(format!(
+                "node {to} did not take over leadership within 10s"
+            ))),
         }
     }
 
@@ -309,7 +389,10 @@ impl Cluster {
             self.raft.runtime_config().elect(enabled);
             return;
         }
-        if let Err(e) = self.forward(m.id, &m.node, &ForwardRequest::SetElect { enabled }).await {
+        if let Err(e) = self
+            .forward(m.id, &m.node, &ForwardRequest::SetElect { enabled })
+            .await
+        {
             tracing::warn!(peer = m.id, error = %e, "cannot toggle elections during leader transfer");
         }
     }

@@ -44,7 +44,9 @@ impl RaftMetricsSink {
     }
 
     pub fn rpc_error(&self, peer: u64, kind: &'static str) {
-        self.rpc_errors.get_or_create(&PeerErrorLabels { peer, kind }).inc();
+        self.rpc_errors
+            .get_or_create(&PeerErrorLabels { peer, kind })
+            .inc();
     }
 
     pub fn commit_latency(&self, seconds: f64) {

@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use portcullis_proto::cluster::cluster_rpc_client::ClusterRpcClient;
 use portcullis_proto::cluster::{RaftPayload, SnapshotChunk};
@@ -39,7 +41,12 @@ pub struct Network {
 
 impl Network {
     pub fn new(tls: TlsMaterial, connect_timeout: Duration, metrics: RaftMetricsSink) -> Self {
-        Network { tls: Arc::new(tls), connect_timeout, channels: Default::default(), metrics }
+        Network {
+            tls: Arc::new(tls),
+            connect_timeout,
+            channels: Default::default(),
+            metrics,
+        }
     }
 
     /// A channel to node `target` at `addr`, verified to present `target`'s certificate.
@@ -64,7 +71,11 @@ impl Network {
         Ok(channel)
     }
 
-    pub fn client(&self, target: NodeId, addr: &str) -> Result<ClusterRpcClient<Channel>, tonic::transport::Error> {
+    pub fn client(
+        &self,
+        target: NodeId,
+        addr: &str,
+    ) -> Result<ClusterRpcClient<Channel>, tonic::transport::Error> {
         Ok(ClusterRpcClient::new(self.channel(target, addr)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -75,7 +86,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Connection {
-        Connection { target, client: self.client(target, &node.rpc_addr).map_err(|e| e.to_string()), metrics: self.metrics.clone() }
+        Connection {
+            target,
+            client: self
+                .client(target, &node.rpc_addr)
+                .map_err(|e| e.to_string()),
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -95,7 +112,8 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, tonic::Status> {
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, tonic::Status> {
-    bincode::deserialize(b).map_err(|e| tonic::Status::invalid_argument(format!("malformed payload: {e}")))
+    bincode::deserialize(b)
+        .map_err(|e| tonic::Status::invalid_argument(format!("malformed payload: {e}")))
 }
 
 impl Connection {
@@ -136,12 +154,22 @@ impl Connection {
         let reply = match tokio::time::timeout(ttl, fut).await {
             Err(_) => {
                 self.metrics.rpc_error(target, "timeout");
-                return Err(RPCError::Timeout(Timeout { action, id: 0, target, timeout: ttl }));
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: 0,
+                    target,
+                    timeout: ttl,
+                }));
             }
             Ok(Err(status)) => {
                 self.metrics.rpc_error(target, "transport");
                 return Err(match status.code() {
-                    tonic::Code::DeadlineExceeded => RPCError::Timeout(Timeout { action, id: 0, target, timeout: ttl }),
+                    tonic::Code::DeadlineExceeded => RPCError::Timeout(Timeout {
+                        action,
+                        id: 0,
+                        target,
+                        timeout: ttl,
+                    }),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
                         RPCError::Unreachable(Unreachable::new(&status))
                     }
@@ -171,8 +199,10 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         self.call(RPCTypes::InstallSnapshot, &rpc, &option).await
     }
 

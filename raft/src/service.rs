@@ -3,7 +3,9 @@
 
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use portcullis_proto::cluster::cluster_rpc_server::{ClusterRpc, ClusterRpcServer};
-use portcullis_proto::cluster::{ForwardPayload, IdentityReply, IdentityRequest, RaftPayload, SnapshotChunk};
+use portcullis_proto::cluster::{
+    ForwardPayload, IdentityReply, IdentityRequest, RaftPayload, SnapshotChunk,
+};
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, ForwardRequest};
@@ -33,23 +35,39 @@ impl ClusterRpc for ClusterService {
         reply(&self.cluster.raft.vote(rpc).await)
     }
 
-    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data)?;
         reply(&self.cluster.raft.append_entries(rpc).await)
     }
 
-    async fn install_snapshot(&self, req: Request<SnapshotChunk>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<SnapshotChunk>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(&req.into_inner().request)?;
         reply(&self.cluster.raft.install_snapshot(rpc).await)
     }
 
-    async fn forward(&self, req: Request<ForwardPayload>) -> Result<Response<ForwardPayload>, Status> {
+    async fn forward(
+        &self,
+        req: Request<ForwardPayload>,
+    ) -> Result<Response<ForwardPayload>, Status> {
         let fwd: ForwardRequest = decode(&req.into_inner().data)?;
         let result = self.cluster.execute(fwd).await;
-        Ok(Response::new(ForwardPayload { data: encode(&result)? }))
+        Ok(Response::new(ForwardPayload {
+            data: encode(&result)?,
+        }))
     }
 
-    async fn identity(&self, _req: Request<IdentityRequest>) -> Result<Response<IdentityReply>, Status> {
-        Ok(Response::new(IdentityReply { node_id: self.cluster.id }))
+    async fn identity(
+        &self,
+        _req: Request<IdentityRequest>,
+    ) -> Result<Response<IdentityReply>, Status> {
+        Ok(Response::new(IdentityReply {
+            node_id: self.cluster.id,
+        }))
     }
 }

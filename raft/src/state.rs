@@ -187,20 +187,43 @@ pub struct Register {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     UpsertNode(GatewayNode),
-    RemoveNode { id: u64 },
-    SetNodeStatus { id: u64, status: NodeStatus },
+    RemoveNode {
+        id: u64,
+    },
+    SetNodeStatus {
+        id: u64,
+        status: NodeStatus,
+    },
     UpsertRegion(Region),
-    CreateApp { name: String, ports: Vec<u16>, lb: String },
-    DeleteApp { name: String },
+    CreateApp {
+        name: String,
+        ports: Vec<u16>,
+        lb: String,
+    },
+    DeleteApp {
+        name: String,
+    },
     RegisterInstance(Instance),
-    RemoveInstance { instance_id: String },
+    RemoveInstance {
+        instance_id: String,
+    },
     AddDomain(Domain),
-    VerifyDomain { name: String },
-    RemoveDomain { name: String },
+    VerifyDomain {
+        name: String,
+    },
+    RemoveDomain {
+        name: String,
+    },
     PutCertificate(Certificate),
-    RemoveCertificate { name: String },
+    RemoveCertificate {
+        name: String,
+    },
     /// Compare-and-set on a register: `expect: None` writes unconditionally.
-    CasRegister { key: String, expect: Option<String>, value: String },
+    CasRegister {
+        key: String,
+        expect: Option<String>,
+        value: String,
+    },
     /// Several commands in one entry, applied in order (each answered separately).
     Batch(Vec<Command>),
 }
@@ -230,20 +253,29 @@ pub enum ValidationError {
     #[error("invalid load-balancing policy {0:?}: expected round-robin, least-conn, hash:ip, hash:header=NAME, hash:cookie=NAME, geo or geo+METHOD")]
     Lb(String),
     #[error("invalid {field} {value:?}: {reason}")]
-    Field { field: &'static str, value: String, reason: &'static str },
+    Field {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error("batch nests another batch")]
     NestedBatch,
 }
 
 fn field(field: &'static str, value: impl Into<String>, reason: &'static str) -> ValidationError {
-    ValidationError::Field { field, value: value.into(), reason }
+    ValidationError::Field {
+        field,
+        value: value.into(),
+        reason,
+    }
 }
 
 /// A DNS label as used in `<app>.<base>`.
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -265,7 +297,11 @@ pub fn validate_app_name(name: &str) -> Result<(), ValidationError> {
 
 pub fn validate_ports(ports: &[u16]) -> Result<(), ValidationError> {
     let distinct: BTreeSet<u16> = ports.iter().copied().collect();
-    if ports.is_empty() || ports.len() > MAX_APP_PORTS || distinct.len() != ports.len() || distinct.contains(&0) {
+    if ports.is_empty()
+        || ports.len() > MAX_APP_PORTS
+        || distinct.len() != ports.len()
+        || distinct.contains(&0)
+    {
         return Err(ValidationError::Ports(ports.to_vec()));
     }
     Ok(())
@@ -274,15 +310,24 @@ pub fn validate_ports(ports: &[u16]) -> Result<(), ValidationError> {
 /// The policy grammar is owned by the `geo` crate, which also interprets it; one parser keeps
 /// what the log accepts and what the data plane understands the same.
 pub fn validate_lb(lb: &str) -> Result<(), ValidationError> {
-    lb.parse::<portcullis_geo::LbPolicy>().map(|_| ()).map_err(|_| ValidationError::Lb(lb.to_string()))
+    lb.parse::<portcullis_geo::LbPolicy>()
+        .map(|_| ())
+        .map_err(|_| ValidationError::Lb(lb.to_string()))
 }
 
 fn validate_name(f: &'static str, s: &str) -> Result<(), ValidationError> {
     if s.is_empty() || s.len() > MAX_NAME_LEN {
         return Err(field(f, s, "must be 1-63 characters"));
     }
-    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-        return Err(field(f, s, "only letters, digits, '-', '_' and '.' are allowed"));
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(field(
+            f,
+            s,
+            "only letters, digits, '-', '_' and '.' are allowed",
+        ));
     }
     Ok(())
 }
@@ -290,7 +335,9 @@ fn validate_name(f: &'static str, s: &str) -> Result<(), ValidationError> {
 fn validate_domain_name(s: &str) -> Result<(), ValidationError> {
     let ok = s.len() <= 253
         && s.contains('.')
-        && s.split('.').enumerate().all(|(i, l)| (i == 0 && l == "*") || is_dns_label(l));
+        && s.split('.')
+            .enumerate()
+            .all(|(i, l)| (i == 0 && l == "*") || is_dns_label(l));
     if ok {
         Ok(())
     } else {
@@ -300,10 +347,18 @@ fn validate_domain_name(s: &str) -> Result<(), ValidationError> {
 
 fn validate_coords(lat: f64, lon: f64) -> Result<(), ValidationError> {
     if !(-90.0..=90.0).contains(&lat) {
-        return Err(field("latitude", lat.to_string(), "must be within -90..=90"));
+        return Err(field(
+            "latitude",
+            lat.to_string(),
+            "must be within -90..=90",
+        ));
     }
     if !(-180.0..=180.0).contains(&lon) {
-        return Err(field("longitude", lon.to_string(), "must be within -180..=180"));
+        return Err(field(
+            "longitude",
+            lon.to_string(),
+            "must be within -180..=180",
+        ));
     }
     Ok(())
 }
@@ -333,7 +388,11 @@ impl Command {
                 validate_app_name(&i.app)?;
                 validate_name("region", &i.region)?;
                 if i.wg_public_key.len() > 64 {
-                    return Err(field("wg_public_key", i.wg_public_key.clone(), "must be a base64 32-byte key"));
+                    return Err(field(
+                        "wg_public_key",
+                        i.wg_public_key.clone(),
+                        "must be a base64 32-byte key",
+                    ));
                 }
                 Ok(())
             }
@@ -346,11 +405,17 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::VerifyDomain { name } | Command::RemoveDomain { name } => validate_domain_name(name),
+            Command::VerifyDomain { name } | Command::RemoveDomain { name } => {
+                validate_domain_name(name)
+            }
             Command::PutCertificate(c) => {
                 validate_domain_name(&c.name)?;
                 if c.chain_pem.len() > MAX_CERT_BYTES || c.key.len() > MAX_CERT_BYTES {
-                    return Err(field("certificate", c.name.clone(), "chain or key larger than 64 KiB"));
+                    return Err(field(
+                        "certificate",
+                        c.name.clone(),
+                        "chain or key larger than 64 KiB",
+                    ));
                 }
                 Ok(())
             }
@@ -406,7 +471,12 @@ impl ClusterState {
                 if self.apps.contains_key(name) {
                     return Response::Rejected(format!("app {name:?} already exists"));
                 }
-                let app = App { name: name.clone(), ports: ports.clone(), lb: lb.clone(), revision: index };
+                let app = App {
+                    name: name.clone(),
+                    ports: ports.clone(),
+                    lb: lb.clone(),
+                    revision: index,
+                };
                 self.apps.insert(name.clone(), app.clone());
                 Response::App(app)
             }
@@ -415,8 +485,12 @@ impl ClusterState {
                     return Response::Rejected(format!("app {name:?} not found"));
                 }
                 // An app's instances and domains go with it; their tunnel IPs return to the pool.
-                let gone: Vec<String> =
-                    self.instances.values().filter(|i| &i.app == name).map(|i| i.instance_id.clone()).collect();
+                let gone: Vec<String> = self
+                    .instances
+                    .values()
+                    .filter(|i| &i.app == name)
+                    .map(|i| i.instance_id.clone())
+                    .collect();
                 for id in gone {
                     self.remove_instance(&id);
                 }
@@ -438,7 +512,13 @@ impl ClusterState {
                 if !self.apps.contains_key(&d.app) {
                     return Response::Rejected(format!("app {:?} not found", d.app));
                 }
-                self.domains.insert(d.name.clone(), Domain { verified: false, ..d.clone() });
+                self.domains.insert(
+                    d.name.clone(),
+                    Domain {
+                        verified: false,
+                        ..d.clone()
+                    },
+                );
                 Response::Ok
             }
             Command::VerifyDomain { name } => match self.domains.get_mut(name) {
@@ -470,11 +550,16 @@ impl ClusterState {
                         ));
                     }
                 }
-                let reg = Register { value: value.clone(), version: index };
+                let reg = Register {
+                    value: value.clone(),
+                    version: index,
+                };
                 self.registers.insert(key.clone(), reg.clone());
                 Response::Register(reg)
             }
-            Command::Batch(cmds) => Response::Batch(cmds.iter().map(|c| self.apply(index, c)).collect()),
+            Command::Batch(cmds) => {
+                Response::Batch(cmds.iter().map(|c| self.apply(index, c)).collect())
+            }
         }
     }
 
@@ -496,19 +581,29 @@ impl ClusterState {
                 .values()
                 .any(|i| i.wg_public_key == new.wg_public_key && i.instance_id != new.instance_id);
             if clash {
-                return Response::Rejected("wireguard public key already registered by another instance".into());
+                return Response::Rejected(
+                    "wireguard public key already registered by another instance".into(),
+                );
             }
         }
         // Sticky: a re-registering instance keeps its address.
-        let tunnel_ip = match self.instances.get(&new.instance_id).and_then(|i| i.tunnel_ip) {
+        let tunnel_ip = match self
+            .instances
+            .get(&new.instance_id)
+            .and_then(|i| i.tunnel_ip)
+        {
             Some(ip) => ip,
             None => match self.tunnel_pool.allocate() {
                 Some(ip) => ip,
                 None => return Response::Rejected("tunnel address pool exhausted".into()),
             },
         };
-        let inst = Instance { tunnel_ip: Some(tunnel_ip), ..new.clone() };
-        self.instances.insert(inst.instance_id.clone(), inst.clone());
+        let inst = Instance {
+            tunnel_ip: Some(tunnel_ip),
+            ..new.clone()
+        };
+        self.instances
+            .insert(inst.instance_id.clone(), inst.clone());
         Response::Instance(inst)
     }
 

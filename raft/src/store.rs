@@ -11,6 +11,10 @@
 //! stored in sled. On start, openraft replays the log from that snapshot up to the saved
 //! committed index, so nothing acknowledged is lost.
 
+// openraft's trait signatures fix the error type (`StorageError`, ~224 bytes); helpers return it
+// too rather than boxing and unboxing at every call.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::fs::File;
 use std::io::{self, Cursor};
@@ -21,20 +25,27 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageIOError,
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    StorageIOError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::state::{ClusterState, Response};
-use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
+};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
-fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+fn io_err(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
 }
 
@@ -62,24 +73,41 @@ impl Durable {
 
     async fn sync(&self) -> io::Result<()> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.sync_blocking()).await.map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || me.sync_blocking())
+            .await
+            .map_err(io::Error::other)?
     }
 }
 
 /// Opens (or creates) the sled database at `dir` and returns the log store and the state machine.
 pub async fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
-    let db = sled::Config::new().path(dir).open().map_err(|e| StoreError::Open(dir.to_path_buf(), e.to_string()))?;
+    let db = sled::Config::new()
+        .path(dir)
+        .open()
+        .map_err(|e| StoreError::Open(dir.to_path_buf(), e.to_string()))?;
     // sled 0.34 keeps its data in `<dir>/db`.
-    let file = File::open(dir.join("db")).map_err(|e| StoreError::Open(dir.to_path_buf(), e.to_string()))?;
-    let durable = Durable { db: db.clone(), file: Arc::new(file) };
-    let open_tree = |name: &str| db.open_tree(name).map_err(|e| StoreError::Open(dir.to_path_buf(), e.to_string()));
+    let file = File::open(dir.join("db"))
+        .map_err(|e| StoreError::Open(dir.to_path_buf(), e.to_string()))?;
+    let durable = Durable {
+        db: db.clone(),
+        file: Arc::new(file),
+    };
+    let open_tree = |name: &str| {
+        db.open_tree(name)
+            .map_err(|e| StoreError::Open(dir.to_path_buf(), e.to_string()))
+    };
     let logs = open_tree("logs")?;
     let meta = open_tree("meta")?;
     let sm_tree = open_tree("sm")?;
 
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
     tokio::spawn(flusher(durable.clone(), flush_rx));
-    let log = LogStore { durable: durable.clone(), logs, meta, flush_tx };
+    let log = LogStore {
+        durable: durable.clone(),
+        logs,
+        meta,
+        flush_tx,
+    };
 
     let sm = StateMachine::open(durable, sm_tree)?;
     Ok((log, sm))
@@ -126,16 +154,28 @@ pub struct LogStore {
 
 impl LogStore {
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
-        let Some(v) = self.meta.get(k).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))? else {
+        let Some(v) = self
+            .meta
+            .get(k)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?
+        else {
             return Ok(None);
         };
-        bincode::deserialize(&v).map(Some).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))
+        bincode::deserialize(&v)
+            .map(Some)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))
     }
 
     async fn put_meta<T: Serialize>(&self, k: &[u8], v: &T) -> Result<(), StorageError> {
-        let bytes = bincode::serialize(v).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.meta.insert(k, bytes).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.durable.sync().await.map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))
+        let bytes =
+            bincode::serialize(v).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.meta
+            .insert(k, bytes)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.durable
+            .sync()
+            .await
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))
     }
 }
 
@@ -169,10 +209,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last = match self.logs.last().map_err(read_logs_err)? {
-            Some((_, v)) => Some(bincode::deserialize::<Entry>(&v).map_err(read_logs_err)?.log_id),
+            Some((_, v)) => Some(
+                bincode::deserialize::<Entry>(&v)
+                    .map_err(read_logs_err)?
+                    .log_id,
+            ),
             None => last_purged_log_id,
         };
-        Ok(LogState { last_purged_log_id, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -190,8 +237,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not fsynced on its own: losing the latest committed index only means replaying a
         // little less on restart; the next append or vote sync persists it anyway.
-        let bytes = bincode::serialize(&committed).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.meta.insert(KEY_COMMITTED, bytes).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let bytes = bincode::serialize(&committed)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.meta
+            .insert(KEY_COMMITTED, bytes)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
         Ok(())
     }
 
@@ -199,7 +249,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -218,8 +272,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let keys: Vec<_> =
-            self.logs.range(key(log_id.index)..).keys().collect::<Result<_, _>>().map_err(write_logs_err)?;
+        let keys: Vec<_> = self
+            .logs
+            .range(key(log_id.index)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(write_logs_err)?;
         let mut batch = sled::Batch::default();
         for k in keys {
             batch.remove(k);
@@ -273,7 +331,13 @@ impl SharedState {
     /// A standalone state, not backed by Raft: for tests of code that only reads the state.
     pub fn detached(state: ClusterState) -> Self {
         let (changed, _) = watch::channel(0);
-        SharedState { inner: Arc::new(RwLock::new(Applied { state, ..Default::default() })), changed }
+        SharedState {
+            inner: Arc::new(RwLock::new(Applied {
+                state,
+                ..Default::default()
+            })),
+            changed,
+        }
     }
 
     /// Replaces the state of a detached instance and notifies subscribers (tests only).
@@ -314,15 +378,22 @@ pub struct StateMachine {
 impl StateMachine {
     fn open(durable: Durable, tree: sled::Tree) -> Result<Self, StoreError> {
         let mut applied = Applied::default();
-        if let Some(bytes) = tree.get(KEY_SNAPSHOT).map_err(|e| StoreError::CorruptSnapshot(e.to_string()))? {
-            let snap: StoredSnapshot =
-                bincode::deserialize(&bytes).map_err(|e| StoreError::CorruptSnapshot(e.to_string()))?;
-            applied = bincode::deserialize(&snap.data).map_err(|e| StoreError::CorruptSnapshot(e.to_string()))?;
+        if let Some(bytes) = tree
+            .get(KEY_SNAPSHOT)
+            .map_err(|e| StoreError::CorruptSnapshot(e.to_string()))?
+        {
+            let snap: StoredSnapshot = bincode::deserialize(&bytes)
+                .map_err(|e| StoreError::CorruptSnapshot(e.to_string()))?;
+            applied = bincode::deserialize(&snap.data)
+                .map_err(|e| StoreError::CorruptSnapshot(e.to_string()))?;
         }
         let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
         let (changed, _) = watch::channel(index);
         Ok(StateMachine {
-            shared: SharedState { inner: Arc::new(RwLock::new(applied)), changed },
+            shared: SharedState {
+                inner: Arc::new(RwLock::new(applied)),
+                changed,
+            },
             durable,
             tree,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
@@ -334,9 +405,15 @@ impl StateMachine {
     }
 
     async fn persist_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
-        let bytes = bincode::serialize(snap).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        self.tree.insert(KEY_SNAPSHOT, bytes).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        self.durable.sync().await.map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))
+        let bytes = bincode::serialize(snap)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.tree
+            .insert(KEY_SNAPSHOT, bytes)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.durable
+            .sync()
+            .await
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))
     }
 }
 
@@ -366,7 +443,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             };
             (data, meta)
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
         let sm = StateMachine {
             shared: self.shared.clone(),
             durable: self.durable.clone(),
@@ -374,7 +454,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_seq: Arc::new(AtomicU64::new(0)),
         };
         sm.persist_snapshot(&stored).await?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -428,11 +511,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let applied: Applied = bincode::deserialize(&data).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
-        self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data }).await?;
+        let applied: Applied =
+            bincode::deserialize(&data).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+        self.persist_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .await?;
         let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
         *self.shared.write() = applied;
         self.shared.notify(index);
@@ -440,13 +532,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let Some(bytes) = self.tree.get(KEY_SNAPSHOT).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+        let Some(bytes) = self
+            .tree
+            .get(KEY_SNAPSHOT)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
         else {
             return Ok(None);
         };
-        let snap: StoredSnapshot =
-            bincode::deserialize(&bytes).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        Ok(Some(Snapshot { meta: snap.meta, snapshot: Box::new(Cursor::new(snap.data)) }))
+        let snap: StoredSnapshot = bincode::deserialize(&bytes)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta: snap.meta,
+            snapshot: Box::new(Cursor::new(snap.data)),
+        }))
     }
 }
 
@@ -460,8 +558,11 @@ mod tests {
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
-            let dir = tempfile::tempdir().map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-            let (log, sm) = open(dir.path()).await.map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+            let dir = tempfile::tempdir()
+                .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+            let (log, sm) = open(dir.path())
+                .await
+                .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
             Ok((dir, log, sm))
         }
     }

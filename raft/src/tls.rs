@@ -7,7 +7,10 @@
 
 use std::path::Path;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 
 /// The DNS suffix used only inside node certificates.
 pub const CLUSTER_DOMAIN: &str = "portcullis.cluster";
@@ -20,7 +23,10 @@ pub fn node_server_name(id: u64) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -43,9 +49,16 @@ impl std::fmt::Debug for TlsMaterial {
 impl TlsMaterial {
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|source| TlsError::Read { path: p.display().to_string(), source })
+            std::fs::read_to_string(p).map_err(|source| TlsError::Read {
+                path: p.display().to_string(),
+                source,
+            })
         };
-        Ok(TlsMaterial { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
+        Ok(TlsMaterial {
+            ca_pem: read(ca)?,
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+        })
     }
 }
 
@@ -58,14 +71,24 @@ pub struct Issued {
 /// Creates a new cluster CA (ten years; the CA key stays with the operator).
 pub fn generate_ca(cluster_name: &str) -> Result<Issued, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, format!("portcullis cluster CA {cluster_name}"));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("portcullis cluster CA {cluster_name}"),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
-    Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 /// Issues a certificate for node `id`, usable as both TLS server and client.
@@ -73,11 +96,19 @@ pub fn issue_node_cert(ca_cert_pem: &str, ca_key_pem: &str, id: u64) -> Result<I
     let ca_key = KeyPair::from_pem(ca_key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
     let mut params = CertificateParams::new(vec![node_server_name(id)])?;
-    params.distinguished_name.push(DnType::CommonName, node_server_name(id));
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, node_server_name(id));
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }

@@ -67,7 +67,8 @@ where
         let f = f.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut h =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut errors = 0;
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -127,14 +128,21 @@ fn start_etcd(bin: &PathBuf) -> anyhow::Result<Etcd> {
         peers.push(format!("http://127.0.0.1:{}", free_port()?));
         clients.push(format!("127.0.0.1:{}", free_port()?));
     }
-    let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
+    let initial: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("m{i}={p}"))
+        .collect();
     let mut children = Vec::new();
     for i in 0..3 {
         let log = std::fs::File::create(dir.path().join(format!("m{i}.log")))?;
         children.push(
             Command::new(bin)
                 .arg(format!("--name=m{i}"))
-                .arg(format!("--data-dir={}", dir.path().join(format!("m{i}")).display()))
+                .arg(format!(
+                    "--data-dir={}",
+                    dir.path().join(format!("m{i}")).display()
+                ))
                 .arg(format!("--listen-client-urls=http://{}", clients[i]))
                 .arg(format!("--advertise-client-urls=http://{}", clients[i]))
                 .arg(format!("--listen-peer-urls={}", peers[i]))
@@ -149,11 +157,18 @@ fn start_etcd(bin: &PathBuf) -> anyhow::Result<Etcd> {
                 .with_context(|| format!("start {}", bin.display()))?,
         );
     }
-    Ok(Etcd { children, clients, _dir: dir })
+    Ok(Etcd {
+        children,
+        clients,
+        _dir: dir,
+    })
 }
 
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?.timeout(Duration::from_secs(10)).connect().await?)
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?)
 }
 
 /// The etcd member that answers as leader: a put's header names the member that served it, and
@@ -163,7 +178,14 @@ async fn etcd_leader(e: &Etcd) -> anyhow::Result<String> {
     loop {
         let out = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .args(["endpoint", "status", "-w", "json", "--endpoints", &e.clients.join(",")])
+            .args([
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+                "--endpoints",
+                &e.clients.join(","),
+            ])
             .output()?;
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -201,15 +223,22 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin = std::path::absolute(&args.portcullis)?;
     if !bin.exists() {
-        bail!("{} not found; build it with cargo build --release -p portcullis-node", bin.display());
+        bail!(
+            "{} not found; build it with cargo build --release -p portcullis-node",
+            bin.display()
+        );
     }
     std::env::set_var("PORTCULLIS_BIN", &bin);
 
     eprintln!("starting a 3-node portcullis cluster");
     let cluster = tokio::task::spawn_blocking(|| TestCluster::up(3)).await?;
     let ids = cluster.ids();
-    let leader = wait_for("a leader", Duration::from_secs(10), || cluster.agreed_leader(&ids));
-    let token = std::fs::read_to_string(&cluster.info.token_file)?.trim().to_string();
+    let leader = wait_for("a leader", Duration::from_secs(10), || {
+        cluster.agreed_leader(&ids)
+    });
+    let token = std::fs::read_to_string(&cluster.info.token_file)?
+        .trim()
+        .to_string();
     let auth: MetadataValue<_> = format!("Bearer {token}").parse()?;
     let pc = channel(&cluster.node(leader).admin_addr).await?;
 
@@ -246,7 +275,10 @@ async fn main() -> anyhow::Result<()> {
             let value = value.clone();
             async move {
                 client
-                    .put(etcd::PutRequest { key: format!("bench{round}x{i}").into_bytes(), value: value.into_bytes() })
+                    .put(etcd::PutRequest {
+                        key: format!("bench{round}x{i}").into_bytes(),
+                        value: value.into_bytes(),
+                    })
                     .await?;
                 Ok(())
             }
@@ -267,7 +299,9 @@ async fn main() -> anyhow::Result<()> {
         println!("{r}");
     }
     println!();
-    println!("| clients | p50 portcullis/etcd | p99 portcullis/etcd | throughput portcullis/etcd |");
+    println!(
+        "| clients | p50 portcullis/etcd | p99 portcullis/etcd | throughput portcullis/etcd |"
+    );
     println!("|---|---|---|---|");
     for r in ratios {
         println!("{r}");

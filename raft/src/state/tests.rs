@@ -3,24 +3,51 @@ use proptest::prelude::*;
 use super::*;
 
 fn app_name() -> impl Strategy<Value = String> {
-    prop_oneof![Just("web".to_string()), Just("api".to_string()), Just("db".to_string()), "[a-z]{1,4}", Just("bad-80".to_string()), Just("".to_string())]
+    prop_oneof![
+        Just("web".to_string()),
+        Just("api".to_string()),
+        Just("db".to_string()),
+        "[a-z]{1,4}",
+        Just("bad-80".to_string()),
+        Just("".to_string())
+    ]
 }
 
 fn command() -> impl Strategy<Value = Command> {
     let leaf = prop_oneof![
-        (app_name(), proptest::collection::vec(any::<u16>(), 0..4), prop_oneof![Just("round-robin".to_string()), Just("hash:ip".to_string()), Just("nope".to_string())])
+        (
+            app_name(),
+            proptest::collection::vec(any::<u16>(), 0..4),
+            prop_oneof![
+                Just("round-robin".to_string()),
+                Just("hash:ip".to_string()),
+                Just("nope".to_string())
+            ]
+        )
             .prop_map(|(name, ports, lb)| Command::CreateApp { name, ports, lb }),
         app_name().prop_map(|name| Command::DeleteApp { name }),
-        (app_name(), "[a-z0-9]{1,3}", "[A-Za-z0-9+/]{0,4}").prop_map(|(app, id, key)| Command::RegisterInstance(Instance {
-            instance_id: id,
-            app,
-            region: "us-east".into(),
-            wg_public_key: key,
+        (app_name(), "[a-z0-9]{1,3}", "[A-Za-z0-9+/]{0,4}").prop_map(|(app, id, key)| {
+            Command::RegisterInstance(Instance {
+                instance_id: id,
+                app,
+                region: "us-east".into(),
+                wg_public_key: key,
+                ..Default::default()
+            })
+        }),
+        "[a-z0-9]{1,3}".prop_map(|instance_id| Command::RemoveInstance { instance_id }),
+        (
+            "[a-z]{1,2}",
+            proptest::option::of("[a-z]{1,2}"),
+            "[a-z]{1,2}"
+        )
+            .prop_map(|(key, expect, value)| Command::CasRegister { key, expect, value }),
+        (any::<u64>(), -100.0f64..100.0).prop_map(|(id, lat)| Command::UpsertNode(GatewayNode {
+            id: id % 4,
+            region: "eu-west".into(),
+            latitude: lat,
             ..Default::default()
         })),
-        "[a-z0-9]{1,3}".prop_map(|instance_id| Command::RemoveInstance { instance_id }),
-        ("[a-z]{1,2}", proptest::option::of("[a-z]{1,2}"), "[a-z]{1,2}").prop_map(|(key, expect, value)| Command::CasRegister { key, expect, value }),
-        (any::<u64>(), -100.0f64..100.0).prop_map(|(id, lat)| Command::UpsertNode(GatewayNode { id: id % 4, region: "eu-west".into(), latitude: lat, ..Default::default() })),
         (any::<u64>()).prop_map(|id| Command::RemoveNode { id: id % 4 }),
     ];
     prop_oneof![4 => leaf.clone(), 1 => proptest::collection::vec(leaf, 0..4).prop_map(Command::Batch)]
@@ -80,17 +107,44 @@ fn app_names() {
     for ok in ["web", "my-app", "a1", "x-y-z", "app-v2"] {
         assert!(validate_app_name(ok).is_ok(), "{ok}");
     }
-    for bad in ["", "-a", "a-", "My", "a_b", "web-8080", "web-443s", "web-50051g", &"a".repeat(64)] {
+    for bad in [
+        "",
+        "-a",
+        "a-",
+        "My",
+        "a_b",
+        "web-8080",
+        "web-443s",
+        "web-50051g",
+        &"a".repeat(64),
+    ] {
         assert!(validate_app_name(bad).is_err(), "{bad}");
     }
 }
 
 #[test]
 fn lb_grammar() {
-    for ok in ["round-robin", "least-conn", "hash:ip", "hash:header=X-User", "hash:cookie=sid", "geo", "geo+least-conn", "geo+hash:ip"] {
+    for ok in [
+        "round-robin",
+        "least-conn",
+        "hash:ip",
+        "hash:header=X-User",
+        "hash:cookie=sid",
+        "geo",
+        "geo+least-conn",
+        "geo+hash:ip",
+    ] {
         assert!(validate_lb(ok).is_ok(), "{ok}");
     }
-    for bad in ["", "random", "hash:", "hash:header=", "geo+geo", "geo+", "hash:cookie=a b"] {
+    for bad in [
+        "",
+        "random",
+        "hash:",
+        "hash:header=",
+        "geo+geo",
+        "geo+",
+        "hash:cookie=a b",
+    ] {
         assert!(validate_lb(bad).is_err(), "{bad}");
     }
 }
@@ -98,7 +152,11 @@ fn lb_grammar() {
 #[test]
 fn create_twice_is_rejected_and_changes_nothing() {
     let mut s = ClusterState::default();
-    let c = Command::CreateApp { name: "web".into(), ports: vec![80, 8080], lb: "round-robin".into() };
+    let c = Command::CreateApp {
+        name: "web".into(),
+        ports: vec![80, 8080],
+        lb: "round-robin".into(),
+    };
     assert!(matches!(s.apply(1, &c), Response::App(_)));
     let before = s.clone();
     assert!(matches!(s.apply(2, &c), Response::Rejected(_)));
@@ -108,14 +166,23 @@ fn create_twice_is_rejected_and_changes_nothing() {
 #[test]
 fn instance_ip_is_sticky_and_reused() {
     let mut s = ClusterState::default();
-    s.apply(1, &Command::CreateApp { name: "web".into(), ports: vec![80], lb: "round-robin".into() });
-    let reg = |id: &str, key: &str| Command::RegisterInstance(Instance {
-        instance_id: id.into(),
-        app: "web".into(),
-        region: "r".into(),
-        wg_public_key: key.into(),
-        ..Default::default()
-    });
+    s.apply(
+        1,
+        &Command::CreateApp {
+            name: "web".into(),
+            ports: vec![80],
+            lb: "round-robin".into(),
+        },
+    );
+    let reg = |id: &str, key: &str| {
+        Command::RegisterInstance(Instance {
+            instance_id: id.into(),
+            app: "web".into(),
+            region: "r".into(),
+            wg_public_key: key.into(),
+            ..Default::default()
+        })
+    };
     let ip = |r: Response| match r {
         Response::Instance(i) => i.tunnel_ip,
         other => panic!("unexpected {other:?}"),
@@ -124,17 +191,35 @@ fn instance_ip_is_sticky_and_reused() {
     let a2 = ip(s.apply(3, &reg("a", "ka")));
     assert_eq!(a, a2, "re-registration keeps the address");
     assert_eq!(a, Some(Ipv4Addr::new(100, 64, 0, 1)));
-    assert!(matches!(s.apply(4, &reg("b", "ka")), Response::Rejected(_)), "duplicate key refused");
-    s.apply(5, &Command::RemoveInstance { instance_id: "a".into() });
+    assert!(
+        matches!(s.apply(4, &reg("b", "ka")), Response::Rejected(_)),
+        "duplicate key refused"
+    );
+    s.apply(
+        5,
+        &Command::RemoveInstance {
+            instance_id: "a".into(),
+        },
+    );
     assert_eq!(ip(s.apply(6, &reg("c", "kc"))), a, "freed address reused");
 }
 
 #[test]
 fn cas_register() {
     let mut s = ClusterState::default();
-    let w = |expect: Option<&str>, v: &str| Command::CasRegister { key: "k".into(), expect: expect.map(Into::into), value: v.into() };
+    let w = |expect: Option<&str>, v: &str| Command::CasRegister {
+        key: "k".into(),
+        expect: expect.map(Into::into),
+        value: v.into(),
+    };
     assert!(matches!(s.apply(1, &w(None, "1")), Response::Register(_)));
-    assert!(matches!(s.apply(2, &w(Some("0"), "2")), Response::Rejected(_)));
-    assert!(matches!(s.apply(3, &w(Some("1"), "2")), Response::Register(_)));
+    assert!(matches!(
+        s.apply(2, &w(Some("0"), "2")),
+        Response::Rejected(_)
+    ));
+    assert!(matches!(
+        s.apply(3, &w(Some("1"), "2")),
+        Response::Register(_)
+    ));
     assert_eq!(s.registers["k"].value, "2");
 }

@@ -1,0 +1,11 @@
+//! The node's pure parsers, compiled from their source files so that fuzzing does not build
+//! Raft, tonic and the rest of the node. Each file depends on `std` and `thiserror` only.
+
+#![forbid(unsafe_code)]
+
+#[path = "../../src/edge/clienthello.rs"]
+pub mod clienthello;
+#[path = "../../src/edge/grammar.rs"]
+pub mod grammar;
+#[path = "../../src/edge/proxy_protocol.rs"]
+pub mod proxy_protocol;

@@ -1,0 +1,660 @@
+//! The data plane: the public HTTPS and HTTP listeners.
+//!
+//! Request path on the HTTPS port (ARCHITECTURE.md §4):
+//! accept (node-wide limit, accept backoff) → PROXY header if the peer is trusted → per-IP limit
+//! → ClientHello (size cap, deadline) → route by SNI → either TLS passthrough (bytes relayed) or
+//! TLS termination (rustls, certificate by SNI) → HTTP/1.1 or HTTP/2 (hyper) → [`proxy`].
+//!
+//! Layout:
+//! - [`clienthello`]: SNI and ALPN from the raw ClientHello (pure, fuzzed).
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 (pure, fuzzed).
+//! - [`grammar`]: what a host name asks for (pure, fuzzed, property-tested).
+//! - [`route`]: the compiled routing table and backend choice.
+//! - [`tls`]: certificates from the replicated store; the rustls config.
+//! - [`proxy`]: per-request forwarding, forwarded headers, WebSocket upgrades, error mapping.
+//! - [`upstream`]: the `Upstream` connector trait and its TCP implementation.
+//! - [`limits`]: connection limits, activity tracking for idle timeouts, replayed prefixes.
+//! - [`redirect`]: the plain HTTP port (308, ACME HTTP-01 hook).
+//!
+//! Routes and certificates live in one immutable [`Snapshot`] behind an `ArcSwap`, rebuilt when
+//! the replicated state changes: requests never take a lock, and open connections keep going.
+
+pub mod clienthello;
+pub mod grammar;
+pub mod limits;
+pub mod proxy;
+pub mod proxy_protocol;
+pub mod redirect;
+pub mod route;
+pub mod tls;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, BytesMut};
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use portcullis_raft::store::SharedState;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::EdgeConfig;
+use crate::metrics::{AppLabels, EdgeMetrics, ListenerLabels};
+use clienthello::{parse_client_hello, ClientHello, HelloError};
+use grammar::Mode;
+use limits::{Activity, ActivityClock, Cidrs, ConnLimiter, ConnPermit, Rewind};
+use proxy::{ConnCtx, Proxy, ProxySettings};
+use proxy_protocol::{parse_proxy_header, ProxyError as PpError};
+use redirect::AcmeResponder;
+use route::{Route, RouteTable};
+use tls::CertTable;
+use upstream::{connect_with_timeout, Target, Upstream};
+
+/// How long a connection that was asked to close may take to finish its in-flight requests.
+const CONN_DRAIN: Duration = Duration::from_secs(10);
+
+/// Routes and certificates from one applied state.
+pub struct Snapshot {
+    pub routes: RouteTable,
+    pub certs: CertTable,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("applied_index", &self.routes.applied_index)
+            .field("certs", &self.certs.len())
+            .finish()
+    }
+}
+
+pub struct EdgeListeners {
+    pub https: TcpListener,
+    pub http: TcpListener,
+}
+
+impl EdgeListeners {
+    pub async fn bind(cfg: &EdgeConfig) -> io::Result<Self> {
+        let https = TcpListener::bind(cfg.https_listen).await?;
+        let http = TcpListener::bind(cfg.http_listen).await?;
+        Ok(EdgeListeners { https, http })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("tls configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Why a connection ended before its ClientHello was read.
+#[derive(Debug, thiserror::Error)]
+enum PreambleError {
+    #[error("connection closed before a complete client hello")]
+    Eof,
+    #[error("client hello larger than {0} bytes")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Hello(HelloError),
+    #[error(transparent)]
+    Proxy(PpError),
+    #[error("read: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl PreambleError {
+    fn reason(&self) -> &'static str {
+        match self {
+            PreambleError::Eof => "eof_before_hello",
+            PreambleError::TooLarge(_) => "client_hello_too_large",
+            PreambleError::Hello(HelloError::NotHandshake(_)) => "not_tls",
+            PreambleError::Hello(_) => "malformed_client_hello",
+            PreambleError::Proxy(_) => "proxy_protocol",
+            PreambleError::Io(_) => "io",
+        }
+    }
+}
+
+/// What was read before TLS: the real client, the ClientHello, and every byte after any PROXY
+/// header (to be replayed into rustls or relayed to a passthrough backend).
+struct Preamble {
+    client: SocketAddr,
+    hello: ClientHello,
+    buf: BytesMut,
+}
+
+async fn read_preamble<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+    proxy_allowed: bool,
+    cap: usize,
+) -> Result<Preamble, PreambleError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut client = peer;
+    // Only trusted peers may send a PROXY header; from them it is optional (a TLS record can
+    // never start with either signature, so the two cannot be confused).
+    let mut proxy_pending = proxy_allowed;
+    loop {
+        if proxy_pending {
+            match parse_proxy_header(&buf) {
+                Ok(h) => {
+                    client = h.source.unwrap_or(peer);
+                    buf.advance(h.consumed);
+                    proxy_pending = false;
+                }
+                Err(PpError::NotProxy) => proxy_pending = false,
+                Err(PpError::Incomplete) => {}
+                Err(e) => return Err(PreambleError::Proxy(e)),
+            }
+        }
+        if !proxy_pending {
+            match parse_client_hello(&buf) {
+                Ok(hello) => return Ok(Preamble { client, hello, buf }),
+                Err(HelloError::Incomplete) => {}
+                Err(e) => return Err(PreambleError::Hello(e)),
+            }
+        }
+        if buf.len() >= cap {
+            return Err(PreambleError::TooLarge(cap));
+        }
+        let room = cap - buf.len();
+        buf.reserve(room.min(16 * 1024));
+        let n = (&mut *stream).take(room as u64).read_buf(&mut buf).await?;
+        if n == 0 {
+            return Err(PreambleError::Eof);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Listener {
+    Https,
+    Http,
+}
+
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Listener::Https => "https",
+            Listener::Http => "http",
+        }
+    }
+}
+
+/// Decrements the open-connections gauge when the connection task ends.
+struct OpenGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub struct Edge {
+    cfg: EdgeConfig,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    acceptor: TlsAcceptor,
+    limiter: Arc<ConnLimiter>,
+    proxy_from: Cidrs,
+    trusted: Cidrs,
+    metrics: Arc<EdgeMetrics>,
+    proxy: Proxy,
+    upstream: Arc<dyn Upstream>,
+    http: auto::Builder<TokioExecutor>,
+    acme: Arc<dyn AcmeResponder>,
+    /// The HTTPS port redirects point at: `edge.https_public_port`, else the bound port (known
+    /// only once the listener is handed over, hence atomic).
+    https_port: std::sync::atomic::AtomicU16,
+}
+
+impl Edge {
+    /// Builds the edge and its first snapshot from `shared`.
+    pub fn new(
+        cfg: EdgeConfig,
+        shared: &SharedState,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<EdgeMetrics>,
+        acme: Arc<dyn AcmeResponder>,
+    ) -> Result<Arc<Edge>, EdgeError> {
+        let empty = Snapshot {
+            routes: RouteTable::build(&Default::default(), &cfg.base_domains, 0),
+            certs: CertTable::default(),
+        };
+        let snapshot = Arc::new(ArcSwap::from_pointee(empty));
+        let acceptor = TlsAcceptor::from(tls::server_config(snapshot.clone())?);
+        let ms = Duration::from_millis;
+        let hsts = (cfg.hsts_max_age_secs > 0)
+            .then(|| HeaderValue::from_str(&format!("max-age={}", cfg.hsts_max_age_secs)).ok())
+            .flatten();
+        let proxy = Proxy::new(
+            upstream.clone(),
+            ms(cfg.backend_connect_timeout_ms),
+            ms(cfg.backend_pool_idle_timeout_ms),
+            cfg.backend_pool_max_idle,
+            ProxySettings {
+                request_timeout: ms(cfg.request_timeout_ms),
+                max_body: cfg.max_request_body_bytes,
+                hsts,
+                access_log: cfg.access_log,
+                upgrade_idle_timeout: ms(cfg.idle_timeout_ms),
+            },
+            metrics.clone(),
+        );
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ms(cfg.header_read_timeout_ms))
+            .max_headers(cfg.max_header_count)
+            .max_buf_size(cfg.max_header_bytes.max(8192));
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(cfg.h2_max_pending_reset_streams)
+            .max_local_error_reset_streams(cfg.h2_max_pending_reset_streams)
+            .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(ms(cfg.idle_timeout_ms / 2))
+            .keep_alive_timeout(ms(cfg.idle_timeout_ms / 4));
+        let https_port = std::sync::atomic::AtomicU16::new(
+            cfg.https_public_port.unwrap_or(cfg.https_listen.port()),
+        );
+        let edge = Arc::new(Edge {
+            limiter: ConnLimiter::new(cfg.max_connections, cfg.max_connections_per_ip),
+            proxy_from: Cidrs::parse(&cfg.proxy_protocol_from),
+            trusted: Cidrs::parse(&cfg.trusted_networks),
+            cfg,
+            snapshot,
+            acceptor,
+            metrics,
+            proxy,
+            upstream,
+            http,
+            acme,
+            https_port,
+        });
+        edge.rebuild(shared);
+        Ok(edge)
+    }
+
+    /// The current routes and certificates.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Compiles a new snapshot from the applied state and swaps it in.
+    pub fn rebuild(&self, shared: &SharedState) {
+        let (routes, certs) = {
+            let applied = shared.read();
+            let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
+            (
+                RouteTable::build(&applied.state, &self.cfg.base_domains, index),
+                applied.state.certificates.clone(),
+            )
+        };
+        let prev = self.snapshot.load_full();
+        let (certs, errors) = CertTable::build(&certs, Some(&prev.certs));
+        for e in errors {
+            tracing::warn!(error = %e, "certificate not served");
+        }
+        let index = routes.applied_index;
+        self.snapshot.store(Arc::new(Snapshot { routes, certs }));
+        self.metrics.route_table_rebuilds.inc();
+        self.metrics
+            .route_table_apply_index
+            .set(i64::try_from(index).unwrap_or(i64::MAX));
+        tracing::debug!(index, "routing table rebuilt");
+    }
+
+    /// Starts the state watcher and both accept loops on `tracker`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        listeners: EdgeListeners,
+        shared: SharedState,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        if self.cfg.https_public_port.is_none() {
+            if let Ok(a) = listeners.https.local_addr() {
+                self.https_port.store(a.port(), Ordering::Relaxed);
+            }
+        }
+        let edge = self.clone();
+        let sd = shutdown.clone();
+        tracker.spawn(
+            async move { edge.watch(shared, sd).await }
+                .instrument(tracing::info_span!("edge_watch")),
+        );
+        for (listener, kind) in [
+            (listeners.https, Listener::Https),
+            (listeners.http, Listener::Http),
+        ] {
+            let edge = self.clone();
+            let t = tracker.clone();
+            let sd = shutdown.clone();
+            tracker.spawn(async move { edge.accept_loop(listener, kind, t, sd).await });
+        }
+    }
+
+    async fn watch(self: Arc<Self>, shared: SharedState, shutdown: CancellationToken) {
+        let mut rx = shared.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            // Parsing certificates is CPU work; keep it off the async workers.
+            let edge = self.clone();
+            let s = shared.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || edge.rebuild(&s)).await {
+                tracing::error!(error = %e, "routing table rebuild panicked");
+            }
+        }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        kind: Listener,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        // Accept errors (EMFILE, ENOBUFS) mean the node is out of something; retrying at once
+        // would spin. Back off exponentially, as mini-redis does, and reset on success.
+        const MIN_BACKOFF: Duration = Duration::from_millis(5);
+        let mut backoff = MIN_BACKOFF;
+        let labels = ListenerLabels {
+            listener: kind.name(),
+        };
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => {
+                    backoff = MIN_BACKOFF;
+                    x
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, listener = kind.name(), "accept failed; backing off");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let permit = match self.limiter.acquire() {
+                Ok(p) => p,
+                Err(e) => {
+                    self.metrics.limit(e.reason());
+                    continue;
+                }
+            };
+            self.metrics.connections.get_or_create(&labels).inc();
+            let gauge = self.metrics.open_connections.get_or_create(&labels).clone();
+            gauge.inc();
+            let edge = self.clone();
+            let sd = shutdown.clone();
+            let span = tracing::debug_span!("conn", listener = kind.name(), peer = %peer);
+            tracker.spawn(
+                async move {
+                    let _open = OpenGuard(gauge);
+                    let _ = stream.set_nodelay(true);
+                    match kind {
+                        Listener::Https => edge.serve_tls(stream, peer, permit, sd).await,
+                        Listener::Http => edge.serve_plain(stream, peer, permit, sd).await,
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn serve_tls(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        mut permit: ConnPermit,
+        shutdown: CancellationToken,
+    ) {
+        let hello_timeout = Duration::from_millis(self.cfg.client_hello_timeout_ms);
+        let proxy_allowed = self.proxy_from.contains(peer.ip());
+        let pre = match tokio::time::timeout(
+            hello_timeout,
+            read_preamble(
+                &mut stream,
+                peer,
+                proxy_allowed,
+                self.cfg.max_client_hello_bytes,
+            ),
+        )
+        .await
+        {
+            Err(_) => {
+                self.metrics.limit("client_hello_timeout");
+                return;
+            }
+            Ok(Err(e)) => {
+                match e {
+                    PreambleError::TooLarge(_) => self.metrics.limit(e.reason()),
+                    _ => self.metrics.handshake_failure(e.reason()),
+                }
+                tracing::debug!(error = %e, "no client hello");
+                return;
+            }
+            Ok(Ok(p)) => p,
+        };
+        if let Err(e) = permit.charge(pre.client.ip()) {
+            self.metrics.limit(e.reason());
+            tracing::debug!(error = %e, "connection refused");
+            return;
+        }
+        let trusted = self.trusted.contains(pre.client.ip());
+        let snap = self.snapshot.load_full();
+        let sni = pre.hello.server_name.clone();
+        let route = sni.as_deref().and_then(|n| snap.routes.resolve(n).ok());
+        if let Some(r) = &route {
+            if r.internal && !trusted {
+                self.metrics.limit("internal_untrusted");
+                return;
+            }
+            if r.mode == Mode::Passthrough {
+                let r = r.clone();
+                return self.passthrough(stream, pre, r, snap).await;
+            }
+        }
+        drop(snap);
+
+        let io = Rewind::new(pre.buf.freeze(), stream);
+        let handshake = Duration::from_millis(self.cfg.tls_handshake_timeout_ms);
+        let tls = match tokio::time::timeout(handshake, self.acceptor.accept(io)).await {
+            Err(_) => {
+                self.metrics.handshake_failure("timeout");
+                return;
+            }
+            Ok(Err(e)) => {
+                self.metrics.handshake_failure(classify_tls_error(&e));
+                tracing::debug!(error = %e, sni = ?sni, "tls handshake failed");
+                return;
+            }
+            Ok(Ok(s)) => s,
+        };
+        let ctx = Arc::new(ConnCtx {
+            client: pre.client,
+            scheme: "https",
+            sni,
+            sni_route: route,
+            trusted,
+            inflight: AtomicUsize::new(0),
+        });
+        self.serve_http(tls, ctx, shutdown).await;
+    }
+
+    async fn passthrough(
+        &self,
+        stream: TcpStream,
+        pre: Preamble,
+        route: Route,
+        snap: Arc<Snapshot>,
+    ) {
+        self.metrics
+            .passthrough_connections
+            .get_or_create(&AppLabels {
+                app: route.app.to_string(),
+            })
+            .inc();
+        let target = snap
+            .routes
+            .pick(&route)
+            .and_then(|b| b.address(route.port, route.default_port))
+            .and_then(|a| Target::parse(&a));
+        drop(snap);
+        let Some(target) = target else {
+            tracing::debug!(app = %route.app, "passthrough: no backend");
+            return;
+        };
+        let timeout = Duration::from_millis(self.cfg.backend_connect_timeout_ms);
+        let mut up = match connect_with_timeout(self.upstream.as_ref(), &target, timeout).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, backend = %target, app = %route.app, "passthrough connect failed");
+                return;
+            }
+        };
+        if let Err(e) = up.write_all(&pre.buf).await {
+            tracing::debug!(error = %e, backend = %target, "passthrough write failed");
+            return;
+        }
+        tracing::debug!(backend = %target, app = %route.app, client = %pre.client, "passthrough");
+        proxy::relay(stream, up, Duration::from_millis(self.cfg.idle_timeout_ms)).await;
+    }
+
+    /// The plain HTTP port: redirects, ACME, and `.internal` for trusted clients.
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut permit: ConnPermit,
+        shutdown: CancellationToken,
+    ) {
+        if let Err(e) = permit.charge(peer.ip()) {
+            self.metrics.limit(e.reason());
+            return;
+        }
+        let ctx = Arc::new(ConnCtx {
+            client: peer,
+            scheme: "http",
+            sni: None,
+            sni_route: None,
+            trusted: self.trusted.contains(peer.ip()),
+            inflight: AtomicUsize::new(0),
+        });
+        self.serve_http(stream, ctx, shutdown).await;
+    }
+
+    async fn handle_request(
+        &self,
+        ctx: &ConnCtx,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<proxy::ProxyBody> {
+        if ctx.scheme == "https" {
+            return self.proxy.handle(&self.snapshot, ctx, req).await;
+        }
+        let host = proxy::request_host(&req).ok().map(|(h, _)| h);
+        let internal = host.as_deref().is_some_and(|h| h.ends_with(".internal"));
+        if internal && !req.uri().path().starts_with(redirect::ACME_PREFIX) {
+            // `.internal` is operators' debugging inside trusted networks; the proxy refuses
+            // untrusted clients with 403.
+            return self.proxy.handle(&self.snapshot, ctx, req).await;
+        }
+        redirect::respond(
+            &req,
+            host.as_deref(),
+            self.https_port.load(Ordering::Relaxed),
+            self.acme.as_ref(),
+        )
+    }
+
+    /// Serves HTTP/1.1 and HTTP/2 on one connection until it closes, is idle, grows too old, or
+    /// the node shuts down.
+    async fn serve_http<I>(self: &Arc<Self>, io: I, ctx: Arc<ConnCtx>, shutdown: CancellationToken)
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let clock = ActivityClock::new();
+        let io = TokioIo::new(Activity::new(io, clock.clone()));
+        let edge = self.clone();
+        let svc_ctx = ctx.clone();
+        let svc = service_fn(move |req| {
+            let edge = edge.clone();
+            let ctx = svc_ctx.clone();
+            async move { Ok::<_, Infallible>(edge.handle_request(&ctx, req).await) }
+        });
+        let conn = self.http.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(conn);
+        let idle = Duration::from_millis(self.cfg.idle_timeout_ms);
+        let age = tokio::time::sleep(Duration::from_secs(self.cfg.max_connection_age_secs));
+        tokio::pin!(age);
+        let mut tick = tokio::time::interval(
+            (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        );
+        let mut closing: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = &mut age, if closing.is_none() => {
+                    closing = Some(Instant::now());
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = shutdown.cancelled(), if closing.is_none() => {
+                    closing = Some(Instant::now());
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tick.tick() => match closing {
+                    Some(since) if since.elapsed() > CONN_DRAIN => return,
+                    Some(_) => {}
+                    None => {
+                        if ctx.inflight.load(Ordering::Acquire) == 0 && clock.idle_for() >= idle {
+                            tracing::debug!(?idle, "idle connection closed");
+                            closing = Some(Instant::now());
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn classify_tls_error(e: &io::Error) -> &'static str {
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return "io";
+    };
+    match inner {
+        rustls::Error::PeerIncompatible(_) => "peer_incompatible",
+        rustls::Error::General(_) => "no_certificate",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,558 @@
+//! HTTP proxying: one request from a client (HTTP/1.1 or HTTP/2, over TLS or on the plain
+//! port for `.internal`) to a backend over pooled HTTP/1.1 or h2c connections.
+//!
+//! Per request: Host → route (must be the SNI's route on TLS connections, else 421) → backend
+//! (round robin) → forwarded headers → the backend's response streamed back with HSTS. Every
+//! failure is a [`ProxyError`], mapped to a status in one place.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::grammar::{GrammarError, Mode};
+use super::limits::{Activity, ActivityClock};
+use super::route::{Route, RouteError};
+use super::upstream::{HyperConnector, Upstream};
+use super::Snapshot;
+use crate::metrics::{AppLabels, EdgeMetrics, RequestLabels};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Who is at fault, for logs and for deciding whether another backend could help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request has no usable host: {0}")]
+    BadHost(String),
+    #[error("no route for host {host:?}: {source}")]
+    NoRoute { host: String, source: RouteError },
+    #[error("malformed host {host:?}: {source}")]
+    BadName { host: String, source: GrammarError },
+    #[error("host {host:?} does not belong to the route of the TLS server name {sni:?}")]
+    Misdirected { host: String, sni: String },
+    #[error("{0:?} is only served to trusted networks")]
+    Forbidden(String),
+    #[error("app {0:?} has no instance to serve it")]
+    NoBackend(String),
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("{host:?} is a TLS passthrough route; it cannot be reached over plain HTTP")]
+    PassthroughOverHttp { host: String },
+    #[error("backend {backend} did not answer within {timeout:?}")]
+    Timeout { backend: String, timeout: Duration },
+    #[error("cannot connect to backend {backend}: {source}")]
+    Connect {
+        backend: String,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("backend {backend} failed: {source}")]
+    Upstream {
+        backend: String,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The one place that maps failures to statuses.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadHost(_) | ProxyError::BadName { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::PassthroughOverHttp { .. } => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::BadHost(_)
+            | ProxyError::NoRoute { .. }
+            | ProxyError::BadName { .. }
+            | ProxyError::Misdirected { .. }
+            | ProxyError::Forbidden(_)
+            | ProxyError::PassthroughOverHttp { .. }
+            | ProxyError::BodyTooLarge(_) => Fault::Client,
+            ProxyError::NoBackend(_)
+            | ProxyError::Timeout { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. } => Fault::Upstream,
+            ProxyError::Internal(_) => Fault::Internal,
+        }
+    }
+
+    /// Could the same request go to another backend? Only when nothing reached the first one.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProxyError::Connect { .. })
+    }
+}
+
+/// What a connection knows about itself, shared by its requests.
+pub struct ConnCtx {
+    /// The client, after any trusted PROXY header.
+    pub client: SocketAddr,
+    /// `https` on the TLS listener, `http` on the plain one.
+    pub scheme: &'static str,
+    /// The TLS server name and the route it resolved to (TLS connections only).
+    pub sni: Option<String>,
+    pub sni_route: Option<Route>,
+    /// The client is in `edge.trusted_networks` (may use `.internal`).
+    pub trusted: bool,
+    /// Requests whose response head has not been sent yet; an idle connection has none.
+    pub inflight: AtomicUsize,
+}
+
+/// Proxy settings taken from `EdgeConfig`.
+pub struct ProxySettings {
+    pub request_timeout: Duration,
+    pub max_body: u64,
+    pub hsts: Option<HeaderValue>,
+    pub access_log: bool,
+    pub upgrade_idle_timeout: Duration,
+}
+
+pub struct Proxy {
+    http1: Client<HyperConnector, ProxyBody>,
+    h2c: Client<HyperConnector, ProxyBody>,
+    settings: ProxySettings,
+    metrics: Arc<EdgeMetrics>,
+}
+
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter(|s| !(keep_upgrade && s == "upgrade"))
+        .filter_map(|s| HeaderName::from_bytes(s.as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP.iter() {
+        headers.remove(h);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The host a request asks for: the URI authority (HTTP/2 `:authority`, absolute-form) or the
+/// Host header, lowercased, without port.
+pub fn request_host<B>(req: &Request<B>) -> Result<(String, String), ProxyError> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => {
+            let h = req
+                .headers()
+                .get(header::HOST)
+                .ok_or_else(|| ProxyError::BadHost("no Host header".into()))?;
+            let s = h
+                .to_str()
+                .map_err(|_| ProxyError::BadHost("Host is not ASCII".into()))?;
+            s.parse::<http::uri::Authority>()
+                .map_err(|_| ProxyError::BadHost(format!("Host {s:?} is malformed")))?
+        }
+    };
+    let host = super::grammar::normalize_host(authority.host())
+        .map_err(|e| ProxyError::BadHost(e.to_string()))?;
+    Ok((host, authority.as_str().to_string()))
+}
+
+fn ip_for_forwarded(addr: &SocketAddr) -> String {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+impl Proxy {
+    pub fn new(
+        upstream: Arc<dyn Upstream>,
+        connect_timeout: Duration,
+        pool_idle: Duration,
+        pool_max_idle: usize,
+        settings: ProxySettings,
+        metrics: Arc<EdgeMetrics>,
+    ) -> Self {
+        let connector = HyperConnector {
+            upstream,
+            timeout: connect_timeout,
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(pool_idle)
+            .pool_max_idle_per_host(pool_max_idle)
+            .pool_timer(TokioTimer::new());
+        let http1 = b.build(connector.clone());
+        let h2c = b.clone().http2_only(true).build(connector);
+        Proxy {
+            http1,
+            h2c,
+            settings,
+            metrics,
+        }
+    }
+
+    /// Serves one request; never fails (errors become responses).
+    pub async fn handle(
+        &self,
+        snapshot: &ArcSwap<Snapshot>,
+        ctx: &ConnCtx,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        ctx.inflight.fetch_add(1, Ordering::AcqRel);
+        let _inflight = InflightGuard(&ctx.inflight);
+        let method = req.method().clone();
+        let version = req.version();
+        let path = req.uri().path().to_string();
+        let mut app = String::from("-");
+        let mut instance = String::from("-");
+        let host = request_host(&req).map(|(h, _)| h).unwrap_or_default();
+        let result = self
+            .forward(snapshot, ctx, req, &mut app, &mut instance)
+            .await;
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let status = e.status();
+                match e.fault() {
+                    Fault::Client => {
+                        tracing::debug!(error = %e, client = %ctx.client, "request refused")
+                    }
+                    Fault::Upstream => tracing::warn!(error = %e, app = %app, "backend failure"),
+                    Fault::Internal => tracing::error!(error = %e, "proxy internal error"),
+                }
+                text_response(status, format!("{}\n", e))
+            }
+        };
+        if ctx.scheme == "https" {
+            if let Some(v) = &self.settings.hsts {
+                resp.headers_mut()
+                    .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
+            }
+        }
+        let status = resp.status().as_u16();
+        let elapsed = start.elapsed();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                app: app.clone(),
+                status,
+            })
+            .inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&AppLabels { app: app.clone() })
+            .observe(elapsed.as_secs_f64());
+        if self.settings.access_log {
+            tracing::info!(
+                target: "portcullis::access",
+                client = %ctx.client.ip(),
+                method = %method,
+                host = %host,
+                path = %path,
+                proto = ?version,
+                status,
+                app = %app,
+                instance = %instance,
+                ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        snapshot: &ArcSwap<Snapshot>,
+        ctx: &ConnCtx,
+        mut req: Request<Incoming>,
+        app_out: &mut String,
+        instance_out: &mut String,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (host, authority) = request_host(&req)?;
+        // A full Arc, not a guard: the snapshot is held across awaits below.
+        let snap = snapshot.load_full();
+        let resolved = snap.routes.resolve(&host);
+        if ctx.scheme == "https" {
+            // On TLS, the connection's SNI chose the route (and the certificate). A Host that
+            // belongs to another route — or to no route, unless it is the SNI name itself — is
+            // misdirected (RFC 9110 §15.5.20), e.g. an HTTP/2 connection reused across names.
+            let same = match (&resolved, &ctx.sni_route) {
+                (Ok(r), Some(s)) => r.same_target(s),
+                (Err(_), None) => ctx.sni.as_deref() == Some(host.as_str()),
+                _ => false,
+            };
+            if !same {
+                return Err(ProxyError::Misdirected {
+                    host,
+                    sni: ctx.sni.clone().unwrap_or_default(),
+                });
+            }
+        }
+        let route = resolved.map_err(|e| match e {
+            RouteError::Grammar(
+                g @ (GrammarError::BothSuffixes(_) | GrammarError::InvalidPort(_)),
+            ) => ProxyError::BadName {
+                host: host.clone(),
+                source: g,
+            },
+            other => ProxyError::NoRoute {
+                host: host.clone(),
+                source: other,
+            },
+        })?;
+        if route.internal && !ctx.trusted {
+            return Err(ProxyError::Forbidden(host));
+        }
+        if route.mode == Mode::Passthrough {
+            return Err(ProxyError::PassthroughOverHttp { host });
+        }
+        *app_out = route.app.to_string();
+        let backend = snap
+            .routes
+            .pick(&route)
+            .ok_or_else(|| ProxyError::NoBackend(route.app.to_string()))?;
+        *instance_out = backend.instance_id.clone();
+        let addr = backend
+            .address(route.port, route.default_port)
+            .ok_or_else(|| ProxyError::NoBackend(route.app.to_string()))?;
+        drop(snap);
+
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            if len > self.settings.max_body {
+                return Err(ProxyError::BodyTooLarge(self.settings.max_body));
+            }
+        }
+        let upgrade = is_upgrade_request(&req) && route.mode == Mode::Http;
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = Uri::try_from(format!("http://{addr}{pq}"))
+            .map_err(|e| ProxyError::Internal(format!("backend uri: {e}")))?;
+        parts.version = if route.mode == Mode::H2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        self.forwarded_headers(&mut parts.headers, ctx, &authority);
+        let body = Limited::new(
+            body,
+            usize::try_from(self.settings.max_body).unwrap_or(usize::MAX),
+        )
+        .boxed();
+        let out = Request::from_parts(parts, body);
+
+        let client = if route.mode == Mode::H2c {
+            &self.h2c
+        } else {
+            &self.http1
+        };
+        let timeout = self.settings.request_timeout;
+        let mut resp = match tokio::time::timeout(timeout, client.request(out)).await {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    backend: addr,
+                    timeout,
+                })
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(ProxyError::Connect {
+                    backend: addr,
+                    source: e,
+                })
+            }
+            Ok(Err(e)) => {
+                // A body over the limit surfaces as a body error while sending.
+                if std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                {
+                    return Err(ProxyError::BodyTooLarge(self.settings.max_body));
+                }
+                return Err(ProxyError::Upstream {
+                    backend: addr,
+                    source: e,
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let backend_upgrade = hyper::upgrade::on(&mut resp);
+                let idle = self.settings.upgrade_idle_timeout;
+                tokio::spawn(async move {
+                    let (c, b) = match tokio::try_join!(client_upgrade, backend_upgrade) {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "upgrade failed");
+                            return;
+                        }
+                    };
+                    relay(TokioIo::new(c), TokioIo::new(b), idle).await;
+                });
+                let (mut parts, _) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers, true);
+                return Ok(Response::from_parts(
+                    parts,
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed(),
+                ));
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        // The client's protocol, not the backend's, decides the response version.
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed(),
+        ))
+    }
+
+    fn forwarded_headers(&self, h: &mut HeaderMap, ctx: &ConnCtx, authority: &str) {
+        // The client address comes from the TCP peer or a trusted PROXY header; whatever the
+        // client claims in these headers is replaced, not appended to, so backends can trust them.
+        let ip = ctx.client.ip().to_string();
+        let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        set(h, "x-forwarded-for", &ip);
+        set(h, "x-forwarded-proto", ctx.scheme);
+        set(h, "x-forwarded-host", authority);
+        set(
+            h,
+            "forwarded",
+            &format!(
+                "for={};proto={};host=\"{}\"",
+                ip_for_forwarded(&ctx.client),
+                ctx.scheme,
+                authority
+            ),
+        );
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            h.insert(header::HOST, v);
+        }
+    }
+}
+
+/// Relays an upgraded (WebSocket) or passthrough connection until either side closes or no
+/// byte moves for `idle`.
+pub async fn relay<A, B>(a: A, b: B, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let clock = ActivityClock::new();
+    let mut a = Activity::new(a, clock.clone());
+    let mut b = b;
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let tick = (idle / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "relay ended");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(tick) => {
+                if clock.idle_for() >= idle {
+                    tracing::debug!(?idle, "relay idle; closing");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The plain HTTP port: 308 to HTTPS for everything except ACME HTTP-01 challenges (and
+//! `.internal` names from trusted networks, which the caller proxies).
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use super::proxy::ProxyBody;
+
+/// Answers ACME HTTP-01 challenges. The ACME issue plugs the replicated account key in here:
+/// any node can compute the key authorization for any pending order.
+pub trait AcmeResponder: Send + Sync + 'static {
+    /// The key authorization for `token` on `host`, if an order is pending for it.
+    fn http01(&self, host: &str, token: &str) -> Option<String>;
+}
+
+/// No ACME yet: every challenge path is a 404.
+pub struct NoAcme;
+
+impl AcmeResponder for NoAcme {
+    fn http01(&self, _host: &str, _token: &str) -> Option<String> {
+        None
+    }
+}
+
+pub const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The answer on the plain port for `host` (normalized, without port).
+pub fn respond<B>(
+    req: &Request<B>,
+    host: Option<&str>,
+    https_port: u16,
+    acme: &dyn AcmeResponder,
+) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    if let Some(token) = path.strip_prefix(ACME_PREFIX) {
+        return match host.and_then(|h| acme.http01(h, token)) {
+            Some(ka) => text(StatusCode::OK, ka),
+            None => text(StatusCode::NOT_FOUND, "no such challenge\n"),
+        };
+    }
+    let Some(host) = host else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "missing or malformed Host header\n",
+        );
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = if https_port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{https_port}{pq}")
+    };
+    let Ok(value) = HeaderValue::from_str(&location) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "cannot build a redirect for this request\n",
+        );
+    };
+    let mut r = text(
+        StatusCode::PERMANENT_REDIRECT,
+        format!("redirecting to {location}\n"),
+    );
+    r.headers_mut().insert(header::LOCATION, value);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+    impl AcmeResponder for Fixed {
+        fn http01(&self, host: &str, token: &str) -> Option<String> {
+            (host == "a.test" && token == "tok").then(|| "tok.thumb".to_string())
+        }
+    }
+
+    fn req(uri: &str) -> Request<()> {
+        Request::builder().uri(uri).body(()).expect("request")
+    }
+
+    #[test]
+    fn redirects_keep_path_and_query() {
+        let r = respond(&req("/x/y?z=1"), Some("a.test"), 8443, &NoAcme);
+        assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(r.headers()[header::LOCATION], "https://a.test:8443/x/y?z=1");
+        let r = respond(&req("/"), Some("a.test"), 443, &NoAcme);
+        assert_eq!(r.headers()[header::LOCATION], "https://a.test/");
+        assert_eq!(
+            respond(&req("/"), None, 443, &NoAcme).status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn acme_path_is_reserved() {
+        assert_eq!(
+            respond(
+                &req("/.well-known/acme-challenge/tok"),
+                Some("a.test"),
+                443,
+                &NoAcme
+            )
+            .status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            respond(
+                &req("/.well-known/acme-challenge/tok"),
+                Some("a.test"),
+                443,
+                &Fixed
+            )
+            .status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            respond(
+                &req("/.well-known/acme-challenge/no"),
+                Some("a.test"),
+                443,
+                &Fixed
+            )
+            .status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! The edge in-process: real sockets on 127.0.0.1:0, a real demo-app backend, rustls and
+//! tungstenite clients. Cluster-level tests (curl, openssl, three nodes) are in
+//! `cluster-tests/tests/t60_data_plane.rs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use portcullis_raft::state::{App, Certificate, Instance};
+use portcullis_raft::ClusterState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+use crate::config::EdgeConfig;
+
+const BASE: &str = "t.test";
+
+struct Env {
+    https: SocketAddr,
+    http: SocketAddr,
+    roots: rustls::RootCertStore,
+    metrics: Arc<EdgeMetrics>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn free_addr() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// An edge with app `demo` (one in-process demo-app instance) and a wildcard certificate.
+async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = crate::pki::init_dev_ca(dir.path()).expect("dev ca");
+    let leaf = crate::pki::issue_dev_cert(dir.path(), &[format!("*.{BASE}")]).expect("leaf");
+    let backend = free_addr().await;
+    let args = crate::demo::DemoArgs {
+        listen: vec![backend],
+        name: "demo".into(),
+        region: "r1".into(),
+        instance_id: Some("i1".into()),
+        tls_cert: None,
+        tls_key: None,
+        exit_with: vec![],
+    };
+    tokio::spawn(crate::demo::run(args));
+    for _ in 0..100 {
+        if TcpStream::connect(backend).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut state = ClusterState::default();
+    state.apps.insert(
+        "demo".into(),
+        App {
+            name: "demo".into(),
+            ports: vec![80],
+            lb: "round-robin".into(),
+            revision: 1,
+        },
+    );
+    state.instances.insert(
+        "i1".into(),
+        Instance {
+            instance_id: "i1".into(),
+            app: "demo".into(),
+            region: "r1".into(),
+            backend_addr: Some(backend.to_string()),
+            ..Default::default()
+        },
+    );
+    let name = format!("*.{BASE}");
+    state.certificates.insert(
+        name.clone(),
+        Certificate {
+            name: name.clone(),
+            names: vec![name],
+            chain_pem: leaf.cert_pem,
+            key: leaf.key_pem.into_bytes(),
+            key_encryption: "none".into(),
+            not_after: 1,
+            issuer: "test".into(),
+        },
+    );
+    let shared = SharedState::detached(state);
+
+    let mut cfg = EdgeConfig {
+        base_domains: vec![BASE.into()],
+        access_log: false,
+        ..Default::default()
+    };
+    cfg.https_listen = "127.0.0.1:0".parse().expect("addr");
+    cfg.http_listen = "127.0.0.1:0".parse().expect("addr");
+    tune(&mut cfg);
+    let listeners = EdgeListeners::bind(&cfg).await.expect("bind");
+    let (https, http) = (
+        listeners.https.local_addr().expect("a"),
+        listeners.http.local_addr().expect("a"),
+    );
+    let metrics = Arc::new(EdgeMetrics::default());
+    let edge = Edge::new(
+        cfg,
+        &shared,
+        Arc::new(upstream::TcpUpstream),
+        metrics.clone(),
+        Arc::new(redirect::NoAcme),
+    )
+    .expect("edge");
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    edge.spawn(listeners, shared, &tracker, shutdown.clone());
+
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_pem = std::fs::read_to_string(ca).expect("ca");
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(c.expect("cert")).expect("add");
+    }
+    Env {
+        https,
+        http,
+        roots,
+        metrics,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    async fn tls_over(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("name");
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+    }
+
+    async fn tls(&self, host: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.https).await.expect("connect");
+        self.tls_over(tcp, host, &[b"http/1.1"])
+            .await
+            .expect("handshake")
+    }
+}
+
+/// Sends one HTTP/1.1 request with `Connection: close` and returns the whole response.
+async fn get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, host: &str, path: &str) -> String {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn body_json(resp: &str) -> serde_json::Value {
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"))
+}
+
+#[tokio::test]
+async fn proxies_over_tls_with_forwarded_headers() {
+    let env = start(|_| {}).await;
+    let resp = get(
+        env.tls(&format!("demo.{BASE}")).await,
+        &format!("demo.{BASE}"),
+        "/x",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{resp}"
+    );
+    let v = body_json(&resp);
+    assert_eq!(v["instance_id"], "i1");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(v["headers"]["x-forwarded-host"], format!("demo.{BASE}"));
+}
+
+#[tokio::test]
+async fn websocket_upgrade_echoes_through_the_edge() {
+    let env = start(|_| {}).await;
+    let host = format!("demo.{BASE}");
+    let tls = env.tls(&host).await;
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("wss://{host}/ws"), tls)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    use tokio_tungstenite::tungstenite::Message;
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}")))
+            .await
+            .expect("send");
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("reply in time")
+            .expect("open")
+            .expect("frame");
+        assert_eq!(reply, Message::text(format!("i1: hello {i}")));
+    }
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test]
+async fn proxy_protocol_only_from_trusted_peers() {
+    let host = format!("demo.{BASE}");
+    let header = b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 443\r\n";
+
+    let trusted = start(|c| c.proxy_protocol_from = vec!["127.0.0.1/32".into()]).await;
+    let mut tcp = TcpStream::connect(trusted.https).await.expect("connect");
+    tcp.write_all(header).await.expect("proxy header");
+    let resp = get(
+        trusted
+            .tls_over(tcp, &host, &[b"http/1.1"])
+            .await
+            .expect("handshake"),
+        &host,
+        "/",
+    )
+    .await;
+    assert_eq!(
+        body_json(&resp)["headers"]["x-forwarded-for"],
+        "203.0.113.9",
+        "{resp}"
+    );
+    // A trusted peer may also connect without a header.
+    let resp = get(trusted.tls(&host).await, &host, "/").await;
+    assert_eq!(body_json(&resp)["headers"]["x-forwarded-for"], "127.0.0.1");
+
+    let untrusted = start(|_| {}).await;
+    let mut tcp = TcpStream::connect(untrusted.https).await.expect("connect");
+    tcp.write_all(header).await.expect("proxy header");
+    assert!(
+        untrusted
+            .tls_over(tcp, &host, &[b"http/1.1"])
+            .await
+            .is_err(),
+        "PROXY header from an untrusted peer must be refused"
+    );
+}
+
+#[tokio::test]
+async fn slow_header_client_is_cut_while_others_are_served() {
+    let env = start(|c| c.header_read_timeout_ms = 300).await;
+    let host = format!("demo.{BASE}");
+    let mut slow = env.tls(&host).await;
+    slow.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n").as_bytes())
+        .await
+        .expect("partial headers");
+    let resp = get(env.tls(&host).await, &host, "/").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "others keep being served: {resp}"
+    );
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "the slow client was not disconnected");
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}
+
+#[tokio::test]
+async fn per_ip_connection_limit() {
+    let env = start(|c| c.max_connections_per_ip = 2).await;
+    let host = format!("demo.{BASE}");
+    let a = env.tls(&host).await;
+    let b = env.tls(&host).await;
+    let tcp = TcpStream::connect(env.https).await.expect("connect");
+    assert!(
+        env.tls_over(tcp, &host, &[b"http/1.1"]).await.is_err(),
+        "third connection from one IP refused"
+    );
+    let rejected = env
+        .metrics
+        .limit_rejections
+        .get_or_create(&crate::metrics::ReasonLabels {
+            reason: "connections_per_ip",
+        })
+        .get();
+    assert_eq!(rejected, 1);
+    drop((a, b));
+    // Slots come back when connections close; wait for the server to notice.
+    let mut ok = false;
+    for _ in 0..100 {
+        let tcp = TcpStream::connect(env.https).await.expect("connect");
+        if env.tls_over(tcp, &host, &[b"http/1.1"]).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "slots were not released");
+}
+
+#[tokio::test]
+async fn unknown_sni_without_certificate_fails_handshake_and_plain_port_redirects() {
+    let env = start(|_| {}).await;
+    let tcp = TcpStream::connect(env.https).await.expect("connect");
+    assert!(env
+        .tls_over(tcp, "other.example", &[b"http/1.1"])
+        .await
+        .is_err());
+    let tcp = TcpStream::connect(env.http).await.expect("connect");
+    let resp = get(tcp, &format!("demo.{BASE}"), "/p?q=1").await;
+    assert!(resp.starts_with("HTTP/1.1 308"), "{resp}");
+    assert!(
+        resp.contains(&format!(
+            "location: https://demo.{BASE}:{}/p?q=1",
+            env.https.port()
+        )),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_client_hello_is_refused() {
+    let env = start(|c| c.max_client_hello_bytes = 16 * 1024).await;
+    let mut tcp = TcpStream::connect(env.https).await.expect("connect");
+    // A handshake record header announcing a large record, then a stream of bytes.
+    let mut junk = vec![22u8, 3, 1, 0x40, 0x00, 1, 0xff, 0xff, 0xff];
+    junk.resize(20 * 1024, 0);
+    let _ = tcp.write_all(&junk).await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "connection should be closed: {n:?}"
+    );
+    let limit = env
+        .metrics
+        .limit_rejections
+        .get_or_create(&crate::metrics::ReasonLabels {
+            reason: "client_hello_too_large",
+        })
+        .get();
+    assert_eq!(limit, 1);
+}

@@ -1,0 +1,333 @@
+//! Tunnel throughput, measured side by side in one run:
+//!
+//! 1. Portcullis Endpoint ↔ Endpoint over 127.0.0.1 UDP (user-space WireGuard + smoltcp both ends);
+//! 2. Portcullis Endpoint → wireguard-go (TUN + kernel TCP in a namespace) over 127.0.0.1 UDP;
+//! 3. wireguard-go ↔ wireguard-go over TUN between two namespaces joined by a veth pair;
+//! 4. the bare veth link between those namespaces (kernel TCP, no tunnel).
+//!
+//! Rows 2–4 need root (network namespaces, TUN); without it they are skipped with the reason.
+//! Every row moves the same bytes with the same sender/receiver code: the source writes
+//! `BENCH_MB` MiB (default 256) in 256 KiB writes, the sink counts them and answers with the count
+//! after EOF, and the clock stops at that answer. Each row runs `BENCH_RUNS` times (default 3);
+//! the median is reported.
+//!
+//! Run: `CARGO_TARGET_DIR=... cargo bench -p portcullis-wg --bench tunnel`
+//! (the binary re-executes itself as `sink`/`source` inside the namespaces).
+
+#[allow(dead_code)]
+#[path = "../tests/common/wggo.rs"]
+mod wggo;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PrivateKey};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use wggo::{Netns, Proc, WgGo, WgGoSpec};
+
+const CHUNK: usize = 256 * 1024;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    match args.get(1).map(String::as_str) {
+        Some("sink") => rt.block_on(sink(args.get(2).context("sink ADDR")?.parse()?)),
+        Some("source") => {
+            let addr: SocketAddr = args.get(2).context("source ADDR BYTES")?.parse()?;
+            let bytes: u64 = args.get(3).context("source ADDR BYTES")?.parse()?;
+            let secs = rt.block_on(async {
+                let s = connect_retry(addr).await?;
+                push(s, bytes).await
+            })?;
+            println!("{secs}");
+            Ok(())
+        }
+        _ => rt.block_on(bench()),
+    }
+}
+
+async fn bench() -> Result<()> {
+    let mb: u64 = env_or("BENCH_MB", 256);
+    let runs: usize = env_or("BENCH_RUNS", 3);
+    let bytes = mb * 1024 * 1024;
+    println!("tunnel throughput: {mb} MiB per run, median of {runs} runs, MB = 10^6 bytes");
+    let mut rows: Vec<(String, Option<f64>, String)> = Vec::new();
+
+    let r = median(runs, || endpoint_pair(bytes)).await?;
+    rows.push((
+        "portcullis endpoint <-> endpoint (loopback UDP)".into(),
+        Some(r),
+        String::new(),
+    ));
+
+    match wggo::skip_reason() {
+        Some(why) => {
+            for name in [
+                "portcullis endpoint -> wireguard-go (TUN, netns)",
+                "wireguard-go <-> wireguard-go (TUN, 2 netns, veth)",
+                "bare veth (kernel TCP, 2 netns)",
+            ] {
+                rows.push((name.into(), None, format!("skipped: {why}")));
+            }
+        }
+        None => {
+            let r = median(runs, || endpoint_to_wggo(bytes)).await?;
+            rows.push((
+                "portcullis endpoint -> wireguard-go (TUN, netns)".into(),
+                Some(r),
+                String::new(),
+            ));
+            let net = TwoNs::new()?;
+            let r = median(runs, || async { net.run(bytes, "10.202.0.2") }).await?;
+            rows.push((
+                "wireguard-go <-> wireguard-go (TUN, 2 netns, veth)".into(),
+                Some(r),
+                String::new(),
+            ));
+            let r = median(runs, || async { net.run(bytes, "10.201.0.2") }).await?;
+            rows.push((
+                "bare veth (kernel TCP, 2 netns)".into(),
+                Some(r),
+                String::new(),
+            ));
+        }
+    }
+
+    println!();
+    println!("| path | MB/s |");
+    println!("|---|---|");
+    for (name, mbps, note) in &rows {
+        match mbps {
+            Some(v) => println!("| {name} | {v:.0} |"),
+            None => println!("| {name} | {note} |"),
+        }
+    }
+    Ok(())
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn median<F, Fut>(runs: usize, mut f: F) -> Result<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        v.push(f().await?);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    eprintln!("  runs (MB/s): {v:.0?}");
+    Ok(v[v.len() / 2])
+}
+
+/// Writes `bytes` then waits for the sink's count; returns MB/s.
+async fn push<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> Result<f64> {
+    let buf = vec![0x5au8; CHUNK];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        s.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    s.shutdown().await?;
+    let got = tokio::time::timeout(Duration::from_secs(120), s.read_u64()).await??;
+    let secs = start.elapsed().as_secs_f64();
+    if got != bytes {
+        bail!("sink counted {got} bytes, sent {bytes}");
+    }
+    Ok(bytes as f64 / secs / 1e6)
+}
+
+/// Counts bytes to EOF, answers with the count.
+async fn drain<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    s.write_u64(total).await?;
+    s.shutdown().await?;
+    Ok(())
+}
+
+async fn sink(addr: SocketAddr) -> Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    loop {
+        let (s, _) = l.accept().await?;
+        tokio::spawn(drain(s));
+    }
+}
+
+async fn connect_retry(addr: SocketAddr) -> Result<TcpStream> {
+    for _ in 0..100 {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("could not connect to {addr}")
+}
+
+async fn new_endpoint(tunnel_ip: &str) -> Result<Endpoint> {
+    let cfg = EndpointConfig::new(PrivateKey::generate(), tunnel_ip.parse()?);
+    Ok(Endpoint::new(cfg, UdpSocket::bind("127.0.0.1:0").await?)?)
+}
+
+async fn endpoint_pair(bytes: u64) -> Result<f64> {
+    let a = new_endpoint("10.200.0.1").await?;
+    let b = new_endpoint("10.200.0.2").await?;
+    a.set_peers(vec![
+        PeerConfig::new(b.public_key(), b.tunnel_ip()).with_endpoint(b.local_addr())
+    ])
+    .await?;
+    b.set_peers(vec![
+        PeerConfig::new(a.public_key(), a.tunnel_ip()).with_endpoint(a.local_addr())
+    ])
+    .await?;
+    let mut l = b.listen(5001).await?;
+    let server = tokio::spawn(async move {
+        if let Some(s) = l.accept().await {
+            let _ = drain(s).await;
+        }
+    });
+    let s = a.connect(b.tunnel_ip(), 5001).await?;
+    let r = push(s, bytes).await;
+    server.abort();
+    r
+}
+
+async fn endpoint_to_wggo(bytes: u64) -> Result<f64> {
+    let sfx = wggo::suffix();
+    let ns = Netns::new(format!("pcwg-bench-e-{sfx}"))?;
+    let ifname = format!("pcbe{sfx}");
+    let wg = WgGo::start(WgGoSpec {
+        ifname: &ifname,
+        cidr: "10.203.0.2/24",
+        ns: &ns.name,
+        udp_in_ns: false,
+        mtu: 1420,
+    })?;
+    let _sink = self_in_ns(&ns.name, &["sink", "10.203.0.2:5001"])?;
+    let ep = new_endpoint("10.203.0.1").await?;
+    wg.add_peer(&ep.public_key(), "10.203.0.1/32", Some(ep.local_addr()))?;
+    ep.set_peers(vec![
+        PeerConfig::new(wg.public_key, wg.tunnel_ip).with_endpoint(wg.udp_addr_loopback())
+    ])
+    .await?;
+    let ip: IpAddr = "10.203.0.2".parse()?;
+    let mut last = None;
+    for _ in 0..50 {
+        match ep.connect(ip, 5001).await {
+            Ok(s) => return push(s, bytes).await,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("sink behind wireguard-go unreachable: {last:?}")
+}
+
+fn self_in_ns(ns: &str, args: &[&str]) -> Result<Proc> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(exe)
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()?;
+    Ok(Proc(child))
+}
+
+/// Two namespaces joined by veth (10.201.0.1 ↔ 10.201.0.2), each with a wireguard-go interface
+/// (10.202.0.1 ↔ 10.202.0.2) whose UDP runs over the veth; a sink in B on both addresses.
+struct TwoNs {
+    a: String,
+    // Drop order: processes, then interfaces, then namespaces.
+    _sink: Proc,
+    _wg_a: WgGo,
+    _wg_b: WgGo,
+    _ns_a: Netns,
+    _ns_b: Netns,
+}
+
+impl TwoNs {
+    fn new() -> Result<Self> {
+        let sfx = wggo::suffix();
+        let ns_a = Netns::new(format!("pcwg-bench-a-{sfx}"))?;
+        let ns_b = Netns::new(format!("pcwg-bench-b-{sfx}"))?;
+        let (va, vb) = (format!("pcva{sfx}"), format!("pcvb{sfx}"));
+        wggo::run(
+            "ip",
+            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        )?;
+        wggo::run("ip", &["link", "set", &va, "netns", &ns_a.name])?;
+        wggo::run("ip", &["link", "set", &vb, "netns", &ns_b.name])?;
+        for (ns, dev, cidr) in [
+            (&ns_a.name, &va, "10.201.0.1/24"),
+            (&ns_b.name, &vb, "10.201.0.2/24"),
+        ] {
+            wggo::ns_exec(ns, &["ip", "addr", "add", cidr, "dev", dev])?;
+            wggo::ns_exec(ns, &["ip", "link", "set", dev, "up"])?;
+        }
+        let wg_a = WgGo::start(WgGoSpec {
+            ifname: &format!("pcga{sfx}"),
+            cidr: "10.202.0.1/24",
+            ns: &ns_a.name,
+            udp_in_ns: true,
+            mtu: 1420,
+        })?;
+        let wg_b = WgGo::start(WgGoSpec {
+            ifname: &format!("pcgb{sfx}"),
+            cidr: "10.202.0.2/24",
+            ns: &ns_b.name,
+            udp_in_ns: true,
+            mtu: 1420,
+        })?;
+        wg_a.add_peer(
+            &wg_b.public_key,
+            "10.202.0.2/32",
+            Some(SocketAddr::from(([10, 201, 0, 2], wg_b.listen_port))),
+        )?;
+        wg_b.add_peer(
+            &wg_a.public_key,
+            "10.202.0.1/32",
+            Some(SocketAddr::from(([10, 201, 0, 1], wg_a.listen_port))),
+        )?;
+        let sink = self_in_ns(&ns_b.name, &["sink", "0.0.0.0:5001"])?;
+        Ok(Self {
+            a: ns_a.name.clone(),
+            _sink: sink,
+            _wg_a: wg_a,
+            _wg_b: wg_b,
+            _ns_a: ns_a,
+            _ns_b: ns_b,
+        })
+    }
+
+    /// Runs the source in namespace A against `dst_ip:5001`; returns MB/s.
+    fn run(&self, bytes: u64, dst_ip: &str) -> Result<f64> {
+        let exe = std::env::current_exe()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a])
+            .arg(exe)
+            .args(["source", &format!("{dst_ip}:5001"), &bytes.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("source failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    }
+}

@@ -1,0 +1,925 @@
+//! The endpoint's one task: it owns the UDP socket, every peer's `Tunn`, the smoltcp interface
+//! and all TCP sockets, so nothing here is shared and nothing is locked. The outside talks to it
+//! through a command channel ([`Command`]) and the per-connection channels in [`crate::stream`].
+//!
+//! Each loop turn waits for one event (a command, a datagram, a timer tick, an application
+//! poke, or smoltcp's own deadline), handles it, then runs the stack: poll smoltcp, encrypt what
+//! it emitted, move bytes between sockets and applications, and poll again if that made room.
+
+use std::collections::{HashMap, HashSet};
+use std::future::poll_fn;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, TunnResult};
+use boringtun::x25519;
+use bytes::{Buf, Bytes};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, CongestionControl, State};
+use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
+use tokio::io::ReadBuf;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::config::EndpointConfig;
+use crate::device::VirtualDevice;
+use crate::error::WgError;
+use crate::key::PublicKey;
+use crate::metrics::Counters;
+use crate::packet;
+use crate::peers::{PeerDiff, PeerStats, PeerTable};
+use crate::socket::DatagramSocket;
+use crate::stream::{Pipes, TunnelListener, TunnelStream, MAX_CHUNK};
+use crate::PeerConfig;
+
+/// Boringtun's handshake rate limit per second before it demands cookies (its device default).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Datagrams handled per wake-up before the stack runs; amortizes smoltcp polls under load.
+const RECV_BATCH: usize = 64;
+/// How long a connection the application has dropped may take to finish closing before it is
+/// reset (bounds FIN_WAIT_2 against a peer that never closes).
+const LINGER: Duration = Duration::from_secs(30);
+/// TCP keepalive and dead-peer timeout on tunnel connections: a CVM that vanishes without a
+/// FIN frees its gateway connections within `TCP_TIMEOUT`.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(25);
+const TCP_TIMEOUT: Duration = Duration::from_secs(90);
+const EPHEMERAL_FIRST: u16 = 49152;
+/// WireGuard message type of a cookie reply (first byte; the other three are zero).
+const MSG_COOKIE_REPLY: u8 = 3;
+
+pub(crate) enum Command {
+    SetPeers(Vec<PeerConfig>, oneshot::Sender<Result<PeerDiff, WgError>>),
+    Connect {
+        remote: SocketAddr,
+        reply: oneshot::Sender<Result<TunnelStream, WgError>>,
+    },
+    Listen {
+        port: u16,
+        reply: oneshot::Sender<Result<TunnelListener, WgError>>,
+    },
+    Stats(oneshot::Sender<Vec<PeerStats>>),
+}
+
+enum Event {
+    Command(Command),
+    Datagram(io::Result<(SocketAddr, usize)>),
+    Timer,
+    Wake,
+}
+
+struct Conn {
+    local_port: u16,
+    remote: IpEndpoint,
+    phase: Phase,
+}
+
+enum Phase {
+    Connecting {
+        reply: oneshot::Sender<Result<TunnelStream, WgError>>,
+        addr: SocketAddr,
+    },
+    Open(Box<OpenConn>),
+    /// The application is gone; TCP is finishing its close (bounded by `LINGER`).
+    Closing {
+        since: Instant,
+    },
+    /// Aborted; removed on the next pass, after the poll that sends the RST.
+    Aborted,
+}
+
+struct OpenConn {
+    pipes: Pipes,
+    pending: Option<Bytes>,
+    app_write_closed: bool,
+    fin_sent: bool,
+}
+
+struct Listener {
+    tx: mpsc::Sender<TunnelStream>,
+    ready: Vec<SocketHandle>,
+}
+
+pub(crate) struct Driver<S> {
+    socket: S,
+    cfg: EndpointConfig,
+    own_ip: IpAddr,
+    max_datagram: usize,
+    static_private: x25519::StaticSecret,
+    static_public: x25519::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    peers: PeerTable,
+    counters: Arc<Counters>,
+    notify: Arc<Notify>,
+    iface: Interface,
+    device: VirtualDevice,
+    sockets: SocketSet<'static>,
+    conns: HashMap<SocketHandle, Conn>,
+    listeners: HashMap<u16, Listener>,
+    ports_in_use: HashSet<(u16, IpEndpoint)>,
+    next_port: u16,
+    start: Instant,
+    rx_buf: Vec<u8>,
+    out_buf: Vec<u8>,
+}
+
+impl<S: DatagramSocket> Driver<S> {
+    pub fn new(
+        cfg: EndpointConfig,
+        socket: S,
+        counters: Arc<Counters>,
+        notify: Arc<Notify>,
+    ) -> Self {
+        let static_private = cfg.private_key.to_x25519();
+        let static_public = x25519::PublicKey::from(&static_private);
+        let own_key = PublicKey::from_bytes(static_public.to_bytes());
+        let rate_limiter = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
+        let peers = PeerTable::new(own_key, cfg.tunnel_ip, static_private.clone());
+
+        let start = Instant::now();
+        let mut device = VirtualDevice::new(cfg.mtu);
+        let mut config = Config::new(HardwareAddress::Ip);
+        // Seeds TCP initial sequence numbers and ephemeral choices; the default (0) would make
+        // them predictable to an on-path peer.
+        config.random_seed = rand::random();
+        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
+        let own_ip = cfg.tunnel_ip;
+        iface.update_ip_addrs(|addrs| {
+            let prefix = if own_ip.is_ipv4() { 32 } else { 128 };
+            // One address; the vector has room for several, so this cannot fail.
+            let _ = addrs.push(IpCidr::new(own_ip.into(), prefix));
+        });
+        // Peers are not on a subnet of ours: a default route makes every destination reachable,
+        // and the driver picks the peer by destination when it encrypts. With Medium::Ip there
+        // is no neighbor resolution, so the gateway address is never used.
+        let routed = match own_ip {
+            IpAddr::V4(a) => iface.routes_mut().add_default_ipv4_route(a).is_ok(),
+            IpAddr::V6(a) => iface.routes_mut().add_default_ipv6_route(a).is_ok(),
+        };
+        debug_assert!(
+            routed,
+            "an empty route table has room for one default route"
+        );
+
+        let max_datagram = cfg.max_datagram();
+        Self {
+            socket,
+            own_ip,
+            max_datagram,
+            static_private,
+            static_public,
+            rate_limiter,
+            peers,
+            counters,
+            notify,
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            conns: HashMap::new(),
+            listeners: HashMap::new(),
+            ports_in_use: HashSet::new(),
+            next_port: EPHEMERAL_FIRST + rand::random::<u16>() % (u16::MAX - EPHEMERAL_FIRST),
+            start,
+            // Big enough for any UDP datagram, so oversized ones are seen whole and counted
+            // instead of silently truncated.
+            rx_buf: vec![0u8; 65536],
+            out_buf: vec![0u8; 65536 + 256],
+            cfg,
+        }
+    }
+
+    fn smol_now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.start.elapsed().as_micros() as i64)
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut timers = tokio::time::interval(self.cfg.timer_interval);
+        timers.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_limiter_reset = Instant::now();
+        loop {
+            let now = self.smol_now();
+            let stack_delay = self
+                .iface
+                .poll_delay(now, &self.sockets)
+                .map(|d| Duration::from_micros(d.total_micros()))
+                .unwrap_or(Duration::from_secs(3600));
+            let event = {
+                let socket = &self.socket;
+                let mut rb = ReadBuf::new(&mut self.rx_buf);
+                // Not biased: under a datagram flood, timers and applications still get turns.
+                tokio::select! {
+                    cmd = commands.recv() => match cmd {
+                        Some(c) => Event::Command(c),
+                        None => break,
+                    },
+                    r = poll_fn(|cx| {
+                        socket
+                            .poll_recv_from(cx, &mut rb)
+                            .map(|r| r.map(|from| (from, rb.filled().len())))
+                    }) => Event::Datagram(r),
+                    _ = timers.tick() => Event::Timer,
+                    _ = self.notify.notified() => Event::Wake,
+                    _ = tokio::time::sleep(stack_delay) => Event::Wake,
+                }
+            };
+            match event {
+                Event::Command(c) => self.handle_command(c),
+                Event::Datagram(Ok((from, len))) => {
+                    self.handle_datagram(from, len).await;
+                    self.drain_socket().await;
+                }
+                Event::Datagram(Err(e)) => {
+                    Counters::inc(&self.counters.socket_errors);
+                    tracing::debug!(error = %e, "udp receive failed");
+                }
+                Event::Timer => {
+                    self.tick_timers().await;
+                    if last_limiter_reset.elapsed() >= Duration::from_secs(1) {
+                        // A limiter shared by all peers is not reset by any Tunn: our job.
+                        self.rate_limiter.reset_count();
+                        last_limiter_reset = Instant::now();
+                    }
+                }
+                Event::Wake => {}
+            }
+            self.run_stack().await;
+        }
+        tracing::debug!("endpoint handles dropped; driver stops");
+    }
+
+    /// Reads whatever else is already queued on the socket, without waiting.
+    async fn drain_socket(&mut self) {
+        for _ in 0..RECV_BATCH {
+            let polled = {
+                let mut rb = ReadBuf::new(&mut self.rx_buf);
+                let mut cx = Context::from_waker(Waker::noop());
+                self.socket
+                    .poll_recv_from(&mut cx, &mut rb)
+                    .map(|r| r.map(|from| (from, rb.filled().len())))
+            };
+            match polled {
+                Poll::Ready(Ok((from, len))) => {
+                    self.handle_datagram(from, len).await;
+                }
+                Poll::Ready(Err(e)) => {
+                    Counters::inc(&self.counters.socket_errors);
+                    tracing::debug!(error = %e, "udp receive failed");
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+    }
+
+    async fn handle_datagram(&mut self, from: SocketAddr, len: usize) {
+        let c = &*self.counters;
+        Counters::inc(&c.rx_datagrams);
+        Counters::add(&c.rx_bytes, len);
+        if len > self.max_datagram {
+            Counters::inc(&c.oversized_datagrams);
+            return;
+        }
+        let data = &self.rx_buf[..len];
+        let mut cookie = [0u8; 64];
+        // MAC1 check and endpoint-wide handshake rate limiting first: cheap, and it keeps the
+        // DH in parse_handshake_anon out of reach of anyone who does not know our public key.
+        // (boringtun's `handle_verified_packet` is crate-private, so the peer's Tunn verifies
+        // the MACs once more in `decapsulate`, against its own per-peer limit.)
+        let packet = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), data, &mut cookie)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                Counters::inc(&c.cookie_replies_sent);
+                send_udp(&self.socket, c, reply, from).await;
+                return;
+            }
+            Err(_) => {
+                Counters::inc(&c.invalid_datagrams);
+                tracing::trace!(%from, len, "dropped invalid datagram");
+                return;
+            }
+        };
+        let kind = match packet {
+            Packet::HandshakeInit(_) => "init",
+            Packet::HandshakeResponse(_) => "response",
+            Packet::PacketCookieReply(_) => "cookie",
+            Packet::PacketData(_) => "data",
+        };
+        let peer = match &packet {
+            Packet::HandshakeInit(init) => {
+                parse_handshake_anon(&self.static_private, &self.static_public, init)
+                    .ok()
+                    .and_then(|half| {
+                        self.peers
+                            .get_mut(&PublicKey::from_bytes(half.peer_static_public))
+                    })
+            }
+            Packet::HandshakeResponse(p) => self.peers.by_session_index(p.receiver_idx),
+            Packet::PacketCookieReply(p) => self.peers.by_session_index(p.receiver_idx),
+            Packet::PacketData(p) => self.peers.by_session_index(p.receiver_idx),
+        };
+        let Some(peer) = peer else {
+            if kind == "init" {
+                Counters::inc(&c.unknown_peer_handshakes);
+                tracing::debug!(%from, "handshake from an unknown key dropped");
+            } else {
+                Counters::inc(&c.unknown_session_index);
+                tracing::trace!(%from, kind, "message for an unknown session dropped");
+            }
+            return;
+        };
+
+        match peer
+            .tunn
+            .decapsulate(Some(from.ip()), data, &mut self.out_buf)
+        {
+            TunnResult::Done => peer.endpoint = Some(from),
+            TunnResult::Err(e) => {
+                Counters::inc(&c.decapsulate_errors);
+                tracing::trace!(peer = %peer.config.public_key, error = ?e, kind, "rejected");
+            }
+            TunnResult::WriteToNetwork(reply) if reply.first() == Some(&MSG_COOKIE_REPLY) => {
+                // The peer is over its own handshake budget: it gets a cookie, nothing else.
+                Counters::inc(&c.cookie_replies_sent);
+                send_udp(&self.socket, c, reply, from).await;
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                // Only authenticated messages get here, so following the source is roaming,
+                // not hijacking.
+                peer.endpoint = Some(from);
+                if kind == "init" || kind == "response" {
+                    Counters::inc(&c.handshakes_completed);
+                    tracing::debug!(peer = %peer.config.public_key, %from, "handshake completed");
+                }
+                send_udp(&self.socket, c, reply, from).await;
+                // Packets boringtun queued while the handshake was pending go out now.
+                while let TunnResult::WriteToNetwork(queued) =
+                    peer.tunn.decapsulate(None, &[], &mut self.out_buf)
+                {
+                    send_udp(&self.socket, c, queued, from).await;
+                }
+            }
+            TunnResult::WriteToTunnelV4(inner, src) => {
+                peer.endpoint = Some(from);
+                admit_inner(
+                    c,
+                    &mut self.device,
+                    inner,
+                    src.into(),
+                    peer.config.tunnel_ip,
+                    self.own_ip,
+                    self.cfg.mtu,
+                );
+            }
+            TunnResult::WriteToTunnelV6(inner, src) => {
+                peer.endpoint = Some(from);
+                admit_inner(
+                    c,
+                    &mut self.device,
+                    inner,
+                    src.into(),
+                    peer.config.tunnel_ip,
+                    self.own_ip,
+                    self.cfg.mtu,
+                );
+            }
+        }
+    }
+
+    async fn tick_timers(&mut self) {
+        let c = &*self.counters;
+        for peer in self.peers.iter_mut() {
+            match peer.tunn.update_timers(&mut self.out_buf) {
+                TunnResult::WriteToNetwork(p) => match peer.endpoint {
+                    Some(ep) => send_udp(&self.socket, c, p, ep).await,
+                    None => Counters::inc(&c.no_endpoint),
+                },
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    tracing::trace!(peer = %peer.config.public_key, "session expired");
+                }
+                TunnResult::Err(e) => {
+                    tracing::debug!(peer = %peer.config.public_key, error = ?e, "timer error");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Encrypts everything smoltcp emitted, each packet to the peer owning its destination.
+    async fn flush_tx(&mut self) {
+        let c = &*self.counters;
+        while let Some(pkt) = self.device.tx.pop_front() {
+            let Some(hdr) = packet::parse(&pkt) else {
+                Counters::inc(&c.malformed_inner);
+                continue;
+            };
+            let Some(peer) = self.peers.by_ip(&hdr.dst) else {
+                Counters::inc(&c.no_route);
+                continue;
+            };
+            let Some(endpoint) = peer.endpoint else {
+                Counters::inc(&c.no_endpoint);
+                continue;
+            };
+            match peer.tunn.encapsulate(&pkt, &mut self.out_buf) {
+                TunnResult::WriteToNetwork(out) => {
+                    Counters::inc(&c.inner_packets_out);
+                    send_udp(&self.socket, c, out, endpoint).await;
+                }
+                TunnResult::Err(e) => {
+                    tracing::debug!(peer = %peer.config.public_key, error = ?e, "encapsulate failed");
+                }
+                // Queued inside boringtun until the handshake completes.
+                _ => {}
+            }
+        }
+    }
+
+    async fn run_stack(&mut self) {
+        // Bounded: each round can only make progress the previous one enabled.
+        for _ in 0..4 {
+            let now = self.smol_now();
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            self.flush_tx().await;
+            let conns_changed = self.service_conns();
+            let listeners_changed = self.service_listeners();
+            if !conns_changed && !listeners_changed {
+                break;
+            }
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::SetPeers(list, reply) => {
+                let result = self.peers.set(list);
+                if let Ok(diff) = &result {
+                    tracing::info!(
+                        added = diff.added.len(),
+                        removed = diff.removed.len(),
+                        updated = diff.updated.len(),
+                        unchanged = diff.unchanged,
+                        "peers updated"
+                    );
+                    self.reset_orphaned_conns();
+                }
+                let _ = reply.send(result);
+            }
+            Command::Connect { remote, reply } => {
+                if self.connect(remote, reply).is_err() {
+                    Counters::inc(&self.counters.connects_failed);
+                    tracing::debug!(%remote, "connect refused locally");
+                }
+            }
+            Command::Listen { port, reply } => {
+                let _ = reply.send(self.listen(port));
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.peers.stats());
+            }
+        }
+    }
+
+    /// Resets connections to addresses no peer owns any more: the application learns at once
+    /// instead of after a TCP timeout.
+    fn reset_orphaned_conns(&mut self) {
+        for (&h, conn) in self.conns.iter_mut() {
+            let ip = IpAddr::from(conn.remote.addr);
+            if !self.peers.has_ip(&ip) {
+                self.sockets.get_mut::<tcp::Socket>(h).abort();
+                if let Phase::Closing { .. } = conn.phase {
+                    conn.phase = Phase::Aborted;
+                }
+            }
+        }
+    }
+
+    fn connect(
+        &mut self,
+        remote: SocketAddr,
+        reply: oneshot::Sender<Result<TunnelStream, WgError>>,
+    ) -> Result<(), ()> {
+        let fail = |reply: oneshot::Sender<_>, e: WgError| {
+            let _ = reply.send(Err(e));
+            Err(())
+        };
+        if remote.port() == 0 {
+            return fail(reply, WgError::InvalidPort(0));
+        }
+        if remote.ip() == self.own_ip {
+            return fail(reply, WgError::ConnectToSelf(remote.ip()));
+        }
+        if !self.peers.has_ip(&remote.ip()) {
+            return fail(reply, WgError::NoRoute(remote.ip()));
+        }
+        if self.conns.len() >= self.cfg.max_connections {
+            return fail(reply, WgError::TooManyConnections(self.conns.len()));
+        }
+        let remote_ep = IpEndpoint::from(remote);
+        let Some(port) = self.alloc_port(remote_ep) else {
+            return fail(reply, WgError::NoFreePort(remote));
+        };
+        let mut sock = new_tcp_socket(self.cfg.tcp_buffer_bytes);
+        if let Err(e) = sock.connect(self.iface.context(), remote_ep, port) {
+            self.ports_in_use.remove(&(port, remote_ep));
+            tracing::debug!(%remote, error = ?e, "smoltcp connect failed");
+            return fail(reply, WgError::ConnectRefused(remote));
+        }
+        let handle = self.sockets.add(sock);
+        self.conns.insert(
+            handle,
+            Conn {
+                local_port: port,
+                remote: remote_ep,
+                phase: Phase::Connecting {
+                    reply,
+                    addr: remote,
+                },
+            },
+        );
+        Ok(())
+    }
+
+    fn alloc_port(&mut self, remote: IpEndpoint) -> Option<u16> {
+        let span = usize::from(u16::MAX - EPHEMERAL_FIRST) + 1;
+        for _ in 0..span {
+            let p = self.next_port;
+            self.next_port = if p == u16::MAX {
+                EPHEMERAL_FIRST
+            } else {
+                p + 1
+            };
+            if self.ports_in_use.insert((p, remote)) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    fn listen(&mut self, port: u16) -> Result<TunnelListener, WgError> {
+        if port == 0 {
+            return Err(WgError::InvalidPort(0));
+        }
+        if let Some(l) = self.listeners.get(&port) {
+            if !l.tx.is_closed() {
+                return Err(WgError::PortInUse(port));
+            }
+            self.drop_listener(port);
+        }
+        let (tx, rx) = mpsc::channel(self.cfg.accept_queue);
+        let mut ready = Vec::with_capacity(self.cfg.listen_backlog);
+        for _ in 0..self.cfg.listen_backlog {
+            ready.push(self.new_listening_socket(port));
+        }
+        self.listeners.insert(port, Listener { tx, ready });
+        tracing::debug!(port, "listening on the tunnel");
+        Ok(TunnelListener { port, rx })
+    }
+
+    fn new_listening_socket(&mut self, port: u16) -> SocketHandle {
+        let mut sock = new_tcp_socket(self.cfg.tcp_buffer_bytes);
+        // Only fails on port 0 or a socket that is already open; neither can happen here.
+        let _ = sock.listen(port);
+        self.sockets.add(sock)
+    }
+
+    fn drop_listener(&mut self, port: u16) {
+        if let Some(l) = self.listeners.remove(&port) {
+            for h in l.ready {
+                self.sockets.remove(h);
+            }
+        }
+    }
+
+    /// Moves listening sockets that completed a handshake into the connection table and hands
+    /// their streams to the listener. Returns whether anything changed.
+    fn service_listeners(&mut self) -> bool {
+        let mut changed = false;
+        let ports: Vec<u16> = self.listeners.keys().copied().collect();
+        for port in ports {
+            let Some(l) = self.listeners.get(&port) else {
+                continue;
+            };
+            if l.tx.is_closed() {
+                self.drop_listener(port);
+                changed = true;
+                continue;
+            }
+            for slot in 0..self.cfg.listen_backlog {
+                let Some(&h) = self.listeners.get(&port).and_then(|l| l.ready.get(slot)) else {
+                    break;
+                };
+                let sock = self.sockets.get_mut::<tcp::Socket>(h);
+                match sock.state() {
+                    State::Listen | State::SynReceived => continue,
+                    State::Closed => {
+                        // Reset during the handshake: listen again on the same socket.
+                        let _ = sock.listen(port);
+                        continue;
+                    }
+                    _ => {}
+                }
+                let Some(remote) = sock.remote_endpoint() else {
+                    continue;
+                };
+                let replacement = self.new_listening_socket(port);
+                let Some(l) = self.listeners.get_mut(&port) else {
+                    continue;
+                };
+                l.ready[slot] = replacement;
+                changed = true;
+
+                let local = SocketAddr::new(self.own_ip, port);
+                let peer = SocketAddr::from((IpAddr::from(remote.addr), remote.port));
+                let (stream, pipes) = TunnelStream::new_pair(self.notify.clone(), local, peer);
+                self.ports_in_use.insert((port, remote));
+                let phase = if self.conns.len() >= self.cfg.max_connections {
+                    drop(stream);
+                    Counters::inc(&self.counters.accept_overflow);
+                    self.sockets.get_mut::<tcp::Socket>(h).abort();
+                    Phase::Aborted
+                } else {
+                    match l.tx.try_send(stream) {
+                        Ok(()) => {
+                            Counters::inc(&self.counters.accepted);
+                            Phase::Open(Box::new(OpenConn::new(pipes)))
+                        }
+                        Err(_) => {
+                            Counters::inc(&self.counters.accept_overflow);
+                            self.sockets.get_mut::<tcp::Socket>(h).abort();
+                            Phase::Aborted
+                        }
+                    }
+                };
+                self.conns.insert(
+                    h,
+                    Conn {
+                        local_port: port,
+                        remote,
+                        phase,
+                    },
+                );
+            }
+        }
+        changed
+    }
+
+    /// Moves bytes between TCP sockets and applications and advances connection lifecycles.
+    /// Returns whether anything changed that warrants another smoltcp poll.
+    fn service_conns(&mut self) -> bool {
+        let mut changed = false;
+        let mut finished = Vec::new();
+        for (&h, conn) in self.conns.iter_mut() {
+            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            match &mut conn.phase {
+                Phase::Connecting { reply, addr } => match sock.state() {
+                    State::SynSent | State::SynReceived => {
+                        if reply.is_closed() {
+                            // The caller timed out and went away.
+                            sock.abort();
+                            conn.phase = Phase::Aborted;
+                            Counters::inc(&self.counters.connects_failed);
+                            changed = true;
+                        }
+                    }
+                    State::Closed => {
+                        let addr = *addr;
+                        if let Phase::Connecting { reply, .. } =
+                            std::mem::replace(&mut conn.phase, Phase::Aborted)
+                        {
+                            let _ = reply.send(Err(WgError::ConnectRefused(addr)));
+                        }
+                        Counters::inc(&self.counters.connects_failed);
+                        finished.push(h);
+                    }
+                    _ => {
+                        let local = SocketAddr::new(self.own_ip, conn.local_port);
+                        let (stream, pipes) =
+                            TunnelStream::new_pair(self.notify.clone(), local, *addr);
+                        let Phase::Connecting { reply, .. } =
+                            std::mem::replace(&mut conn.phase, Phase::Aborted)
+                        else {
+                            continue;
+                        };
+                        if reply.send(Ok(stream)).is_ok() {
+                            Counters::inc(&self.counters.connects_ok);
+                            conn.phase = Phase::Open(Box::new(OpenConn::new(pipes)));
+                        } else {
+                            Counters::inc(&self.counters.connects_failed);
+                            sock.abort();
+                        }
+                        changed = true;
+                    }
+                },
+                Phase::Open(open) => {
+                    changed |= pump(sock, open);
+                    let app_gone = open.app_write_closed
+                        && open.pipes.to_app.as_ref().is_none_or(|t| t.is_closed());
+                    if sock.state() == State::Closed {
+                        finished.push(h);
+                    } else if app_gone && open.fin_sent {
+                        conn.phase = Phase::Closing {
+                            since: Instant::now(),
+                        };
+                    }
+                }
+                Phase::Closing { since } => {
+                    // Nobody reads any more: keep the window open so the peer can finish.
+                    while sock.can_recv() {
+                        if sock.recv(|b| (b.len(), ())).is_err() {
+                            break;
+                        }
+                    }
+                    match sock.state() {
+                        State::Closed | State::TimeWait => finished.push(h),
+                        _ if since.elapsed() > LINGER => {
+                            sock.abort();
+                            conn.phase = Phase::Aborted;
+                            changed = true;
+                        }
+                        _ => {}
+                    }
+                }
+                Phase::Aborted => finished.push(h),
+            }
+        }
+        for h in finished {
+            if let Some(conn) = self.conns.remove(&h) {
+                self.ports_in_use.remove(&(conn.local_port, conn.remote));
+            }
+            self.sockets.remove(h);
+        }
+        changed
+    }
+}
+
+impl OpenConn {
+    fn new(pipes: Pipes) -> Self {
+        Self {
+            pipes,
+            pending: None,
+            app_write_closed: false,
+            fin_sent: false,
+        }
+    }
+}
+
+/// One connection's data movement, both ways, plus EOF/reset/FIN propagation.
+fn pump(sock: &mut tcp::Socket<'static>, open: &mut OpenConn) -> bool {
+    let mut changed = false;
+
+    // Peer → application, only as far as the channel has room (TCP window does the rest).
+    while sock.can_recv() {
+        let Some(tx) = &open.pipes.to_app else {
+            // The application dropped its reader: discard so the peer can finish.
+            let _ = sock.recv(|b| (b.len(), ()));
+            changed = true;
+            continue;
+        };
+        if tx.is_closed() {
+            open.pipes.to_app = None;
+            continue;
+        }
+        // Full: stop reading; the TCP window closes toward the peer until the app catches up.
+        let Ok(permit) = tx.try_reserve() else {
+            break;
+        };
+        match sock.recv(|b| {
+            let n = b.len().min(MAX_CHUNK);
+            (n, Bytes::copy_from_slice(&b[..n]))
+        }) {
+            Ok(chunk) => permit.send(Ok(chunk)),
+            Err(_) => break,
+        }
+        changed = true;
+    }
+    if !sock.may_recv() {
+        if let Some(tx) = open.pipes.to_app.take() {
+            if sock.state() == State::Closed && !open.fin_sent {
+                // Closed without our FIN and without passing through CLOSE_WAIT: a reset.
+                let _ = tx.try_send(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "tunnel connection reset",
+                )));
+            }
+            // Dropping the sender is EOF once the application has read what is queued.
+            changed = true;
+        }
+    }
+
+    // Application → peer.
+    loop {
+        if open.pending.is_none() {
+            if open.app_write_closed {
+                break;
+            }
+            match open.pipes.from_app.try_recv() {
+                Ok(chunk) => open.pending = Some(chunk),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open.app_write_closed = true;
+                    break;
+                }
+            }
+        }
+        let Some(p) = open.pending.as_mut() else {
+            break;
+        };
+        if !sock.may_send() {
+            // The connection cannot carry data any more (reset); the app will see it close.
+            open.pending = None;
+            break;
+        }
+        match sock.send_slice(p) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                p.advance(n);
+                changed = true;
+                if p.is_empty() {
+                    open.pending = None;
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+    if open.app_write_closed && open.pending.is_none() && !open.fin_sent {
+        sock.close();
+        open.fin_sent = true;
+        changed = true;
+    }
+    changed
+}
+
+/// Enforces the tunnel's address rules on a decrypted packet, then queues it for smoltcp.
+fn admit_inner(
+    c: &Counters,
+    device: &mut VirtualDevice,
+    inner: &[u8],
+    src: IpAddr,
+    allowed: IpAddr,
+    own_ip: IpAddr,
+    mtu: usize,
+) {
+    // boringtun does not enforce AllowedIPs: without this check a peer could speak as any
+    // other peer's address.
+    if src != allowed {
+        Counters::inc(&c.spoofed_source);
+        tracing::debug!(%src, %allowed, "inner source is not the peer's address; dropped");
+        return;
+    }
+    let Some(hdr) = packet::parse(inner) else {
+        Counters::inc(&c.malformed_inner);
+        return;
+    };
+    // Nothing is forwarded: a packet for anyone but us would be a peer trying to reach another
+    // peer through this endpoint.
+    if hdr.dst != own_ip {
+        Counters::inc(&c.not_for_us);
+        tracing::debug!(%src, dst = %hdr.dst, "inner packet not addressed to us; dropped");
+        return;
+    }
+    if inner.len() > mtu {
+        Counters::inc(&c.malformed_inner);
+        return;
+    }
+    Counters::inc(&c.inner_packets_in);
+    device.rx.push_back(inner.to_vec());
+}
+
+async fn send_udp<S: DatagramSocket>(socket: &S, c: &Counters, buf: &[u8], to: SocketAddr) {
+    match poll_fn(|cx| socket.poll_send_to(cx, buf, to)).await {
+        Ok(n) => {
+            Counters::inc(&c.tx_datagrams);
+            Counters::add(&c.tx_bytes, n);
+        }
+        Err(e) => {
+            Counters::inc(&c.socket_errors);
+            tracing::debug!(%to, error = %e, "udp send failed");
+        }
+    }
+}
+
+fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+    );
+    // Request/response traffic (HTTP through the gateway) must not wait for Nagle; bulk writes
+    // arrive in 64 KiB chunks and fill segments anyway.
+    s.set_nagle_enabled(false);
+    s.set_keep_alive(Some(TCP_KEEPALIVE.into()));
+    s.set_timeout(Some(TCP_TIMEOUT.into()));
+    // Tunnels cross the internet between regions; without congestion control smoltcp sends
+    // whatever the window allows and melts lossy paths.
+    s.set_congestion_control(CongestionControl::Reno);
+    s
+}

@@ -1,0 +1,315 @@
+//! The peer table: one boringtun `Tunn` per peer, indexed by key, by session index and by
+//! tunnel address, and replaced by diffing so unchanged peers keep their sessions.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use boringtun::noise::Tunn;
+use boringtun::x25519;
+
+use crate::config::{is_unicast, PeerConfig};
+use crate::error::WgError;
+use crate::key::PublicKey;
+
+/// boringtun puts the peer index in the upper 24 bits of every session index it hands out
+/// (`index << 8`), so incoming responses and data name their peer without a key lookup.
+const MAX_PEER_INDEX: u32 = (1 << 24) - 1;
+
+pub(crate) struct Peer {
+    pub config: PeerConfig,
+    pub tunn: Tunn,
+    pub index: u32,
+    /// Where packets go: the configured endpoint, replaced by the source of the latest
+    /// authenticated packet (WireGuard roaming).
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// What a `set_peers` call changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerDiff {
+    /// Peers that were not there before.
+    pub added: Vec<PublicKey>,
+    /// Peers that are gone (their sessions are dropped).
+    pub removed: Vec<PublicKey>,
+    /// Peers whose tunnel address, endpoint or keepalive changed.
+    pub updated: Vec<PublicKey>,
+    /// Peers left exactly as they were (sessions untouched).
+    pub unchanged: usize,
+}
+
+/// A peer's state, for `wg show`-like output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStats {
+    /// The peer's key.
+    pub public_key: PublicKey,
+    /// Its tunnel address.
+    pub tunnel_ip: IpAddr,
+    /// Current UDP endpoint (configured or learned).
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last completed handshake; `None` if never.
+    pub last_handshake: Option<Duration>,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: usize,
+    /// Inner bytes received from the peer.
+    pub rx_bytes: usize,
+    /// Round-trip time of the last handshake, in milliseconds.
+    pub rtt_ms: Option<u32>,
+}
+
+pub(crate) struct PeerTable {
+    own_key: PublicKey,
+    own_ip: IpAddr,
+    static_private: x25519::StaticSecret,
+    by_key: HashMap<PublicKey, Peer>,
+    by_index: HashMap<u32, PublicKey>,
+    by_ip: HashMap<IpAddr, PublicKey>,
+    next_index: u32,
+}
+
+impl PeerTable {
+    pub fn new(own_key: PublicKey, own_ip: IpAddr, static_private: x25519::StaticSecret) -> Self {
+        Self {
+            own_key,
+            own_ip,
+            static_private,
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            by_ip: HashMap::new(),
+            // Random start so a restarted endpoint does not reuse the session indexes its peers
+            // still remember from before the restart.
+            next_index: rand::random::<u32>() & MAX_PEER_INDEX,
+        }
+    }
+
+    /// Replaces the peer set. Validates the whole list first, so a bad list changes nothing.
+    pub fn set(&mut self, peers: Vec<PeerConfig>) -> Result<PeerDiff, WgError> {
+        if peers.len() > MAX_PEER_INDEX as usize {
+            return Err(WgError::TooManyPeers(peers.len()));
+        }
+        let mut keys = HashSet::with_capacity(peers.len());
+        let mut ips: HashMap<IpAddr, PublicKey> = HashMap::with_capacity(peers.len());
+        for p in &peers {
+            if p.public_key == self.own_key {
+                return Err(WgError::PeerIsSelf {
+                    key: p.public_key,
+                    what: "same public key",
+                });
+            }
+            if p.tunnel_ip == self.own_ip {
+                return Err(WgError::PeerIsSelf {
+                    key: p.public_key,
+                    what: "same tunnel address",
+                });
+            }
+            if !is_unicast(p.tunnel_ip) {
+                return Err(WgError::InvalidPeerIp {
+                    key: p.public_key,
+                    ip: p.tunnel_ip,
+                });
+            }
+            if !keys.insert(p.public_key) {
+                return Err(WgError::DuplicatePeer(p.public_key));
+            }
+            if let Some(first) = ips.insert(p.tunnel_ip, p.public_key) {
+                return Err(WgError::DuplicatePeerIp {
+                    ip: p.tunnel_ip,
+                    first,
+                    second: p.public_key,
+                });
+            }
+        }
+
+        let mut diff = PeerDiff::default();
+        let gone: Vec<PublicKey> = self
+            .by_key
+            .keys()
+            .filter(|k| !keys.contains(k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(peer) = self.by_key.remove(&key) {
+                self.by_index.remove(&peer.index);
+                self.by_ip.remove(&peer.config.tunnel_ip);
+            }
+            diff.removed.push(key);
+        }
+        // Addresses may move between peers within one update; rebuild the address index.
+        self.by_ip.clear();
+        for cfg in peers {
+            let key = cfg.public_key;
+            self.by_ip.insert(cfg.tunnel_ip, key);
+            match self.by_key.get_mut(&key) {
+                Some(peer) if peer.config == cfg => diff.unchanged += 1,
+                Some(peer) => {
+                    if peer.config.persistent_keepalive != cfg.persistent_keepalive {
+                        // boringtun fixes keepalive at construction; a new Tunn means one new
+                        // handshake for this peer only.
+                        peer.tunn = new_tunn(&self.static_private, &cfg, peer.index);
+                    }
+                    if cfg.endpoint.is_some() && cfg.endpoint != peer.config.endpoint {
+                        peer.endpoint = cfg.endpoint;
+                    }
+                    peer.config = cfg;
+                    diff.updated.push(key);
+                }
+                None => {
+                    let index = self.alloc_index();
+                    let peer = Peer {
+                        tunn: new_tunn(&self.static_private, &cfg, index),
+                        endpoint: cfg.endpoint,
+                        index,
+                        config: cfg,
+                    };
+                    self.by_index.insert(index, key);
+                    self.by_key.insert(key, peer);
+                    diff.added.push(key);
+                }
+            }
+        }
+        Ok(diff)
+    }
+
+    fn alloc_index(&mut self) -> u32 {
+        // The caller bounds the peer count below the index space, so this terminates.
+        loop {
+            let i = self.next_index;
+            self.next_index = (self.next_index + 1) & MAX_PEER_INDEX;
+            if !self.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self, key: &PublicKey) -> Option<&mut Peer> {
+        self.by_key.get_mut(key)
+    }
+
+    /// The peer owning a receiver index from an incoming message.
+    pub fn by_session_index(&mut self, receiver_idx: u32) -> Option<&mut Peer> {
+        let key = self.by_index.get(&(receiver_idx >> 8))?;
+        self.by_key.get_mut(key)
+    }
+
+    pub fn by_ip(&mut self, ip: &IpAddr) -> Option<&mut Peer> {
+        let key = self.by_ip.get(ip)?;
+        self.by_key.get_mut(key)
+    }
+
+    pub fn has_ip(&self, ip: &IpAddr) -> bool {
+        self.by_ip.contains_key(ip)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Peer> {
+        self.by_key.values_mut()
+    }
+
+    pub fn stats(&self) -> Vec<PeerStats> {
+        self.by_key
+            .values()
+            .map(|p| {
+                let (last_handshake, tx_bytes, rx_bytes, _loss, rtt_ms) = p.tunn.stats();
+                PeerStats {
+                    public_key: p.config.public_key,
+                    tunnel_ip: p.config.tunnel_ip,
+                    endpoint: p.endpoint,
+                    last_handshake,
+                    tx_bytes,
+                    rx_bytes,
+                    rtt_ms,
+                }
+            })
+            .collect()
+    }
+}
+
+fn new_tunn(static_private: &x25519::StaticSecret, cfg: &PeerConfig, index: u32) -> Tunn {
+    Tunn::new(
+        static_private.clone(),
+        cfg.public_key.to_x25519(),
+        None,
+        cfg.persistent_keepalive,
+        index,
+        // Each peer gets boringtun's own per-peer handshake limiter (reset by its timers); the
+        // driver's endpoint-wide limiter screens every handshake before it gets here.
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::PrivateKey;
+
+    fn table() -> PeerTable {
+        let sk = PrivateKey::generate();
+        PeerTable::new(
+            sk.public_key(),
+            "10.0.0.1".parse().expect("ip"),
+            sk.to_x25519(),
+        )
+    }
+
+    fn peer(n: u8) -> PeerConfig {
+        PeerConfig::new(
+            PrivateKey::generate().public_key(),
+            IpAddr::from([10, 0, 1, n]),
+        )
+    }
+
+    #[test]
+    fn diff_keeps_unchanged_and_reports_changes() {
+        let mut t = table();
+        let (a, b, c) = (peer(1), peer(2), peer(3));
+        let d = t.set(vec![a.clone(), b.clone()]).expect("set");
+        assert_eq!(d.added.len(), 2);
+        let a_index = t.get_mut(&a.public_key).expect("a").index;
+
+        let mut b2 = b.clone();
+        b2.persistent_keepalive = Some(25);
+        let d = t.set(vec![a.clone(), b2, c.clone()]).expect("set");
+        assert_eq!(d.unchanged, 1);
+        assert_eq!(d.updated, vec![b.public_key]);
+        assert_eq!(d.added, vec![c.public_key]);
+        // Unchanged peers keep their index, hence their sessions.
+        assert_eq!(t.get_mut(&a.public_key).expect("a").index, a_index);
+
+        let d = t.set(vec![c.clone()]).expect("set");
+        assert_eq!(d.removed.len(), 2);
+        assert!(t.by_ip(&a.tunnel_ip).is_none());
+        assert!(t.by_session_index(a_index << 8).is_none());
+        assert!(t.by_ip(&c.tunnel_ip).is_some());
+    }
+
+    #[test]
+    fn rejects_bad_lists_without_changing_anything() {
+        let mut t = table();
+        let a = peer(1);
+        t.set(vec![a.clone()]).expect("set");
+        let mut clash = peer(2);
+        clash.tunnel_ip = a.tunnel_ip;
+        let e = t.set(vec![a.clone(), clash]).expect_err("duplicate ip");
+        assert!(e.to_string().contains("10.0.1.1"), "{e}");
+        let e = t
+            .set(vec![a.clone(), a.clone()])
+            .expect_err("duplicate key");
+        assert!(e.to_string().contains(&a.public_key.to_base64()), "{e}");
+        let mut own = peer(3);
+        own.tunnel_ip = "10.0.0.1".parse().expect("ip");
+        assert!(matches!(t.set(vec![own]), Err(WgError::PeerIsSelf { .. })));
+        assert!(t.by_ip(&a.tunnel_ip).is_some());
+    }
+
+    #[test]
+    fn address_can_move_between_peers() {
+        let mut t = table();
+        let (a, mut b) = (peer(1), peer(2));
+        t.set(vec![a.clone(), b.clone()]).expect("set");
+        b.tunnel_ip = IpAddr::from([10, 0, 1, 9]);
+        let mut a2 = a.clone();
+        a2.tunnel_ip = IpAddr::from([10, 0, 1, 2]);
+        t.set(vec![a2.clone(), b.clone()]).expect("swap");
+        let owner = t.by_ip(&a2.tunnel_ip).expect("owner").config.public_key;
+        assert_eq!(owner, a.public_key);
+    }
+}
