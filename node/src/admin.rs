@@ -409,6 +409,66 @@ impl Admin for AdminService {
         Ok(tonic::Response::new(app_pb(app, instances)))
     }
 
+    async fn kv_cas(
+        &self,
+        req: Request<pb::KvCasRequest>,
+    ) -> Result<tonic::Response<pb::KvReply>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::CasRegister {
+            key: r.key,
+            expect: r.expect,
+            value: r.value,
+        };
+        let (_, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
+        match resp {
+            Response::Register(reg) => Ok(tonic::Response::new(pb::KvReply {
+                ok: true,
+                found: true,
+                value: reg.value,
+                version: reg.version,
+            })),
+            // The compare failed: a definite no, the register is unchanged.
+            Response::Rejected(m) if m.starts_with("cas failed") => {
+                Ok(tonic::Response::new(pb::KvReply {
+                    ok: false,
+                    found: false,
+                    value: String::new(),
+                    version: 0,
+                }))
+            }
+            other => outcome(other)
+                .and_then(|o| Err(Status::internal(format!("unexpected answer {o:?}")))),
+        }
+    }
+
+    async fn kv_get(
+        &self,
+        req: Request<pb::KvGetRequest>,
+    ) -> Result<tonic::Response<pb::KvReply>, Status> {
+        let key = req.into_inner().key;
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        let applied = self.state.cluster.shared.read();
+        let reply = match applied.state.registers.get(&key) {
+            Some(r) => pb::KvReply {
+                ok: true,
+                found: true,
+                value: r.value.clone(),
+                version: r.version,
+            },
+            None => pb::KvReply {
+                ok: true,
+                found: false,
+                value: String::new(),
+                version: 0,
+            },
+        };
+        Ok(tonic::Response::new(reply))
+    }
+
     async fn delete_app(
         &self,
         req: Request<AppName>,
