@@ -9,5 +9,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 pub mod harness;
 pub mod wgl;

@@ -54,6 +54,8 @@ listen = "{admin}"
 token_file = "../pki/admin.token"
 [edge]
 enabled = false
+[wg]
+enabled = false
 "#
     );
     std::fs::write(dir.join("config.toml"), config).expect("write config");

@@ -64,7 +64,7 @@ fn late_learner_catches_up_from_a_snapshot() {
             "node_id = 4\nregion = \"us-west\"\n[cluster]\nlisten = \"{rpc}\"\nca_cert = \"../pki/ca.pem\"\n\
              cert = \"../pki/node-4/cert.pem\"\nkey = \"../pki/node-4/key.pem\"\nheartbeat_ms = 100\n\
              election_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\n[admin]\nlisten = \"{admin}\"\n\
-             token_file = \"../pki/admin.token\"\n[edge]\nenabled = false\n"
+             token_file = \"../pki/admin.token\"\n[edge]\nenabled = false\n[wg]\nenabled = false\n"
         ),
     )
     .expect("config");

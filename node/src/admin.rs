@@ -30,6 +30,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once the node is serving: joined Raft, certificates and geo database loaded.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// TEST ONLY (`[debug] unsafe_stale_reads`): `KvGet` skips the linearizable barrier.
+    pub unsafe_stale_reads: bool,
 }
 
 /// Builds the router for the admin port. gRPC calls must carry `authorization: Bearer <token>`;
@@ -446,11 +448,14 @@ impl Admin for AdminService {
         req: Request<pb::KvGetRequest>,
     ) -> Result<tonic::Response<pb::KvReply>, Status> {
         let key = req.into_inner().key;
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        // The test-only switch exists so the chaos harness can prove it catches stale reads.
+        if !self.state.unsafe_stale_reads {
+            self.state
+                .cluster
+                .linearizable_barrier()
+                .await
+                .map_err(status)?;
+        }
         let applied = self.state.cluster.shared.read();
         let reply = match applied.state.registers.get(&key) {
             Some(r) => pb::KvReply {
@@ -526,6 +531,36 @@ impl Admin for AdminService {
         let applied = self.state.cluster.shared.read();
         let certificates = applied.state.certificates.values().map(cert_pb).collect();
         Ok(tonic::Response::new(ListCertificatesReply { certificates }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::CertificateName>,
+    ) -> Result<tonic::Response<WriteReply>, Status> {
+        let name = req.into_inner().name.trim().to_ascii_lowercase();
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        if !self
+            .state
+            .cluster
+            .shared
+            .read()
+            .state
+            .certificates
+            .contains_key(&name)
+        {
+            return Err(Status::not_found(format!("no certificate named {name:?}")));
+        }
+        let cmd = Command::Acme(portcullis_raft::state::AcmeCommand::RequestRenewal {
+            name,
+            requested_at: unix_now(),
+        });
+        let (log_index, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(WriteReply { log_index }))
     }
 
     async fn register_instance(

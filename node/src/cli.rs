@@ -92,6 +92,8 @@ pub enum Cmd {
     Cvm(CvmCmd),
     /// Run the built-in demo HTTP service (a backend for the demo app and for tests).
     DemoApp(crate::demo::DemoArgs),
+    /// Run inside a CVM: register with the cluster and expose local ports over WireGuard.
+    CvmAgent(crate::cvm_agent::AgentArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,10 +109,27 @@ pub enum CertCmd {
         key: PathBuf,
     },
     List,
+    /// Ask the ACME orderer to replace a certificate now (it keeps serving until then).
+    Renew {
+        /// The certificate's name, as `cert list` shows it.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum CvmCmd {
+    /// Issue a CVM credential (a client certificate from the cluster CA for one app), used by
+    /// `portcullis cvm-agent` to register. Works offline from the PKI directory.
+    Credential {
+        /// The PKI directory holding `ca.pem` and `ca.key`.
+        #[arg(long)]
+        pki: PathBuf,
+        #[arg(long)]
+        app: String,
+        /// Where to write `ca.pem`, `cert.pem` and `key.pem` (0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Register (or re-register) an instance of an app.
     Register {
         /// Instance id; also routable as `<instance-id>.<base>`.
@@ -557,13 +576,32 @@ pub async fn cert(g: &Global, cmd: CertCmd) -> anyhow::Result<()> {
                 );
             }
         }
+        CertCmd::Renew { name } => {
+            let r = rpc(c
+                .renew_certificate(portcullis_proto::admin::CertificateName { name: name.clone() })
+                .await)?;
+            if g.json {
+                return print_json(&serde_json::json!({ "name": name, "log_index": r.log_index }));
+            }
+            println!("renewal of {name} requested; the ACME orderer replaces it at its next pass");
+        }
     }
     Ok(())
 }
 
 pub async fn cvm(g: &Global, cmd: CvmCmd) -> anyhow::Result<()> {
+    if let CvmCmd::Credential { pki, app, out } = &cmd {
+        crate::cvm_agent::issue_credential(pki, app, out)?;
+        println!(
+            "issued a CVM credential for app {app} in {} (cert.pem, key.pem, ca.pem)",
+            out.display()
+        );
+        return Ok(());
+    }
     let mut c = g.target().connect().await?;
     match cmd {
+        // Handled above, before connecting: it needs no cluster.
+        CvmCmd::Credential { .. } => {}
         CvmCmd::Register {
             instance_id,
             app,

@@ -30,6 +30,9 @@ pub struct DemoProcess {
     pub region: String,
     pub addr: String,
     pub pid: u32,
+    /// The `cvm-agent` that puts this demo app behind the WireGuard tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

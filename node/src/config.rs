@@ -42,6 +42,26 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     pub admin: AdminConfig,
     pub edge: EdgeConfig,
+    /// `[geo]`: the client-location database (docs/load-balancing.md).
+    pub geo: crate::edge::balance::GeoConfig,
+    /// `[health]`: active probes and passive ejection of instances.
+    pub health: crate::edge::balance::HealthConfig,
+    pub wg: WgConfig,
+    /// Automatic certificates (docs/certificates.md). Disabled by default.
+    pub acme: crate::acme::AcmeConfig,
+    /// Test-only switches that deliberately break guarantees, so the chaos harness can prove it
+    /// catches the breakage (docs/chaos.md). Never set these in production.
+    pub debug: DebugConfig,
+}
+
+/// Test-only fault switches (`[debug]`). All default to off.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DebugConfig {
+    /// TEST ONLY: `KvGet` answers from local state without the linearizable barrier, so a
+    /// partitioned node serves stale reads. Exists so `portcullis-chaos` can show its checker
+    /// flags a stale read (cluster-tests/scenarios/broken-stale-reads.toml).
+    pub unsafe_stale_reads: bool,
 }
 
 impl Default for NodeConfig {
@@ -55,7 +75,68 @@ impl Default for NodeConfig {
             cluster: ClusterConfig::default(),
             admin: AdminConfig::default(),
             edge: EdgeConfig::default(),
+            geo: Default::default(),
+            health: Default::default(),
+            wg: WgConfig::default(),
+            acme: crate::acme::AcmeConfig::default(),
+            debug: DebugConfig::default(),
         }
+    }
+}
+
+/// The WireGuard port that carries every tunnel to CVMs (see docs/wireguard.md). The key pair
+/// lives in `<data_dir>/wg.key` (mode 0600), created on first start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WgConfig {
+    /// Run the gateway side of the tunnels at all. Default true.
+    pub enabled: bool,
+    /// UDP listen address. Default `0.0.0.0:51820`.
+    pub listen: SocketAddr,
+    /// `host:port` CVMs send to. Default: `listen`, or, when `listen` is a wildcard address,
+    /// the host of `cluster.advertise` with the port of `listen`.
+    pub advertise: Option<String>,
+    /// Inner MTU in bytes. Default 1420 (as wg-quick); lower it on paths with a smaller MTU.
+    pub mtu: usize,
+}
+
+impl Default for WgConfig {
+    fn default() -> Self {
+        WgConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
+            advertise: None,
+            mtu: 1420,
+        }
+    }
+}
+
+impl WgConfig {
+    fn validate(&self, node_id: u64) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            return Err(bad(
+                "wg.mtu",
+                format!("{} must be within 576..=9000", self.mtu),
+            ));
+        }
+        if crate::tunnel::gateway_tunnel_ip(node_id).is_none() {
+            return Err(bad(
+                "wg.enabled",
+                format!(
+                    "node_id {node_id} is too large to derive a gateway tunnel address (at most {}); set wg.enabled = false",
+                    crate::tunnel::MAX_GATEWAY_ID
+                ),
+            ));
+        }
+        if let Some(a) = &self.advertise {
+            if crate::edge::route::split_host_port(a).1.is_none() {
+                return Err(bad("wg.advertise", format!("{a:?} is not host:port")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -345,6 +426,14 @@ impl NodeConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(db) = cfg.geo.database.as_mut().filter(|p| p.is_relative()) {
+            *db = base.join(&*db);
+        }
+        if let Some(p) = cfg.acme.extra_root.as_mut() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -418,6 +507,9 @@ impl NodeConfig {
             ));
         }
         self.edge.validate()?;
+        self.health.validate().map_err(|e| bad("health", e))?;
+        self.wg.validate(self.node_id)?;
+        self.acme.validate()?;
         Ok(())
     }
 
@@ -426,6 +518,28 @@ impl NodeConfig {
             .advertise
             .clone()
             .unwrap_or_else(|| self.cluster.listen.to_string())
+    }
+
+    /// The WireGuard endpoint published for CVMs (`wg.advertise` and its default).
+    pub fn wg_advertise_addr(&self) -> String {
+        if let Some(a) = &self.wg.advertise {
+            return a.clone();
+        }
+        let port = self.wg.listen.port();
+        if !self.wg.listen.ip().is_unspecified() {
+            return self.wg.listen.to_string();
+        }
+        let advertised = self.advertise_addr();
+        match crate::edge::route::split_host_port(&advertised).0 {
+            host if !host.is_empty() && host != "0.0.0.0" && host != "::" => {
+                if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                }
+            }
+            _ => self.wg.listen.to_string(),
+        }
     }
 }
 
@@ -489,6 +603,12 @@ mod tests {
             (
                 "edge.idle_timeout_ms",
                 Box::new(|c| c.edge.idle_timeout_ms = 0),
+            ),
+            ("wg.mtu", Box::new(|c| c.wg.mtu = 100)),
+            ("wg.enabled", Box::new(|c| c.node_id = u64::MAX)),
+            (
+                "wg.advertise",
+                Box::new(|c| c.wg.advertise = Some("nohost".into())),
             ),
         ];
         for (field, mutate) in cases {

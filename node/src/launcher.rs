@@ -16,7 +16,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use portcullis_proto::admin::{
     ClusterStatusRequest, CreateAppRequest, InitRequest, Member, PutCertificateRequest,
-    RegisterInstanceRequest,
 };
 
 use crate::client::{connect_addr, ClusterFile, ClusterFileNode, DemoProcess};
@@ -47,6 +46,10 @@ pub struct UpArgs {
     /// Return once the cluster is up and leave the nodes running.
     #[arg(long)]
     pub detach: bool,
+    /// Accept PROXY protocol headers (and X-Forwarded-For) from these CIDRs, e.g. 127.0.0.1,
+    /// so tests can present clients from anywhere in the world.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 /// Approximate coordinates for common region names, so geography works out of the box.
@@ -82,6 +85,16 @@ struct Planned {
     admin: SocketAddr,
     https: SocketAddr,
     http: SocketAddr,
+    /// WireGuard UDP port (each node its own; they all share the loopback address).
+    wg: SocketAddr,
+}
+
+/// [`reserve_port`] for UDP.
+fn reserve_udp_port(held: &mut Vec<std::net::UdpSocket>) -> anyhow::Result<SocketAddr> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("find a free udp port")?;
+    let addr = s.local_addr()?;
+    held.push(s);
+    Ok(addr)
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -111,6 +124,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     pki::init(&pki_dir, &ids)?;
 
     let mut held = Vec::new();
+    let mut held_udp = Vec::new();
     let mut planned = Vec::new();
     for id in &ids {
         let region = args.regions[((id - 1) as usize) % args.regions.len()].clone();
@@ -124,9 +138,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             admin: reserve_port(&mut held)?,
             https: reserve_port(&mut held)?,
             http: reserve_port(&mut held)?,
+            wg: reserve_udp_port(&mut held_udp)?,
         });
     }
     drop(held);
+    drop(held_udp);
 
     let exe = std::env::current_exe().context("locate the portcullis binary")?;
     let mut nodes = Vec::new();
@@ -156,7 +172,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         cfg.admin.token_file = "../pki/admin.token".into();
         cfg.edge.https_listen = p.https;
         cfg.edge.http_listen = p.http;
+        cfg.wg.listen = p.wg;
         cfg.edge.base_domains = vec![args.base_domain.clone()];
+        cfg.edge.proxy_protocol_from = args.proxy_protocol_from.clone();
+        // Probing loopback backends is nearly free; a short interval lets a stopped demo app
+        // leave rotation within a couple of seconds.
+        cfg.health.interval_ms = 500;
+        cfg.health.timeout_ms = 400;
         let config_path = p.dir.join("config.toml");
         std::fs::write(&config_path, toml::to_string_pretty(&cfg)?)?;
         let pid = spawn_node(&exe, &config_path, &p.dir.join("node.log"))?;
@@ -313,6 +335,7 @@ async fn setup_demo(dir: &Path, exe: &Path, cf: &mut ClusterFile) -> anyhow::Res
         .await
         .map_err(rpc_err("create app demo"))?;
 
+    crate::cvm_agent::issue_credential(&pki_dir, "demo", &dir.join("cvm-demo"))?;
     let mut regions: Vec<String> = Vec::new();
     for n in &cf.nodes {
         if !regions.contains(&n.region) {
@@ -351,22 +374,27 @@ async fn setup_demo(dir: &Path, exe: &Path, cf: &mut ClusterFile) -> anyhow::Res
         let addr = wait_listening(&log, child.id())
             .await
             .with_context(|| format!("demo-app {instance_id}; see {}", log.display()))?;
+        // The demo takes the real path: a cvm-agent registers the instance over the cluster
+        // port and relays tunnel port 8080 to the demo app.
+        let (agent_pid, agent_log) = crate::cvm_agent::start_demo_agent(
+            exe,
+            dir,
+            &cf.nodes,
+            &instance_id,
+            &region,
+            8080,
+            addr,
+        )?;
         cf.demo_apps.push(DemoProcess {
             instance_id: instance_id.clone(),
             region: region.clone(),
             addr: addr.to_string(),
             pid: child.id(),
+            agent_pid: Some(agent_pid),
         });
-        admin
-            .register_instance(RegisterInstanceRequest {
-                instance_id,
-                app: "demo".into(),
-                region,
-                wg_public_key: String::new(),
-                backend_addr: addr.to_string(),
-            })
+        crate::cvm_agent::wait_tunnel_up(&agent_log, agent_pid)
             .await
-            .map_err(rpc_err("register demo instance"))?;
+            .with_context(|| format!("cvm-agent {instance_id}; see {}", agent_log.display()))?;
     }
 
     // "Up" means the printed curl line works on every node.
@@ -519,9 +547,11 @@ fn zombie(pid: u32) -> bool {
 async fn stop_nodes(cf: &ClusterFile) {
     // Demo apps hold no state: they just stop.
     for d in &cf.demo_apps {
-        if alive(d.pid) {
-            if let Ok(raw) = i32::try_from(d.pid) {
-                let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        for pid in std::iter::once(d.pid).chain(d.agent_pid) {
+            if alive(pid) {
+                if let Ok(raw) = i32::try_from(pid) {
+                    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+                }
             }
         }
     }

@@ -14,16 +14,20 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod cvm_agent;
+pub mod cvm_registry;
 pub mod demo;
 pub mod edge;
 pub mod launcher;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod tunnel;
 
 /// Exit code for an invalid configuration (EX_USAGE from sysexits.h, as linkerd does).
 pub const EXIT_CONFIG: i32 = 64;

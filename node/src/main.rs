@@ -63,6 +63,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Cert(c) => cli::cert(&cli.global, c).await.map(|_| 0),
         Cmd::Cvm(c) => cli::cvm(&cli.global, c).await.map(|_| 0),
         Cmd::DemoApp(args) => portcullis_node::demo::run(args).await.map(|_| 0),
+        Cmd::CvmAgent(args) => {
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            portcullis_node::cvm_agent::run(args, shutdown)
+                .await
+                .map(|_| 0)
+        }
     }
 }
 

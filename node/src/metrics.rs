@@ -16,12 +16,21 @@ pub struct Metrics {
     registry: Registry,
     pub raft: RaftMetricsSink,
     pub edge: Arc<EdgeMetrics>,
+    pub acme: Arc<crate::acme::AcmeMetrics>,
     term: Gauge,
     leader: Gauge,
     is_leader: Gauge,
     last_applied: Gauge,
     last_log_index: Gauge,
     members: Gauge,
+    /// The gateway's WireGuard counters, attached once the endpoint runs (issue 4).
+    wg_counters: std::sync::OnceLock<Arc<portcullis_wg::Counters>>,
+    wg_events: Family<WgEventLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WgEventLabels {
+    pub event: &'static str,
 }
 
 impl Metrics {
@@ -30,6 +39,13 @@ impl Metrics {
         let raft = RaftMetricsSink::default();
         raft.register(&mut r);
         let edge = Arc::new(EdgeMetrics::register(&mut r));
+        let acme = Arc::new(crate::acme::AcmeMetrics::register(&mut r));
+        let wg_events = Family::<WgEventLabels, Counter>::default();
+        r.register(
+            "portcullis_wg_events",
+            "WireGuard endpoint events by kind (drops by reason, traffic, handshakes; docs/wireguard.md)",
+            wg_events.clone(),
+        );
         let gauge = |r: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
             r.register(name, help, g.clone());
@@ -38,6 +54,7 @@ impl Metrics {
         Metrics {
             raft,
             edge,
+            acme,
             term: gauge(&mut r, "portcullis_raft_term", "Current Raft term"),
             leader: gauge(
                 &mut r,
@@ -64,7 +81,53 @@ impl Metrics {
                 "portcullis_raft_members",
                 "Members (voters and learners) in the current config",
             ),
+            wg_counters: std::sync::OnceLock::new(),
+            wg_events,
             registry: r,
+        }
+    }
+
+    /// Exports this endpoint's counters from now on (first call wins).
+    pub fn attach_wg(&self, counters: Arc<portcullis_wg::Counters>) {
+        let _ = self.wg_counters.set(counters);
+    }
+
+    /// Copies the WireGuard counters into the exported ones (they only grow).
+    fn sync_wg(&self) {
+        let Some(c) = self.wg_counters.get() else {
+            return;
+        };
+        let s = c.snapshot();
+        for (event, value) in [
+            ("rx_datagrams", s.rx_datagrams),
+            ("rx_bytes", s.rx_bytes),
+            ("tx_datagrams", s.tx_datagrams),
+            ("tx_bytes", s.tx_bytes),
+            ("oversized_datagrams", s.oversized_datagrams),
+            ("invalid_datagrams", s.invalid_datagrams),
+            ("unknown_peer_handshakes", s.unknown_peer_handshakes),
+            ("unknown_session_index", s.unknown_session_index),
+            ("decapsulate_errors", s.decapsulate_errors),
+            ("cookie_replies_sent", s.cookie_replies_sent),
+            ("spoofed_source", s.spoofed_source),
+            ("not_for_us", s.not_for_us),
+            ("malformed_inner", s.malformed_inner),
+            ("inner_packets_in", s.inner_packets_in),
+            ("inner_packets_out", s.inner_packets_out),
+            ("no_route", s.no_route),
+            ("no_endpoint", s.no_endpoint),
+            ("socket_errors", s.socket_errors),
+            ("handshakes_completed", s.handshakes_completed),
+            ("connects_ok", s.connects_ok),
+            ("connects_failed", s.connects_failed),
+            ("accepted", s.accepted),
+            ("accept_overflow", s.accept_overflow),
+        ] {
+            let counter = self.wg_events.get_or_create(&WgEventLabels { event });
+            let current = counter.get();
+            if value > current {
+                counter.inc_by(value - current);
+            }
         }
     }
 
@@ -82,6 +145,7 @@ impl Metrics {
         self.members.set(as_i64(
             m.membership_config.membership().nodes().count() as u64
         ));
+        self.sync_wg();
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)
@@ -112,6 +176,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: &'static str,
 }
@@ -136,6 +205,10 @@ pub struct EdgeMetrics {
     pub passthrough_connections: Family<AppLabels, Counter>,
     pub route_table_rebuilds: Counter,
     pub route_table_apply_index: Gauge,
+    /// 1 while this node considers the instance healthy, 0 while it is out of rotation.
+    pub backend_healthy: Family<InstanceLabels, Gauge>,
+    /// Health probes that failed, by instance.
+    pub health_probe_failures: Family<InstanceLabels, Counter>,
 }
 
 impl EdgeMetrics {
@@ -150,6 +223,8 @@ impl EdgeMetrics {
             passthrough_connections: Family::default(),
             route_table_rebuilds: Counter::default(),
             route_table_apply_index: Gauge::default(),
+            backend_healthy: Family::default(),
+            health_probe_failures: Family::default(),
         };
         let e = r.sub_registry_with_prefix("portcullis_edge");
         e.register(
@@ -196,6 +271,16 @@ impl EdgeMetrics {
             "route_table_applied_index",
             "Raft log index the routing table was built from",
             m.route_table_apply_index.clone(),
+        );
+        e.register(
+            "backend_healthy",
+            "1 while this node keeps the instance in rotation, 0 while it is ejected",
+            m.backend_healthy.clone(),
+        );
+        e.register(
+            "health_probe_failures",
+            "Failed active health probes by instance",
+            m.health_probe_failures.clone(),
         );
         m
     }

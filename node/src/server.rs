@@ -22,7 +22,6 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::admin::{self, AdminState};
 use crate::config::NodeConfig;
-use crate::edge::redirect::NoAcme;
 use crate::edge::upstream::TcpUpstream;
 use crate::edge::{Edge, EdgeListeners};
 use crate::metrics::Metrics;
@@ -134,6 +133,17 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let ready = Arc::new(AtomicBool::new(false));
 
+    // WireGuard to CVMs: instances with a tunnel address are reached through it, the others
+    // (a `backend_addr`) over plain TCP.
+    let upstream: Arc<dyn crate::edge::upstream::Upstream> = if cfg.wg.enabled {
+        let endpoint =
+            crate::tunnel::start(&cfg, &shared, &cluster, &tracker, shutdown.clone()).await?;
+        metrics.attach_wg(endpoint.counters().clone());
+        Arc::new(crate::tunnel::TunnelUpstream::new(endpoint, shared.clone()))
+    } else {
+        Arc::new(TcpUpstream)
+    };
+
     // Cluster RPC: mutual TLS; a client without a certificate from the cluster CA is refused
     // during the handshake.
     let server_tls = ServerTlsConfig::new()
@@ -145,7 +155,12 @@ pub async fn run(
         .tls_config(server_tls)
         .context("cluster TLS config")?
         .timeout(Duration::from_secs(30))
-        .add_service(ClusterService::new(cluster.clone()));
+        .add_service(ClusterService::new(cluster.clone()))
+        .add_service(crate::cvm_registry::service(
+            cluster.clone(),
+            shared.clone(),
+            Arc::new(crate::cvm_registry::NoAttestation),
+        ));
     let sd = shutdown.clone();
     tracker.spawn(async move {
         if let Err(e) = rpc
@@ -162,6 +177,7 @@ pub async fn run(
         region: cfg.region.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        unsafe_stale_reads: cfg.debug.unsafe_stale_reads,
     };
     let router = admin::router(state, token);
     let sd = shutdown.clone();
@@ -177,17 +193,47 @@ pub async fn run(
     if let Some(edge_listeners) = listeners.edge {
         let https = edge_listeners.https.local_addr()?;
         let http = edge_listeners.http.local_addr()?;
-        let edge = Edge::new(
+        let balancer = crate::edge::balance::Balancer::new(
+            &cfg.geo,
+            cfg.health.clone(),
+            &cfg.region,
+            cfg.latitude,
+            cfg.longitude,
+        )
+        .context("geo database")?;
+        let edge = Edge::with_balancer(
             cfg.edge.clone(),
             &shared,
-            Arc::new(TcpUpstream),
+            upstream.clone(),
             metrics.edge.clone(),
-            Arc::new(NoAcme),
+            Arc::new(crate::acme::ReplicatedResponder::new(shared.clone())),
+            Arc::new(balancer),
         )
         .context("start the data plane")?;
         edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
+        tracker.spawn(crate::edge::balance::announce_region(
+            cluster.clone(),
+            shared.clone(),
+            portcullis_raft::state::Region {
+                name: cfg.region.clone(),
+                latitude: cfg.latitude,
+                longitude: cfg.longitude,
+            },
+            shutdown.clone(),
+        ));
         tracing::info!(%https, %http, bases = ?cfg.edge.base_domains, "data plane listening");
     }
+
+    // ACME: expiry metrics on every node; the orderer (if `[acme] enabled`) competes for the
+    // lease and, while holding it, orders and renews certificates.
+    crate::acme::orderer::spawn(
+        cfg.acme.clone(),
+        cfg.edge.base_domains.clone(),
+        cluster.clone(),
+        metrics.acme.clone(),
+        &tracker,
+        shutdown.clone(),
+    );
 
     ready.store(true, Ordering::Release);
     tracing::info!(node_id = cfg.node_id, region = %cfg.region, cluster = %cluster_addr, admin = %admin_addr, "node started");

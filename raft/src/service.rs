@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, ForwardRequest};
 use crate::network::{decode, encode, MAX_MESSAGE_BYTES};
+use crate::tls::{peer_role, PeerRole};
 use crate::types::{NodeId, TypeConfig};
 
 pub struct ClusterService {
@@ -24,6 +25,21 @@ impl ClusterService {
     }
 }
 
+/// The cluster port also serves CVM registration, and CVM credentials come from the same CA:
+/// every Raft RPC checks that the client certificate names a node, not a CVM.
+fn require_node<T>(req: &Request<T>) -> Result<(), Status> {
+    let role = req
+        .peer_certs()
+        .and_then(|certs| certs.first().map(|c| peer_role(c.as_ref())))
+        .unwrap_or(PeerRole::Unknown);
+    match role {
+        PeerRole::Node(_) => Ok(()),
+        other => Err(Status::permission_denied(format!(
+            "cluster RPCs need a node certificate; the client presented {other:?}"
+        ))),
+    }
+}
+
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
     Ok(Response::new(RaftPayload { data: encode(v)? }))
 }
@@ -31,6 +47,7 @@ fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
 #[tonic::async_trait]
 impl ClusterRpc for ClusterService {
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        require_node(&req)?;
         let rpc: VoteRequest<NodeId> = decode(&req.into_inner().data)?;
         reply(&self.cluster.raft.vote(rpc).await)
     }
@@ -39,6 +56,7 @@ impl ClusterRpc for ClusterService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        require_node(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data)?;
         reply(&self.cluster.raft.append_entries(rpc).await)
     }
@@ -47,6 +65,7 @@ impl ClusterRpc for ClusterService {
         &self,
         req: Request<SnapshotChunk>,
     ) -> Result<Response<RaftPayload>, Status> {
+        require_node(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(&req.into_inner().request)?;
         reply(&self.cluster.raft.install_snapshot(rpc).await)
     }
@@ -55,6 +74,7 @@ impl ClusterRpc for ClusterService {
         &self,
         req: Request<ForwardPayload>,
     ) -> Result<Response<ForwardPayload>, Status> {
+        require_node(&req)?;
         let fwd: ForwardRequest = decode(&req.into_inner().data)?;
         let result = self.cluster.execute(fwd).await;
         Ok(Response::new(ForwardPayload {

@@ -13,6 +13,12 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+mod acme;
+pub use acme::{
+    AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, AcmeState, OrdererLease,
+    MAX_ACME_CHALLENGES, MAX_LEASE_TTL_MS,
+};
+
 /// Most ports an app may declare; keeps entries small and routing tables bounded.
 pub const MAX_APP_PORTS: usize = 64;
 /// Longest PEM chain or encrypted key accepted in one certificate entry. Raft values stay well
@@ -174,6 +180,8 @@ pub struct ClusterState {
     pub tunnel_pool: TunnelPool,
     /// Per-key registers used by the chaos harness's linearizability workload.
     pub registers: BTreeMap<String, Register>,
+    /// ACME account, challenge answers and orderer lease (issue 6). Appended last.
+    pub acme: AcmeState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -226,6 +234,9 @@ pub enum Command {
     },
     /// Several commands in one entry, applied in order (each answered separately).
     Batch(Vec<Command>),
+    /// ACME orderer lease, account, challenges and fenced certificate writes. Appended last so
+    /// existing log encodings keep their variant indices.
+    Acme(AcmeCommand),
 }
 
 /// The state machine's answer to one command.
@@ -241,6 +252,8 @@ pub enum Response {
     /// already exists). Nothing was changed.
     Rejected(String),
     Batch(Vec<Response>),
+    /// The orderer lease after an `AcmeCommand::AcquireLease`.
+    Lease(OrdererLease),
 }
 
 /// Why a command was refused before it was proposed.
@@ -436,6 +449,7 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::Acme(c) => c.validate(),
         }
     }
 }
@@ -560,6 +574,7 @@ impl ClusterState {
             Command::Batch(cmds) => {
                 Response::Batch(cmds.iter().map(|c| self.apply(index, c)).collect())
             }
+            Command::Acme(c) => self.apply_acme(c),
         }
     }
 

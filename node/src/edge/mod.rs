@@ -9,7 +9,9 @@
 //! - [`clienthello`]: SNI and ALPN from the raw ClientHello (pure, fuzzed).
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 (pure, fuzzed).
 //! - [`grammar`]: what a host name asks for (pure, fuzzed, property-tested).
-//! - [`route`]: the compiled routing table and backend choice.
+//! - [`route`]: the compiled routing table.
+//! - [`balance`]: backend choice (one geo `Selector` per app), instance health probes and
+//!   passive ejection, client location.
 //! - [`tls`]: certificates from the replicated store; the rustls config.
 //! - [`proxy`]: per-request forwarding, forwarded headers, WebSocket upgrades, error mapping.
 //! - [`upstream`]: the `Upstream` connector trait and its TCP implementation.
@@ -19,6 +21,7 @@
 //! Routes and certificates live in one immutable [`Snapshot`] behind an `ArcSwap`, rebuilt when
 //! the replicated state changes: requests never take a lock, and open connections keep going.
 
+pub mod balance;
 pub mod clienthello;
 pub mod grammar;
 pub mod limits;
@@ -69,6 +72,8 @@ const CONN_DRAIN: Duration = Duration::from_secs(10);
 pub struct Snapshot {
     pub routes: RouteTable,
     pub certs: CertTable,
+    /// Per-app selectors and instance health, built with `routes`.
+    pub balance: balance::Balance,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -97,6 +102,8 @@ impl EdgeListeners {
 pub enum EdgeError {
     #[error("tls configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Balance(#[from] balance::BalanceError),
 }
 
 /// Why a connection ended before its ClientHello was read.
@@ -214,13 +221,15 @@ pub struct Edge {
     upstream: Arc<dyn Upstream>,
     http: auto::Builder<TokioExecutor>,
     acme: Arc<dyn AcmeResponder>,
+    balancer: Arc<balance::Balancer>,
     /// The HTTPS port redirects point at: `edge.https_public_port`, else the bound port (known
     /// only once the listener is handed over, hence atomic).
     https_port: std::sync::atomic::AtomicU16,
 }
 
 impl Edge {
-    /// Builds the edge and its first snapshot from `shared`.
+    /// Builds the edge and its first snapshot from `shared`, with the bundled geo database
+    /// and default health settings.
     pub fn new(
         cfg: EdgeConfig,
         shared: &SharedState,
@@ -228,9 +237,29 @@ impl Edge {
         metrics: Arc<EdgeMetrics>,
         acme: Arc<dyn AcmeResponder>,
     ) -> Result<Arc<Edge>, EdgeError> {
+        let balancer = balance::Balancer::new(
+            &balance::GeoConfig::default(),
+            balance::HealthConfig::default(),
+            "local",
+            0.0,
+            0.0,
+        )?;
+        Self::with_balancer(cfg, shared, upstream, metrics, acme, Arc::new(balancer))
+    }
+
+    /// Builds the edge and its first snapshot from `shared`.
+    pub fn with_balancer(
+        cfg: EdgeConfig,
+        shared: &SharedState,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<EdgeMetrics>,
+        acme: Arc<dyn AcmeResponder>,
+        balancer: Arc<balance::Balancer>,
+    ) -> Result<Arc<Edge>, EdgeError> {
         let empty = Snapshot {
             routes: RouteTable::build(&Default::default(), &cfg.base_domains, 0),
             certs: CertTable::default(),
+            balance: balance::Balance::default(),
         };
         let snapshot = Arc::new(ArcSwap::from_pointee(empty));
         let acceptor = TlsAcceptor::from(tls::server_config(snapshot.clone())?);
@@ -251,6 +280,7 @@ impl Edge {
                 upgrade_idle_timeout: ms(cfg.idle_timeout_ms),
             },
             metrics.clone(),
+            (balancer.clone(), Cidrs::parse(&cfg.proxy_protocol_from)),
         );
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
@@ -281,6 +311,7 @@ impl Edge {
             upstream,
             http,
             acme,
+            balancer,
             https_port,
         });
         edge.rebuild(shared);
@@ -294,12 +325,13 @@ impl Edge {
 
     /// Compiles a new snapshot from the applied state and swaps it in.
     pub fn rebuild(&self, shared: &SharedState) {
-        let (routes, certs) = {
+        let (routes, certs, balance) = {
             let applied = shared.read();
             let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
             (
                 RouteTable::build(&applied.state, &self.cfg.base_domains, index),
                 applied.state.certificates.clone(),
+                self.balancer.build(&applied.state),
             )
         };
         let prev = self.snapshot.load_full();
@@ -308,7 +340,11 @@ impl Edge {
             tracing::warn!(error = %e, "certificate not served");
         }
         let index = routes.applied_index;
-        self.snapshot.store(Arc::new(Snapshot { routes, certs }));
+        self.snapshot.store(Arc::new(Snapshot {
+            routes,
+            certs,
+            balance,
+        }));
         self.metrics.route_table_rebuilds.inc();
         self.metrics
             .route_table_apply_index
@@ -335,6 +371,19 @@ impl Edge {
             async move { edge.watch(shared, sd).await }
                 .instrument(tracing::info_span!("edge_watch")),
         );
+        tracker.spawn(
+            balance::probe_loop(
+                self.snapshot.clone(),
+                self.upstream.clone(),
+                self.balancer.health.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("health_probes")),
+        );
+        if let Some(db) = self.balancer.reloading_db() {
+            tracker.spawn(balance::geo_reload_loop(db, shutdown.clone()));
+        }
         for (listener, kind) in [
             (listeners.https, Listener::Https),
             (listeners.http, Listener::Http),
@@ -516,23 +565,47 @@ impl Edge {
                 app: route.app.to_string(),
             })
             .inc();
-        let target = snap
-            .routes
-            .pick(&route)
-            .and_then(|b| b.address(route.port, route.default_port))
-            .and_then(|a| Target::parse(&a));
+        let candidates =
+            balance::candidates(&snap, &self.balancer, &route, pre.client.ip(), None, 3);
         drop(snap);
-        let Some(target) = target else {
-            tracing::debug!(app = %route.app, "passthrough: no backend");
-            return;
-        };
-        let timeout = Duration::from_millis(self.cfg.backend_connect_timeout_ms);
-        let mut up = match connect_with_timeout(self.upstream.as_ref(), &target, timeout).await {
-            Ok(u) => u,
+        let candidates = match candidates {
+            Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, backend = %target, app = %route.app, "passthrough connect failed");
+                tracing::debug!(app = %route.app, reason = ?e, "passthrough: no backend");
                 return;
             }
+        };
+        let timeout = Duration::from_millis(self.cfg.backend_connect_timeout_ms);
+        // Nothing has been sent yet, so a connect failure can always move on to the next
+        // choice: the buffered ClientHello is replayed to whichever backend answers.
+        let mut connected = None;
+        for cand in candidates {
+            let Some(target) = cand
+                .backend
+                .address(route.port, route.default_port)
+                .and_then(|a| Target::parse(&a))
+            else {
+                continue;
+            };
+            match connect_with_timeout(self.upstream.as_ref(), &target, timeout).await {
+                Ok(u) => {
+                    if let Some(h) = &cand.health {
+                        h.record_connect_success();
+                    }
+                    let guard = cand.load.as_ref().map(|l| l.acquire());
+                    connected = Some((u, target, guard));
+                    break;
+                }
+                Err(e) => {
+                    if let Some(h) = &cand.health {
+                        h.record_connect_failure(self.balancer.health.passive_fall);
+                    }
+                    tracing::warn!(error = %e, backend = %target, app = %route.app, "passthrough connect failed");
+                }
+            }
+        }
+        let Some((mut up, target, _load)) = connected else {
+            return;
         };
         if let Err(e) = up.write_all(&pre.buf).await {
             tracing::debug!(error = %e, backend = %target, "passthrough write failed");

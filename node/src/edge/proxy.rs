@@ -20,8 +20,9 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use super::balance::{self, Balancer, NoCandidate};
 use super::grammar::{GrammarError, Mode};
-use super::limits::{Activity, ActivityClock};
+use super::limits::{Activity, ActivityClock, Cidrs};
 use super::route::{Route, RouteError};
 use super::upstream::{HyperConnector, Upstream};
 use super::Snapshot;
@@ -52,6 +53,8 @@ pub enum ProxyError {
     Forbidden(String),
     #[error("app {0:?} has no instance to serve it")]
     NoBackend(String),
+    #[error("app {0:?} has no healthy instance")]
+    NoHealthyBackend(String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
     #[error("{host:?} is a TLS passthrough route; it cannot be reached over plain HTTP")]
@@ -81,7 +84,9 @@ impl ProxyError {
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::PassthroughOverHttp { .. } => StatusCode::MISDIRECTED_REQUEST,
-            ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend(_) | ProxyError::NoHealthyBackend(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -99,6 +104,7 @@ impl ProxyError {
             | ProxyError::PassthroughOverHttp { .. }
             | ProxyError::BodyTooLarge(_) => Fault::Client,
             ProxyError::NoBackend(_)
+            | ProxyError::NoHealthyBackend(_)
             | ProxyError::Timeout { .. }
             | ProxyError::Connect { .. }
             | ProxyError::Upstream { .. } => Fault::Upstream,
@@ -141,7 +147,14 @@ pub struct Proxy {
     h2c: Client<HyperConnector, ProxyBody>,
     settings: ProxySettings,
     metrics: Arc<EdgeMetrics>,
+    balancer: Arc<Balancer>,
+    /// Senders whose `X-Forwarded-For` names the client (the PROXY protocol senders).
+    xff_from: Cidrs,
 }
+
+/// Backends one request may try: the first choice and, after connect failures of a request
+/// that can be resent, the next ones.
+const MAX_ATTEMPTS: usize = 3;
 
 struct InflightGuard<'a>(&'a AtomicUsize);
 
@@ -251,6 +264,7 @@ impl Proxy {
         pool_max_idle: usize,
         settings: ProxySettings,
         metrics: Arc<EdgeMetrics>,
+        (balancer, xff_from): (Arc<Balancer>, Cidrs),
     ) -> Self {
         let connector = HyperConnector {
             upstream,
@@ -267,6 +281,8 @@ impl Proxy {
             h2c,
             settings,
             metrics,
+            balancer,
+            xff_from,
         }
     }
 
@@ -387,14 +403,21 @@ impl Proxy {
             return Err(ProxyError::PassthroughOverHttp { host });
         }
         *app_out = route.app.to_string();
-        let backend = snap
-            .routes
-            .pick(&route)
-            .ok_or_else(|| ProxyError::NoBackend(route.app.to_string()))?;
-        *instance_out = backend.instance_id.clone();
-        let addr = backend
-            .address(route.port, route.default_port)
-            .ok_or_else(|| ProxyError::NoBackend(route.app.to_string()))?;
+        let client_ip = balance::effective_client(ctx.client.ip(), req.headers(), |ip| {
+            self.xff_from.contains(ip)
+        });
+        let candidates = balance::candidates(
+            &snap,
+            &self.balancer,
+            &route,
+            client_ip,
+            Some(req.headers()),
+            MAX_ATTEMPTS,
+        )
+        .map_err(|e| match e {
+            NoCandidate::NoInstances => ProxyError::NoBackend(route.app.to_string()),
+            NoCandidate::NoneHealthy => ProxyError::NoHealthyBackend(route.app.to_string()),
+        })?;
         drop(snap);
 
         if let Some(len) = req
@@ -412,23 +435,20 @@ impl Proxy {
         let pq = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = Uri::try_from(format!("http://{addr}{pq}"))
-            .map_err(|e| ProxyError::Internal(format!("backend uri: {e}")))?;
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".to_string());
         parts.version = if route.mode == Mode::H2c {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        self.forwarded_headers(&mut parts.headers, ctx, &authority);
-        let body = Limited::new(
-            body,
-            usize::try_from(self.settings.max_body).unwrap_or(usize::MAX),
-        )
-        .boxed();
-        let out = Request::from_parts(parts, body);
+        self.forwarded_headers(&mut parts.headers, ctx, client_ip, &authority);
+        // A request with no body can be sent again as it is: after a connect failure nothing
+        // reached the backend, so it is retried on the next choice (GET, HEAD and OPTIONS
+        // normally have no body). A body is streamed once and cannot be replayed.
+        let resendable = hyper::body::Body::is_end_stream(&body);
+        let mut body = Some(body);
 
         let client = if route.mode == Mode::H2c {
             &self.h2c
@@ -436,39 +456,84 @@ impl Proxy {
             &self.http1
         };
         let timeout = self.settings.request_timeout;
-        let mut resp = match tokio::time::timeout(timeout, client.request(out)).await {
-            Err(_) => {
-                return Err(ProxyError::Timeout {
-                    backend: addr,
-                    timeout,
-                })
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(ProxyError::Connect {
-                    backend: addr,
-                    source: e,
-                })
-            }
-            Ok(Err(e)) => {
-                // A body over the limit surfaces as a body error while sending.
-                if std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                {
-                    return Err(ProxyError::BodyTooLarge(self.settings.max_body));
+        let mut attempt = candidates.into_iter().peekable();
+        let (mut resp, load_guard) = loop {
+            let Some(cand) = attempt.next() else {
+                return Err(ProxyError::NoHealthyBackend(route.app.to_string()));
+            };
+            *instance_out = cand.backend.instance_id.clone();
+            let Some(addr) = cand.backend.address(route.port, route.default_port) else {
+                continue;
+            };
+            let out_body = match (resendable, body.take()) {
+                (true, _) => http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+                (false, Some(b)) => Limited::new(
+                    b,
+                    usize::try_from(self.settings.max_body).unwrap_or(usize::MAX),
+                )
+                .boxed(),
+                (false, None) => return Err(ProxyError::NoHealthyBackend(route.app.to_string())),
+            };
+            let mut out = Request::new(out_body);
+            *out.method_mut() = parts.method.clone();
+            *out.uri_mut() = Uri::try_from(format!("http://{addr}{pq}"))
+                .map_err(|e| ProxyError::Internal(format!("backend uri: {e}")))?;
+            *out.version_mut() = parts.version;
+            *out.headers_mut() = parts.headers.clone();
+            let guard = cand.load.as_ref().map(|l| l.acquire());
+            match tokio::time::timeout(timeout, client.request(out)).await {
+                Err(_) => {
+                    return Err(ProxyError::Timeout {
+                        backend: addr,
+                        timeout,
+                    })
                 }
-                return Err(ProxyError::Upstream {
-                    backend: addr,
-                    source: e,
-                });
+                Ok(Err(e)) if e.is_connect() => {
+                    if let Some(h) = &cand.health {
+                        if h.record_connect_failure(self.balancer.health.passive_fall) {
+                            tracing::warn!(instance = %cand.backend.instance_id, backend = %addr, "instance ejected after consecutive connect failures");
+                        }
+                    }
+                    if resendable && attempt.peek().is_some() {
+                        tracing::debug!(error = %e, backend = %addr, "connect failed; trying the next choice");
+                        continue;
+                    }
+                    return Err(ProxyError::Connect {
+                        backend: addr,
+                        source: e,
+                    });
+                }
+                Ok(Err(e)) => {
+                    // A body over the limit surfaces as a body error while sending.
+                    if std::error::Error::source(&e)
+                        .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                    {
+                        return Err(ProxyError::BodyTooLarge(self.settings.max_body));
+                    }
+                    return Err(ProxyError::Upstream {
+                        backend: addr,
+                        source: e,
+                    });
+                }
+                Ok(Ok(r)) => {
+                    if let Some(h) = &cand.health {
+                        h.record_connect_success();
+                    }
+                    break (r, guard);
+                }
             }
-            Ok(Ok(r)) => r,
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let backend_upgrade = hyper::upgrade::on(&mut resp);
                 let idle = self.settings.upgrade_idle_timeout;
+                // The instance stays loaded (least-conn) for as long as the tunnel is open.
+                let held = load_guard;
                 tokio::spawn(async move {
+                    let _held = held;
                     let (c, b) = match tokio::try_join!(client_upgrade, backend_upgrade) {
                         Ok(pair) => pair,
                         Err(e) => {
@@ -492,16 +557,28 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers, false);
         // The client's protocol, not the backend's, decides the response version.
         parts.version = Version::HTTP_11;
+        // The instance counts as loaded (least-conn, bounded load) until the body is done.
+        let body = body.map_frame(move |f| {
+            let _held = &load_guard;
+            f
+        });
         Ok(Response::from_parts(
             parts,
             body.map_err(BoxError::from).boxed(),
         ))
     }
 
-    fn forwarded_headers(&self, h: &mut HeaderMap, ctx: &ConnCtx, authority: &str) {
-        // The client address comes from the TCP peer or a trusted PROXY header; whatever the
-        // client claims in these headers is replaced, not appended to, so backends can trust them.
-        let ip = ctx.client.ip().to_string();
+    fn forwarded_headers(
+        &self,
+        h: &mut HeaderMap,
+        ctx: &ConnCtx,
+        client: std::net::IpAddr,
+        authority: &str,
+    ) {
+        // The client address comes from the TCP peer, a trusted PROXY header, or a trusted
+        // sender's X-Forwarded-For (`client`); whatever an untrusted client claims in these
+        // headers is replaced, not appended to, so backends can trust them.
+        let ip = client.to_string();
         let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
             if let Ok(v) = HeaderValue::from_str(value) {
                 h.insert(HeaderName::from_static(name), v);
@@ -515,7 +592,7 @@ impl Proxy {
             "forwarded",
             &format!(
                 "for={};proto={};host=\"{}\"",
-                ip_for_forwarded(&ctx.client),
+                ip_for_forwarded(&SocketAddr::new(client, 0)),
                 ctx.scheme,
                 authority
             ),

@@ -179,6 +179,26 @@ impl RouteTable {
         &self.bases
     }
 
+    /// An instance by id (case-insensitive, like host names).
+    pub fn instance(&self, id: &str) -> Option<&Arc<Backend>> {
+        self.instances.get(&id.to_ascii_lowercase())
+    }
+
+    /// Every instance with the address its app's default port is served at: what health
+    /// probes connect to.
+    pub fn probe_targets(&self) -> Vec<(String, String)> {
+        self.instances
+            .values()
+            .filter_map(|b| {
+                let port = self
+                    .apps
+                    .get(&b.app)
+                    .and_then(|a| a.ports.first().copied())?;
+                Some((b.instance_id.clone(), b.address(port, port)?))
+            })
+            .collect()
+    }
+
     /// Resolves a host name (SNI or Host, without port).
     pub fn resolve(&self, host: &str) -> Result<Route, RouteError> {
         match grammar::parse_host(host, &self.bases)? {

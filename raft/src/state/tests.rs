@@ -49,6 +49,42 @@ fn command() -> impl Strategy<Value = Command> {
             ..Default::default()
         })),
         (any::<u64>()).prop_map(|id| Command::RemoveNode { id: id % 4 }),
+        // ACME lease and fenced writes (issue 6): small node ids, clocks and tokens so grants,
+        // renewals, expiries and stale writes all occur.
+        (1u64..4, 0u64..5000, 1u64..3000).prop_map(|(node, now_ms, ttl_ms)| {
+            Command::Acme(AcmeCommand::AcquireLease {
+                node,
+                now_ms,
+                ttl_ms,
+            })
+        }),
+        (1u64..4, 0u64..4).prop_map(|(node, fencing)| {
+            Command::Acme(AcmeCommand::ReleaseLease { node, fencing })
+        }),
+        (0u64..4, "[a-z]{1,2}").prop_map(|(fencing, token)| {
+            Command::Acme(AcmeCommand::PutChallenge {
+                fencing,
+                challenge: AcmeChallenge {
+                    key_authorization: format!("{token}.th"),
+                    token,
+                    name: "a.example.com".into(),
+                    created_at: 0,
+                },
+            })
+        }),
+        (0u64..4, "[a-z]{1,2}").prop_map(|(fencing, token)| {
+            Command::Acme(AcmeCommand::RemoveChallenge { fencing, token })
+        }),
+        (0u64..4, any::<u64>()).prop_map(|(fencing, not_after)| {
+            Command::Acme(AcmeCommand::PutCertificate {
+                fencing,
+                cert: Certificate {
+                    name: "a.example.com".into(),
+                    not_after,
+                    ..Default::default()
+                },
+            })
+        }),
     ];
     prop_oneof![4 => leaf.clone(), 1 => proptest::collection::vec(leaf, 0..4).prop_map(Command::Batch)]
 }

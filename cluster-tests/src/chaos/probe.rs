@@ -1,0 +1,230 @@
+//! The data-plane probe: the demo app behind every gateway, and HTTPS GETs through each gateway
+//! every 100 ms while faults run, to measure error rate and the longest outage per gateway.
+//!
+//! The demo app runs inside the hub namespace (10.77.0.2), registered as a plain-TCP backend,
+//! so node partitions (which only cut node-to-node traffic) leave the data path intact and
+//! `portcullis-chaos cleanup` finds it with the namespace's other processes.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use portcullis_proto::admin::{CreateAppRequest, PutCertificateRequest, RegisterInstanceRequest};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::cluster::Cluster;
+use super::topology::{node_ip, HUB};
+
+pub const BASE: &str = "chaos.portcullis.test";
+pub const DEMO_IP: &str = "10.77.0.2";
+pub const DEMO_PORT: u16 = 18080;
+pub const GATEWAY_HTTPS_PORT: u16 = 8443;
+const INTERVAL: Duration = Duration::from_millis(100);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// The demo backend and the TLS client config trusting its certificate; kills the demo on drop.
+pub struct DataPlane {
+    client: Arc<rustls::ClientConfig>,
+    demo: Option<Child>,
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.demo.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Per-gateway probe results.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GatewayStats {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    /// Longest time without a successful probe (ms).
+    pub longest_outage_ms: u64,
+}
+
+fn make_cert() -> anyhow::Result<(String, String, String)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "portcullis-chaos test CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let ca_pem = ca_cert.pem();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let mut leaf = CertificateParams::new(vec![format!("*.{BASE}"), BASE.to_string()])?;
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate()?;
+    let cert = leaf.signed_by(&key, &issuer)?;
+    Ok((ca_pem, cert.pem(), key.serialize_pem()))
+}
+
+impl DataPlane {
+    /// Imports a certificate, creates app `demo`, starts the demo backend and waits until every
+    /// gateway serves `https://demo.<base>/`.
+    pub async fn setup(cluster: &Cluster, bin: &Path, dir: &Path) -> anyhow::Result<DataPlane> {
+        let (ca_pem, chain_pem, key_pem) = make_cert().context("make the demo certificate")?;
+        let a = &cluster.nodes[0].admin;
+        let mut c = a.raw();
+        c.put_certificate(a.request(PutCertificateRequest {
+            name: format!("*.{BASE}"),
+            chain_pem,
+            key_pem,
+        }))
+        .await
+        .map_err(|s| anyhow::anyhow!("import certificate: {}", s.message()))?;
+        c.create_app(a.request(CreateAppRequest {
+            name: "demo".into(),
+            ports: vec![8080],
+            lb: "round-robin".into(),
+        }))
+        .await
+        .map_err(|s| anyhow::anyhow!("create app demo: {}", s.message()))?;
+        let log = std::fs::File::create(dir.join("demo-app.log"))?;
+        let demo = Command::new("ip")
+            .args(["netns", "exec", HUB])
+            .arg(bin)
+            .args(["demo-app", "--listen", &format!("{DEMO_IP}:{DEMO_PORT}")])
+            .args(["--name", "demo", "--region", &cluster.nodes[0].region])
+            .args(["--instance-id", "demo-chaos"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("start demo-app")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let dp = DataPlane {
+            client: Arc::new(client),
+            demo: Some(demo),
+        };
+        c.register_instance(a.request(RegisterInstanceRequest {
+            instance_id: "demo-chaos".into(),
+            app: "demo".into(),
+            region: cluster.nodes[0].region.clone(),
+            wg_public_key: String::new(),
+            backend_addr: format!("{DEMO_IP}:{DEMO_PORT}"),
+        }))
+        .await
+        .map_err(|s| anyhow::anyhow!("register demo instance: {}", s.message()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for id in cluster.ids() {
+            loop {
+                match probe(&dp.client, id).await {
+                    Ok(200) => break,
+                    r if Instant::now() > deadline => {
+                        bail!("gateway {id} does not serve https://demo.{BASE}/: {r:?}")
+                    }
+                    _ => tokio::time::sleep(INTERVAL).await,
+                }
+            }
+        }
+        Ok(dp)
+    }
+
+    /// Probes every gateway every 100 ms until `deadline`; returns stats per gateway.
+    pub async fn run(
+        &self,
+        ids: Vec<u64>,
+        start: Instant,
+        deadline: Instant,
+    ) -> BTreeMap<u64, GatewayStats> {
+        let results: Arc<Mutex<BTreeMap<u64, GatewayStats>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for id in ids {
+            let client = self.client.clone();
+            let results = results.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut st = GatewayStats::default();
+                let mut last_ok = start;
+                let mut tick = tokio::time::interval(INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    st.requests += 1;
+                    match probe(&client, id).await {
+                        Ok(200) => {
+                            let now = Instant::now();
+                            st.longest_outage_ms =
+                                st.longest_outage_ms.max((now - last_ok).as_millis() as u64);
+                            last_ok = now;
+                        }
+                        _ => st.errors += 1,
+                    }
+                }
+                st.longest_outage_ms = st
+                    .longest_outage_ms
+                    .max((Instant::now() - last_ok).as_millis() as u64);
+                st.error_rate = st.errors as f64 / st.requests.max(1) as f64;
+                results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, st);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let r = results.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        r
+    }
+}
+
+/// One HTTPS GET of `https://demo.<base>/` through gateway `id` on a fresh connection;
+/// returns the status code.
+async fn probe(client: &Arc<rustls::ClientConfig>, id: u64) -> anyhow::Result<u16> {
+    let fut = async {
+        let addr = format!("{}:{GATEWAY_HTTPS_PORT}", node_ip(id));
+        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+        let host = format!("demo.{BASE}");
+        let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+        let mut tls = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        // The status line is all we need: "HTTP/1.1 200 ...".
+        while n < 12 {
+            let r = tls.read(&mut buf[n..]).await?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        let line = String::from_utf8_lossy(&buf[..n]);
+        let code = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .context("no HTTP status line")?;
+        anyhow::Ok(code)
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, fut)
+        .await
+        .context("probe timed out")?
+}

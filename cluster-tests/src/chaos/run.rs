@@ -1,0 +1,612 @@
+//! One chaos run: topology, cluster, workload, the fault schedule, then the checks and the report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use portcullis_proto::admin::KvGetRequest;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::cluster::{Cluster, Membership};
+use super::probe::{DataPlane, GatewayStats};
+use super::scenario::{Expect, FaultKind, Scenario, Target};
+use super::topology::{is_root, Topology};
+use super::workload::{self, History};
+use crate::wgl::{self, CheckOptions, Event, Outcome};
+
+/// What happened to one scheduled fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultReport {
+    pub index: usize,
+    pub kind: String,
+    pub target: u64,
+    pub at_ms: u64,
+    pub healed_at_ms: u64,
+    /// The leader when the fault started.
+    pub leader_before: Option<u64>,
+    /// Whether the fault hit the leader (so a new election was expected).
+    pub leader_affected: bool,
+    /// Time from the fault until the rest of the cluster reported a new leader.
+    pub election_ms: Option<u64>,
+    pub new_leader: Option<u64>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub file: String,
+    pub seed: u64,
+    pub nodes: u64,
+    pub duration_secs: u64,
+    pub expect: Expect,
+    /// Operations with a completion (ok + fail + info).
+    pub operations: usize,
+    pub ok: usize,
+    /// Definitely not applied (failed reads; CAS never fails definitely here).
+    pub failed: usize,
+    /// Timed out or errored writes: may or may not have taken effect.
+    pub indeterminate: usize,
+    pub reads_ok: usize,
+    pub cas_ok_true: usize,
+    pub cas_ok_false: usize,
+    pub writes_ok: usize,
+    pub faults: Vec<FaultReport>,
+    /// Per node, the longest stretch during the run in which it answered no client operation.
+    pub longest_admin_outage_ms: BTreeMap<u64, u64>,
+    /// `ok`, or why the HTTPS data-plane probe did not run.
+    pub data_plane_probe: String,
+    /// Per gateway: HTTPS GETs of the demo app every 100 ms during the run.
+    pub data_plane: BTreeMap<u64, GatewayStats>,
+    pub linearizable: bool,
+    pub check_report: String,
+    /// All nodes returned the same value for every key after healing.
+    pub converged: bool,
+    pub convergence_detail: String,
+    /// The converged state is one some linearization of the history produces (no acknowledged
+    /// write lost).
+    pub final_state_ok: bool,
+    pub final_state: BTreeMap<String, Option<String>>,
+    pub node_crashes: Vec<String>,
+    /// The run met its expectation (`expect`).
+    pub passed: bool,
+    pub run_dir: String,
+    pub elapsed_secs: f64,
+}
+
+/// Options from the command line.
+pub struct RunOptions {
+    pub scenario_path: PathBuf,
+    pub seed: Option<u64>,
+    pub bin: PathBuf,
+    pub report: Option<PathBuf>,
+    pub keep: bool,
+}
+
+pub fn reproduce_command(o: &RunOptions, seed: u64) -> String {
+    format!(
+        "sudo target/debug/portcullis-chaos run {} --seed {seed} --portcullis {}",
+        o.scenario_path.display(),
+        o.bin.display()
+    )
+}
+
+/// Runs a scenario end to end. Everything it starts is torn down when this returns (or when
+/// the future is dropped, e.g. on Ctrl-C): the cluster and topology are drop guards.
+pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
+    let mut sc = Scenario::load(&o.scenario_path)?;
+    if let Some(s) = o.seed {
+        sc.seed = s;
+    }
+    if !is_root() {
+        bail!(
+            "portcullis-chaos needs root: it creates network namespaces, veth links and nftables \
+             rules (run it with sudo)"
+        );
+    }
+    if !o.bin.exists() {
+        bail!(
+            "portcullis binary {} not found (build it: cargo build -p portcullis-node)",
+            o.bin.display()
+        );
+    }
+    let bin = std::path::absolute(&o.bin)?;
+    let started = Instant::now();
+    let run_dir = tempfile::Builder::new()
+        .prefix(&format!("pcchaos-{}-{}-", sc.name, sc.seed))
+        .tempdir()
+        .context("create run dir")?
+        // Kept on errors and interrupts too: the node logs are what explains them.
+        .keep();
+    eprintln!("--- run dir {} (node logs)", run_dir.display());
+    let topo = Topology::create(sc.nodes)?;
+    let mut cluster = Cluster::start(&run_dir, &bin, &sc)?;
+    let leader = cluster.bootstrap(Duration::from_secs(60)).await?;
+    eprintln!("--- cluster of {} formed, leader {leader}", sc.nodes);
+    let data_plane = DataPlane::setup(&cluster, &bin, &run_dir).await;
+    if let Err(e) = &data_plane {
+        eprintln!("--- data-plane probe unavailable: {e:#}");
+    }
+
+    let mut rng = StdRng::seed_from_u64(sc.seed);
+    let t0 = Instant::now();
+    let history = History::new(t0);
+    let deadline = t0 + Duration::from_secs(sc.duration_secs);
+    let admins: Vec<(u64, _)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.admin.clone()))
+        .collect();
+    let mut clients = Vec::new();
+    for p in 1..=sc.clients.count {
+        clients.push(tokio::spawn(workload::client(
+            p,
+            sc.clients.clone(),
+            sc.seed,
+            admins.clone(),
+            history.clone(),
+            deadline,
+        )));
+    }
+
+    let ids = cluster.ids();
+    let probe = async {
+        match &data_plane {
+            Ok(dp) => Some(dp.run(ids.clone(), t0, deadline).await),
+            Err(_) => None,
+        }
+    };
+    let schedule = async {
+        let mut faults = Vec::new();
+        let mut order: Vec<usize> = (0..sc.faults.len()).collect();
+        order.sort_by(|a, b| sc.faults[*a].at_secs.total_cmp(&sc.faults[*b].at_secs));
+        for i in order {
+            let f = sc.faults[i].clone();
+            sleep_until(t0 + Duration::from_secs_f64(f.at_secs)).await;
+            let r = run_fault(i, &f, &mut cluster, &topo, &mut rng, t0).await?;
+            eprintln!(
+                "--- fault {i} {} on node {}: leader before {:?}, new leader {:?} after {:?} ms ({})",
+                r.kind, r.target, r.leader_before, r.new_leader, r.election_ms, r.detail
+            );
+            faults.push(r);
+        }
+        sleep_until(deadline).await;
+        anyhow::Ok(faults)
+    };
+    let (faults, data_plane_stats) = tokio::join!(schedule, probe);
+    let faults = faults?;
+    for c in clients {
+        let _ = c.await;
+    }
+    let end_ns = t0.elapsed().as_nanos() as u64;
+    eprintln!("--- workload done; checking");
+
+    let mut node_crashes = Vec::new();
+    for id in cluster.ids() {
+        if let Some(st) = cluster.exited(id) {
+            node_crashes.push(format!("node {id} exited on its own: {st}"));
+        }
+    }
+
+    // Convergence: after healing, every node must hold the same value for every key.
+    let keys: Vec<String> = (0..sc.clients.keys).map(workload::key_name).collect();
+    let conv_deadline = Instant::now() + Duration::from_secs(30);
+    let (converged, convergence_detail, final_state) = loop {
+        let (ok, detail, state) = read_everywhere(&cluster, &ids, &keys).await;
+        if ok || Instant::now() > conv_deadline {
+            break (ok, detail, state);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let events = history.snapshot();
+    let check = wgl::check_history(&events);
+    let final_check =
+        wgl::check_history_with_final_state(&events, &final_state, &CheckOptions::default());
+    let counts = count(&events);
+    let mut longest = BTreeMap::new();
+    for id in &ids {
+        longest.insert(*id, history.longest_gap_ms(*id, 0, end_ns));
+    }
+    let linearizable = check.ok;
+    let final_state_ok = converged && final_check.ok;
+    let healthy = linearizable && final_state_ok && node_crashes.is_empty();
+    let passed = match sc.expect {
+        Expect::Linearizable => healthy,
+        Expect::Violation => !linearizable,
+    };
+    let mut check_report = check.report();
+    if !converged {
+        // Without an agreed state there is nothing meaningful to compare the history with.
+        check_report.push_str(&format!(
+            "final state: not checked, the nodes did not converge: {convergence_detail}\n"
+        ));
+    } else if check.ok && !final_check.ok {
+        check_report.push_str("final state: ");
+        check_report.push_str(&final_check.report());
+    }
+    let data_plane_probe = match &data_plane {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("missing: setup failed: {e:#}"),
+    };
+    drop(data_plane);
+    cluster.stop_all();
+    drop(cluster);
+    drop(topo);
+    let run_dir_s = run_dir.display().to_string();
+    if passed && !o.keep {
+        // Logs are only interesting when something went wrong.
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+    Ok(Report {
+        scenario: sc.name.clone(),
+        file: o.scenario_path.display().to_string(),
+        seed: sc.seed,
+        nodes: sc.nodes,
+        duration_secs: sc.duration_secs,
+        expect: sc.expect,
+        operations: counts.ok + counts.fail + counts.info,
+        ok: counts.ok,
+        failed: counts.fail,
+        indeterminate: counts.info,
+        reads_ok: counts.reads,
+        cas_ok_true: counts.cas_true,
+        cas_ok_false: counts.cas_false,
+        writes_ok: counts.writes,
+        faults,
+        longest_admin_outage_ms: longest,
+        data_plane_probe,
+        data_plane: data_plane_stats.unwrap_or_default(),
+        linearizable,
+        check_report,
+        converged,
+        convergence_detail,
+        final_state_ok,
+        final_state,
+        node_crashes,
+        passed,
+        run_dir: run_dir_s,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn sleep_until(t: Instant) {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
+}
+
+#[derive(Default)]
+struct Counts {
+    ok: usize,
+    fail: usize,
+    info: usize,
+    reads: usize,
+    writes: usize,
+    cas_true: usize,
+    cas_false: usize,
+}
+
+fn count(events: &[Event]) -> Counts {
+    use wgl::OpResult;
+    let mut c = Counts::default();
+    for e in events {
+        if let Event::Complete { outcome, .. } = e {
+            match outcome {
+                Outcome::Ok(r) => {
+                    c.ok += 1;
+                    match r {
+                        OpResult::Read(_) => c.reads += 1,
+                        OpResult::Write => c.writes += 1,
+                        OpResult::Cas(true) => c.cas_true += 1,
+                        OpResult::Cas(false) => c.cas_false += 1,
+                    }
+                }
+                Outcome::Fail => c.fail += 1,
+                Outcome::Info => c.info += 1,
+            }
+        }
+    }
+    c
+}
+
+/// Reads every key through every node. Returns (all agree, detail, the agreed state).
+async fn read_everywhere(
+    cluster: &Cluster,
+    ids: &[u64],
+    keys: &[String],
+) -> (bool, String, BTreeMap<String, Option<String>>) {
+    let mut state = BTreeMap::new();
+    let mut detail = Vec::new();
+    let mut ok = true;
+    for key in keys {
+        let mut vals: BTreeMap<u64, Option<String>> = BTreeMap::new();
+        for id in ids {
+            let a = &cluster.node(*id).admin;
+            let mut c = a.raw();
+            let call = c.kv_get(a.request(KvGetRequest { key: key.clone() }));
+            match tokio::time::timeout(Duration::from_secs(3), call).await {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    vals.insert(*id, r.found.then_some(r.value));
+                }
+                _ => {
+                    ok = false;
+                    detail.push(format!("{key}: node {id} did not answer"));
+                }
+            }
+        }
+        let distinct: BTreeSet<&Option<String>> = vals.values().collect();
+        if distinct.len() > 1 {
+            ok = false;
+            detail.push(format!("{key}: nodes disagree: {vals:?}"));
+        }
+        if let Some(v) = vals.values().next() {
+            state.insert(key.clone(), v.clone());
+        }
+    }
+    let detail = if ok {
+        format!("{} keys equal on {} nodes", keys.len(), ids.len())
+    } else {
+        detail.join("; ")
+    };
+    (ok, detail, state)
+}
+
+/// Applies fault `f`, measures the election it causes, waits out its duration and heals it.
+async fn run_fault(
+    index: usize,
+    f: &super::scenario::Fault,
+    cluster: &mut Cluster,
+    topo: &Topology,
+    rng: &mut StdRng,
+    t0: Instant,
+) -> anyhow::Result<FaultReport> {
+    let before = cluster.current_leader().await;
+    let leader = before.map(|(l, _)| l);
+    let ids = cluster.ids();
+    let target = match &f.target {
+        Target::Node(id) => *id,
+        Target::Leader => leader.unwrap_or(1),
+        Target::Random => ids[rng.gen_range(0..ids.len())],
+        Target::Follower => {
+            let others: Vec<u64> = ids.iter().copied().filter(|i| Some(*i) != leader).collect();
+            *others.choose(rng).unwrap_or(&1)
+        }
+    };
+    let others: Vec<u64> = ids.iter().copied().filter(|i| *i != target).collect();
+    let at = Instant::now();
+    let at_ms = (at - t0).as_millis() as u64;
+    // `cut_off`: the nodes that lose contact with the majority (the old leader among them
+    // means an election must happen among the rest, `majority`).
+    let (cut_off, detail): (Vec<u64>, String) = match f.kind {
+        FaultKind::Kill => {
+            cluster.kill(target);
+            (vec![target], "SIGKILL".into())
+        }
+        FaultKind::Pause => {
+            cluster.pause(target)?;
+            (vec![target], "SIGSTOP".into())
+        }
+        FaultKind::Isolate => {
+            topo.partition(&cut(&[target], &others))?;
+            (vec![target], format!("{target} | {others:?}"))
+        }
+        FaultKind::MajorityMinority => {
+            let mut rest = others.clone();
+            rest.shuffle(rng);
+            let minority_size = (ids.len() - 1) / 2;
+            let mut minority = vec![target];
+            minority.extend(rest.iter().take(minority_size.saturating_sub(1)));
+            let majority: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|i| !minority.contains(i))
+                .collect();
+            topo.partition(&cut(&minority, &majority))?;
+            (
+                minority.clone(),
+                format!("minority {minority:?} | majority {majority:?}"),
+            )
+        }
+        FaultKind::OneWay => {
+            let blocked = others.iter().map(|o| (*o, target)).collect();
+            topo.partition(&blocked)?;
+            // The target still reaches the others; whether it loses leadership is up to Raft.
+            (vec![target], format!("{others:?} -> {target} dropped"))
+        }
+        FaultKind::Bridge => {
+            let mut rest = others.clone();
+            rest.shuffle(rng);
+            let half = rest.len() / 2;
+            let (a, b) = rest.split_at(half);
+            let mut blocked = cut(a, b);
+            blocked.extend(cut(b, a));
+            topo.partition(&blocked)?;
+            // Only the halves are cut from each other; the bridge (target) sees everyone, so
+            // no node loses contact with a majority and no election is required.
+            (Vec::new(), format!("{a:?} | {b:?} bridged by {target}"))
+        }
+        FaultKind::LinkDown => {
+            topo.set_link(target, false)?;
+            (vec![target], "eth0 down".into())
+        }
+        FaultKind::Membership => {
+            cluster.membership(Membership::Remove, target).await?;
+            (vec![target], "removed".into())
+        }
+        FaultKind::DiskFull => {
+            let n = cluster.fill_disk(target)?;
+            // The node keeps running (or crashes, which the report shows); whether it keeps
+            // leading is up to it, so an election is measured like for any cut-off node.
+            (vec![target], format!("data dir filled ({} KiB)", n / 1024))
+        }
+    };
+    let leader_affected = leader.is_some_and(|l| cut_off.contains(&l));
+    let majority: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|i| !cut_off.contains(i))
+        .collect();
+    let heal_at = at + Duration::from_secs_f64(f.duration_secs);
+    let (election_ms, new_leader) = if let (true, Some((old, term))) = (leader_affected, before) {
+        match wait_new_leader(cluster, &majority, old, term, heal_at).await {
+            Some((l, d)) => (Some(d.as_millis() as u64), Some(l)),
+            None => (None, None),
+        }
+    } else {
+        (None, None)
+    };
+    sleep_until(heal_at).await;
+    let mut detail = detail;
+    match f.kind {
+        FaultKind::Kill => cluster.spawn(target)?,
+        FaultKind::Pause => cluster.resume(target)?,
+        FaultKind::Isolate
+        | FaultKind::MajorityMinority
+        | FaultKind::OneWay
+        | FaultKind::Bridge => topo.heal()?,
+        FaultKind::LinkDown => topo.set_link(target, true)?,
+        FaultKind::DiskFull => cluster.free_disk(target)?,
+        FaultKind::Membership => {
+            cluster.membership(Membership::AddLearner, target).await?;
+            cluster.membership(Membership::Promote, target).await?;
+            detail.push_str(", re-added as learner, promoted");
+        }
+    }
+    Ok(FaultReport {
+        index,
+        kind: f.kind.name().into(),
+        target,
+        at_ms,
+        healed_at_ms: (Instant::now() - t0).as_millis() as u64,
+        leader_before: leader,
+        leader_affected,
+        election_ms,
+        new_leader,
+        detail,
+    })
+}
+
+/// Every pair (a, b) and (b, a): `a` and `b` cannot talk at all.
+fn cut(a: &[u64], b: &[u64]) -> BTreeSet<(u64, u64)> {
+    let mut s = BTreeSet::new();
+    for x in a {
+        for y in b {
+            s.insert((*x, *y));
+            s.insert((*y, *x));
+        }
+    }
+    s
+}
+
+/// Polls the `majority` nodes until one reports a leader other than `old` in a later term.
+async fn wait_new_leader(
+    cluster: &Cluster,
+    majority: &[u64],
+    old: u64,
+    old_term: u64,
+    until: Instant,
+) -> Option<(u64, Duration)> {
+    let start = Instant::now();
+    while Instant::now() < until {
+        for id in majority {
+            if let Some(s) = cluster
+                .node(*id)
+                .admin
+                .status(Duration::from_millis(200))
+                .await
+            {
+                if s.leader_id != 0 && s.leader_id != old && s.term > old_term {
+                    return Some((s.leader_id, start.elapsed()));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// The summary table printed after a run.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "scenario {} (seed {}, {} nodes, {} s)\n",
+        r.scenario, r.seed, r.nodes, r.duration_secs
+    ));
+    s.push_str(&format!(
+        "  {:<28} {}\n  {:<28} {} (reads {}, writes {}, cas ok {}, cas refused {})\n  {:<28} {}\n  {:<28} {}\n",
+        "operations", r.operations, "ok", r.ok, r.reads_ok, r.writes_ok, r.cas_ok_true,
+        r.cas_ok_false, "failed (definite)", r.failed, "indeterminate", r.indeterminate
+    ));
+    s.push_str("  faults:\n");
+    s.push_str(&format!(
+        "    {:>3} {:<18} {:>6} {:>8} {:>8} {:>12} {:>10}\n",
+        "#", "kind", "target", "at ms", "leader", "election ms", "new leader"
+    ));
+    for f in &r.faults {
+        s.push_str(&format!(
+            "    {:>3} {:<18} {:>6} {:>8} {:>8} {:>12} {:>10}\n",
+            f.index,
+            f.kind,
+            f.target,
+            f.at_ms,
+            f.leader_before.map(|l| l.to_string()).unwrap_or("-".into()),
+            match (f.leader_affected, f.election_ms) {
+                (false, _) => "n/a".to_string(),
+                (true, Some(ms)) => ms.to_string(),
+                (true, None) => "none".to_string(),
+            },
+            f.new_leader.map(|l| l.to_string()).unwrap_or("-".into()),
+        ));
+    }
+    s.push_str("  longest admin-plane outage per node (ms): ");
+    let o: Vec<String> = r
+        .longest_admin_outage_ms
+        .iter()
+        .map(|(n, ms)| format!("n{n}={ms}"))
+        .collect();
+    s.push_str(&o.join(" "));
+    s.push('\n');
+    s.push_str(&format!("  data-plane probe: {}\n", r.data_plane_probe));
+    for (id, g) in &r.data_plane {
+        s.push_str(&format!(
+            "    gateway {id}: {} requests, {} errors ({:.1}%), longest outage {} ms\n",
+            g.requests,
+            g.errors,
+            g.error_rate * 100.0,
+            g.longest_outage_ms
+        ));
+    }
+    s.push_str(&format!(
+        "  linearizable: {}\n  converged: {} ({})\n  no acknowledged write lost: {}\n",
+        r.linearizable,
+        r.converged,
+        r.convergence_detail,
+        if r.converged {
+            r.final_state_ok.to_string()
+        } else {
+            "not checked (no converged state)".to_string()
+        }
+    ));
+    for c in &r.node_crashes {
+        s.push_str(&format!("  CRASH: {c}\n"));
+    }
+    if !r.linearizable || !r.final_state_ok {
+        s.push_str(&r.check_report);
+    }
+    s.push_str(&format!(
+        "  expected: {:?} -> {}\n",
+        r.expect,
+        if r.passed { "PASS" } else { "FAIL" }
+    ));
+    s
+}
+
+/// Writes the JSON report.
+pub fn write_report(r: &Report, path: &Path) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(r)?;
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}

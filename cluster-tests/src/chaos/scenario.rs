@@ -1,0 +1,406 @@
+//! Scenario files: what cluster to build, how long to run, which clients, which faults when.
+//!
+//! Every field is checked before anything starts (unknown fields are errors, so a typo cannot
+//! silently disable a fault), and every error names the field, e.g. `faults[2].target`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// A scenario as written in `cluster-tests/scenarios/<name>.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Short name, used in the report.
+    pub name: String,
+    /// Gateway nodes (3-7), each in its own network namespace.
+    pub nodes: u64,
+    /// How long the workload and the fault schedule run, in seconds.
+    pub duration_secs: u64,
+    /// Seed for every random choice (workload, fault targets). `--seed` overrides it.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Regions, assigned to nodes round-robin.
+    #[serde(default = "default_regions")]
+    pub regions: Vec<String>,
+    #[serde(default)]
+    pub clients: Clients,
+    #[serde(default)]
+    pub timing: Timing,
+    #[serde(default)]
+    pub debug: Debug,
+    #[serde(default)]
+    pub disk: Disk,
+    /// What the run must show: `linearizable` (the default), or `violation` for scenarios that
+    /// run a deliberately broken build and pass only if the checker catches it.
+    #[serde(default)]
+    pub expect: Expect,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expect {
+    #[default]
+    Linearizable,
+    Violation,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+fn default_regions() -> Vec<String> {
+    vec!["eu-west".into(), "us-east".into(), "ap-south".into()]
+}
+
+/// The workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Clients {
+    /// Concurrent client processes (1-64).
+    pub count: u64,
+    /// Registers the clients share (1-100); few keys mean more contention.
+    pub keys: u64,
+    /// Fraction of operations that are reads (0-1); the rest are CAS and blind writes.
+    pub read_ratio: f64,
+    /// Fraction of writes that are blind (no `expect`); the rest are CAS.
+    pub blind_write_ratio: f64,
+    /// Per-operation timeout; a timed-out operation is indeterminate.
+    pub op_timeout_ms: u64,
+    /// Pause between one client's operations.
+    pub think_ms: u64,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients {
+            count: 5,
+            keys: 3,
+            read_ratio: 0.5,
+            blind_write_ratio: 0.2,
+            op_timeout_ms: 1500,
+            think_ms: 20,
+        }
+    }
+}
+
+/// Raft timing for every node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        // Same as `portcullis up`: failover well under the 5 s target on a local bridge.
+        Timing {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+        }
+    }
+}
+
+/// Node data directories.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Disk {
+    /// When > 0, every node's data dir is a tmpfs of this many MiB, so `disk-full` can fill it.
+    pub tmpfs_mb: u64,
+}
+
+/// Test-only node switches that break guarantees on purpose.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Debug {
+    /// Sets `[debug] unsafe_stale_reads` on every node: `KvGet` skips the linearizable barrier.
+    pub unsafe_stale_reads: bool,
+}
+
+/// Which node a fault hits, resolved when the fault starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The current leader.
+    Leader,
+    /// A random node that is not the leader.
+    Follower,
+    /// Any node, chosen with the seed.
+    #[default]
+    Random,
+    /// Node `id`.
+    Node(u64),
+}
+
+/// One fault in the schedule. It starts at `at_secs` and is undone `duration_secs` later.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Seconds after the workload starts.
+    pub at_secs: f64,
+    pub kind: FaultKind,
+    #[serde(default)]
+    pub target: Target,
+    /// How long the fault lasts before it is healed (restart, resume, heal, promote).
+    #[serde(default = "default_fault_duration")]
+    pub duration_secs: f64,
+}
+
+fn default_fault_duration() -> f64 {
+    5.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// SIGKILL the target, restart it after `duration_secs`.
+    Kill,
+    /// SIGSTOP the target, SIGCONT after `duration_secs`.
+    Pause,
+    /// Cut the target off from every other node (clients still reach it).
+    Isolate,
+    /// Split the nodes into a majority and a minority that contains the target.
+    MajorityMinority,
+    /// The target stops hearing from every other node; they still hear it (nftables input drop).
+    OneWay,
+    /// Two halves that cannot talk to each other, and the target talks to both.
+    Bridge,
+    /// Take the target's veth link down, then up again.
+    LinkDown,
+    /// Remove the target from the cluster, then (after `duration_secs`) add it back as a
+    /// learner and promote it.
+    Membership,
+    /// Fill the target's data dir (a tmpfs, `disk.tmpfs_mb`) until writes fail with ENOSPC;
+    /// delete the filler afterwards.
+    DiskFull,
+}
+
+impl FaultKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Isolate => "isolate",
+            FaultKind::MajorityMinority => "majority-minority",
+            FaultKind::OneWay => "one-way",
+            FaultKind::Bridge => "bridge",
+            FaultKind::LinkDown => "link-down",
+            FaultKind::Membership => "membership",
+            FaultKind::DiskFull => "disk-full",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read scenario {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("scenario {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("scenario {path}: field `{field}`: {reason}")]
+    Field {
+        path: String,
+        field: String,
+        reason: String,
+    },
+}
+
+impl Scenario {
+    /// Reads, parses and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Scenario::parse(&text, &p)
+    }
+
+    /// Parses and validates scenario text; `path` only labels errors.
+    pub fn parse(text: &str, path: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        s.validate()
+            .map_err(|(field, reason)| ScenarioError::Field {
+                path: path.to_string(),
+                field,
+                reason,
+            })?;
+        Ok(s)
+    }
+
+    /// Cross-field checks. Returns the offending field and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |f: &str, r: String| Err((f.to_string(), r));
+        if self.name.is_empty() {
+            return bad("name", "must not be empty".into());
+        }
+        if !(3..=7).contains(&self.nodes) {
+            return bad("nodes", format!("{} is not in 3..=7", self.nodes));
+        }
+        if self.duration_secs == 0 || self.duration_secs > 3600 {
+            return bad(
+                "duration_secs",
+                format!("{} is not in 1..=3600", self.duration_secs),
+            );
+        }
+        if self.regions.is_empty() || self.regions.iter().any(String::is_empty) {
+            return bad("regions", "give at least one non-empty region".into());
+        }
+        let c = &self.clients;
+        if !(1..=64).contains(&c.count) {
+            return bad("clients.count", format!("{} is not in 1..=64", c.count));
+        }
+        if !(1..=100).contains(&c.keys) {
+            return bad("clients.keys", format!("{} is not in 1..=100", c.keys));
+        }
+        if !(0.0..=1.0).contains(&c.read_ratio) {
+            return bad(
+                "clients.read_ratio",
+                format!("{} is not in 0..=1", c.read_ratio),
+            );
+        }
+        if !(0.0..=1.0).contains(&c.blind_write_ratio) {
+            return bad(
+                "clients.blind_write_ratio",
+                format!("{} is not in 0..=1", c.blind_write_ratio),
+            );
+        }
+        if !(50..=60_000).contains(&c.op_timeout_ms) {
+            return bad(
+                "clients.op_timeout_ms",
+                format!("{} is not in 50..=60000", c.op_timeout_ms),
+            );
+        }
+        let t = &self.timing;
+        if t.heartbeat_ms == 0 || t.election_timeout_min_ms <= t.heartbeat_ms {
+            return bad(
+                "timing.election_timeout_min_ms",
+                "must be greater than timing.heartbeat_ms (> 0)".into(),
+            );
+        }
+        if t.election_timeout_max_ms <= t.election_timeout_min_ms {
+            return bad(
+                "timing.election_timeout_max_ms",
+                "must be greater than timing.election_timeout_min_ms".into(),
+            );
+        }
+        let dur = self.duration_secs as f64;
+        for (i, f) in self.faults.iter().enumerate() {
+            let field = |name: &str| format!("faults[{i}].{name}");
+            if !(f.at_secs >= 0.0 && f.at_secs < dur) {
+                return bad(
+                    &field("at_secs"),
+                    format!("{} is not within the run (0..{dur})", f.at_secs),
+                );
+            }
+            if !(f.duration_secs > 0.0 && f.at_secs + f.duration_secs <= dur) {
+                return bad(
+                    &field("duration_secs"),
+                    format!(
+                        "{} must be > 0 and the fault must end by duration_secs = {dur}",
+                        f.duration_secs
+                    ),
+                );
+            }
+            if let Target::Node(id) = f.target {
+                if id == 0 || id > self.nodes {
+                    return bad(
+                        &field("target"),
+                        format!("node {id} does not exist (nodes = {})", self.nodes),
+                    );
+                }
+            }
+            if f.kind == FaultKind::DiskFull && self.disk.tmpfs_mb == 0 {
+                return bad(
+                    &field("kind"),
+                    "disk-full needs a tmpfs data dir: set [disk] tmpfs_mb".into(),
+                );
+            }
+            if f.kind == FaultKind::Bridge && self.nodes < 5 && self.nodes != 3 {
+                // With 4 nodes the halves are 1+1 around a pair; allowed but pointless.
+                return bad(&field("kind"), "bridge needs 3 or at least 5 nodes".into());
+            }
+        }
+        // Faults on the same node must not overlap: undoing one would undo the other.
+        for (i, a) in self.faults.iter().enumerate() {
+            for (j, b) in self.faults.iter().enumerate().skip(i + 1) {
+                let overlap = a.at_secs < b.at_secs + b.duration_secs
+                    && b.at_secs < a.at_secs + a.duration_secs;
+                if overlap {
+                    return bad(
+                        &format!("faults[{j}].at_secs"),
+                        format!("overlaps faults[{i}]; schedule faults one after another"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+nodes = 3
+duration_secs = 30
+[clients]
+count = 4
+[[faults]]
+at_secs = 5
+kind = "kill"
+target = "leader"
+duration_secs = 3
+[[faults]]
+at_secs = 12
+kind = "isolate"
+target = { node = 2 }
+"#;
+
+    #[test]
+    fn good_scenario_parses() {
+        let s = Scenario::parse(GOOD, "good.toml").expect("valid");
+        assert_eq!(s.faults.len(), 2);
+        assert_eq!(s.faults[1].target, Target::Node(2));
+        assert_eq!(s.clients.keys, 3);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (GOOD.replace("count = 4", "count = 4\ncuont = 1"), "cuont"),
+            (GOOD.replace("nodes = 3", "nodes = 1"), "`nodes`"),
+            (GOOD.replace("\"kill\"", "\"explode\""), "explode"),
+            (GOOD.replace("node = 2", "node = 9"), "faults[1].target"),
+            (
+                GOOD.replace("at_secs = 12", "at_secs = 40"),
+                "faults[1].at_secs",
+            ),
+            (
+                GOOD.replace("at_secs = 12", "at_secs = 6"),
+                "faults[1].at_secs",
+            ),
+            (GOOD.replace("\"kill\"", "\"disk-full\""), "faults[0].kind"),
+            (GOOD.replace("count = 4", "count = 0"), "clients.count"),
+        ];
+        for (text, needle) in cases {
+            let err = Scenario::parse(&text, "x.toml")
+                .expect_err(needle)
+                .to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle}");
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Network namespaces, veth links and a bridge for a chaos run, plus nftables partitions.
+//!
+//! Layout (all names start with [`PREFIX`], so `portcullis-chaos cleanup` finds leftovers):
+//!
+//! ```text
+//!  root namespace (harness, clients)        pcchaos-hub              pcchaos-n<i>
+//!  pcchaos0 10.77.0.1/24  <--veth-->  h0 --+                        eth0 10.77.0.(10+i)/24
+//!                            br0 10.77.0.2 -- n<i>  <--veth-->
+//!                            (demo backend)
+//! ```
+//!
+//! The bridge lives in its own namespace, so deleting that namespace removes the bridge and every
+//! veth pair with it. Partitions are nftables `input` drops inside the node namespaces; clients
+//! (10.77.0.1) are never cut off, so they can observe a minority's answers.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+/// Prefix of every namespace and root-namespace link the harness creates.
+pub const PREFIX: &str = "pcchaos";
+pub const HUB: &str = "pcchaos-hub";
+pub const ROOT_LINK: &str = "pcchaos0";
+pub const HARNESS_IP: &str = "10.77.0.1";
+
+pub fn node_ns(id: u64) -> String {
+    format!("{PREFIX}-n{id}")
+}
+
+pub fn node_ip(id: u64) -> String {
+    format!("10.77.0.{}", 10 + id)
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command inside namespace `ns`, feeding `stdin`.
+fn sh_in_with_input(ns: &str, args: &[&str], stdin: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("run {} in {ns}", args.join(" ")))?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(stdin.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`{}` in {ns} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Whether we run as root (namespaces and nftables need it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The namespaces and links of one run; removed on drop.
+pub struct Topology {
+    pub nodes: Vec<u64>,
+    torn_down: bool,
+}
+
+impl Topology {
+    /// Creates the hub, the harness link and one namespace per node. Removes leftovers of an
+    /// earlier run first (their names would collide).
+    pub fn create(nodes: u64) -> anyhow::Result<Topology> {
+        cleanup_all();
+        // From here on, a failure half-way drops `t`, which removes what was built.
+        let mut t = Topology {
+            nodes: Vec::new(),
+            torn_down: false,
+        };
+        sh(&["ip", "netns", "add", HUB])?;
+        in_ns(HUB, &["ip", "link", "set", "lo", "up"])?;
+        in_ns(HUB, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        in_ns(HUB, &["ip", "link", "set", "br0", "up"])?;
+        // The demo backend of the data-plane probe listens on the bridge itself.
+        in_ns(HUB, &["ip", "addr", "add", "10.77.0.2/24", "dev", "br0"])?;
+        // Harness side: veth from the root namespace into the hub.
+        sh(&[
+            "ip", "link", "add", ROOT_LINK, "type", "veth", "peer", "name", "h0", "netns", HUB,
+        ])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{HARNESS_IP}/24"),
+            "dev",
+            ROOT_LINK,
+        ])?;
+        sh(&["ip", "link", "set", ROOT_LINK, "up"])?;
+        in_ns(HUB, &["ip", "link", "set", "h0", "master", "br0"])?;
+        in_ns(HUB, &["ip", "link", "set", "h0", "up"])?;
+        for id in 1..=nodes {
+            let ns = node_ns(id);
+            sh(&["ip", "netns", "add", &ns])?;
+            t.nodes.push(id);
+            in_ns(&ns, &["ip", "link", "set", "lo", "up"])?;
+            let hub_end = format!("n{id}");
+            in_ns(
+                HUB,
+                &[
+                    "ip", "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns",
+                    &ns,
+                ],
+            )?;
+            in_ns(HUB, &["ip", "link", "set", &hub_end, "master", "br0"])?;
+            in_ns(HUB, &["ip", "link", "set", &hub_end, "up"])?;
+            in_ns(
+                &ns,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", node_ip(id)),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            in_ns(&ns, &["ip", "link", "set", "eth0", "up"])?;
+        }
+        Ok(t)
+    }
+
+    /// Installs a partition: every `(from, to)` pair stops delivering packets from `from` to
+    /// `to` (an nftables input drop in `to`'s namespace). Replaces any earlier partition.
+    pub fn partition(&self, blocked: &BTreeSet<(u64, u64)>) -> anyhow::Result<()> {
+        self.heal()?;
+        for to in &self.nodes {
+            let srcs: Vec<String> = blocked
+                .iter()
+                .filter(|(_, t)| t == to)
+                .map(|(f, _)| node_ip(*f))
+                .collect();
+            if srcs.is_empty() {
+                continue;
+            }
+            let rules = format!(
+                "table inet pcchaos {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  ip saddr {{ {} }} drop\n }}\n}}\n",
+                srcs.join(", ")
+            );
+            sh_in_with_input(&node_ns(*to), &["nft", "-f", "-"], &rules)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every partition rule.
+    pub fn heal(&self) -> anyhow::Result<()> {
+        for id in &self.nodes {
+            // Absent table: nothing to heal there.
+            let _ = in_ns(
+                &node_ns(*id),
+                &["nft", "delete", "table", "inet", "pcchaos"],
+            );
+        }
+        Ok(())
+    }
+
+    /// Takes node `id`'s link down or up.
+    pub fn set_link(&self, id: u64, up: bool) -> anyhow::Result<()> {
+        in_ns(
+            &node_ns(id),
+            &["ip", "link", "set", "eth0", if up { "up" } else { "down" }],
+        )?;
+        Ok(())
+    }
+
+    /// Kills every process left in the node namespaces and deletes namespaces and links.
+    pub fn teardown(&mut self) {
+        if !self.torn_down {
+            cleanup_all();
+            self.torn_down = true;
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    sh(&full)
+}
+
+/// Removes everything a chaos run may have left behind: processes inside `pcchaos-*`
+/// namespaces (SIGKILL), the namespaces, and the harness link. Returns what it removed.
+pub fn cleanup_all() -> Vec<String> {
+    let mut removed = Vec::new();
+    let list = sh(&["ip", "netns", "list"]).unwrap_or_default();
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !name.starts_with(PREFIX) {
+            continue;
+        }
+        let pids = sh(&["ip", "netns", "pids", name]).unwrap_or_default();
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // A stopped process must be continued to die promptly? SIGKILL works on stopped
+            // processes too; no SIGCONT needed.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            removed.push(format!("process {pid} in {name}"));
+        }
+        if sh(&["ip", "netns", "delete", name]).is_ok() {
+            removed.push(format!("namespace {name}"));
+        }
+    }
+    // tmpfs data dirs of runs that died before their guards ran.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(fs), Some(point)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if fs == "tmpfs" && point.contains("/pcchaos-") && sh(&["umount", "-l", point]).is_ok() {
+            removed.push(format!("mount {point}"));
+        }
+    }
+    if sh(&["ip", "link", "show", ROOT_LINK]).is_ok()
+        && sh(&["ip", "link", "delete", ROOT_LINK]).is_ok()
+    {
+        removed.push(format!("link {ROOT_LINK}"));
+    }
+    removed
+}

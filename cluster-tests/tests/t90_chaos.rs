@@ -1,0 +1,116 @@
+//! t90: the chaos harness on a real cluster in network namespaces (root only).
+//!
+//! - `ci_scenario_passes`: `scenarios/ci.toml` — leader kill, leader pause, leader isolation,
+//!   one-way partition, bridge partition, remove + re-add + promote a follower, leader link
+//!   down — under a concurrent CAS/read workload; the history must be linearizable, all nodes
+//!   must converge and no acknowledged write may be lost.
+//! - `broken_stale_reads_are_caught`: nodes with the test-only `[debug] unsafe_stale_reads`
+//!   switch; the run passes only if the checker flags a non-linearizable read.
+//!
+//! Both drive the `portcullis-chaos` binary, so its CLI, exit codes and JSON report are tested
+//! too. They share namespace names, so they run one at a time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use portcullis_cluster_tests::chaos::topology::is_root;
+use portcullis_cluster_tests::harness::{phase, portcullis_bin, show};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(name)
+}
+
+/// Runs a scenario; returns (exit success, report JSON, combined output).
+fn run(name: &str, seed: u64) -> (bool, serde_json::Value, String) {
+    let report = tempfile::NamedTempFile::new().expect("temp report");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis-chaos"))
+        .arg("run")
+        .arg(scenario(name))
+        .args(["--seed", &seed.to_string(), "--portcullis"])
+        .arg(portcullis_bin())
+        .arg("--report")
+        .arg(report.path())
+        .output()
+        .expect("run portcullis-chaos");
+    let text = show(&out);
+    eprintln!("{text}");
+    let json = std::fs::read_to_string(report.path())
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out.status.success(), json, text)
+}
+
+fn skip_unless_root() -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("SKIP: t90_chaos needs root (network namespaces, veth links, nftables)");
+    true
+}
+
+fn no_leftovers() {
+    let ns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns");
+    let ns = String::from_utf8_lossy(&ns.stdout);
+    assert!(!ns.contains("pcchaos"), "namespaces left behind: {ns}");
+    let link = Command::new("ip")
+        .args(["link", "show", "pcchaos0"])
+        .output()
+        .expect("ip link");
+    assert!(!link.status.success(), "harness link left behind");
+}
+
+#[test]
+fn ci_scenario_passes() {
+    if skip_unless_root() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    phase("scenarios/ci.toml: kill, pause, partitions, membership change");
+    let (ok, r, text) = run("ci.toml", 42);
+    assert!(ok, "chaos run failed:\n{text}");
+    assert_eq!(r["linearizable"], true, "{text}");
+    assert_eq!(r["converged"], true, "{text}");
+    assert_eq!(r["final_state_ok"], true, "{text}");
+    assert!(
+        r["ok"].as_u64().unwrap_or(0) > 500,
+        "too few operations: {text}"
+    );
+    let faults = r["faults"].as_array().cloned().unwrap_or_default();
+    let kinds: Vec<&str> = faults.iter().filter_map(|f| f["kind"].as_str()).collect();
+    for k in ["kill", "pause", "isolate", "membership"] {
+        assert!(kinds.contains(&k), "fault {k} did not run: {kinds:?}");
+    }
+    // Every fault that hit the leader must have produced a new leader among the rest.
+    for f in &faults {
+        if f["leader_affected"] == true && f["kind"] != "one-way" {
+            assert!(
+                f["election_ms"].as_u64().is_some(),
+                "no new leader after {f}:\n{text}"
+            );
+        }
+    }
+    no_leftovers();
+}
+
+#[test]
+fn broken_stale_reads_are_caught() {
+    if skip_unless_root() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    phase("scenarios/broken-stale-reads.toml: the checker must flag stale reads");
+    let (ok, r, text) = run("broken-stale-reads.toml", 7);
+    assert!(ok, "the harness did not catch the broken build:\n{text}");
+    assert_eq!(r["linearizable"], false, "{text}");
+    assert!(text.contains("NOT linearizable"), "{text}");
+    no_leftovers();
+}

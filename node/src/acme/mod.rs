@@ -1,0 +1,35 @@
+//! Automatic certificates (issue 6): ACME against any directory, with one orderer per cluster.
+//!
+//! - [`config`]: the `[acme]` section.
+//! - [`orderer`]: the task every node runs. It takes the orderer lease through Raft; only the
+//!   holder talks to the CA. It keeps the account in the replicated state, orders and renews
+//!   certificates, publishes HTTP-01 answers through Raft, and writes certificates with fenced
+//!   commands so a holder that lost its lease cannot overwrite its successor.
+//! - [`responder`]: answers HTTP-01 validation requests on every node from the replicated
+//!   answers, so the CA may reach any node.
+//! - [`metrics`]: certificate expiry and orderer metrics.
+
+pub mod config;
+pub mod metrics;
+pub mod orderer;
+pub mod responder;
+
+pub use config::AcmeConfig;
+pub use metrics::AcmeMetrics;
+pub use responder::ReplicatedResponder;
+
+/// Unix seconds from the local clock.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds from the local clock.
+pub(crate) fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

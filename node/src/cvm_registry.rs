@@ -1,0 +1,169 @@
+//! CVM registration on the cluster RPC port (`CvmRegistry` in proto/cluster.proto).
+//!
+//! A CVM proves itself twice: with its TLS client certificate (a CVM credential from the
+//! cluster CA naming its app, checked by the TLS layer and here), and with attestation evidence
+//! checked by an [`Attestation`] hook. It then gets its tunnel address, allocated through Raft
+//! (sticky per instance id), and every gateway's WireGuard key and endpoint.
+
+use std::sync::Arc;
+
+use portcullis_proto::cluster::cvm_registry_server::{CvmRegistry, CvmRegistryServer};
+use portcullis_proto::cluster::{GatewayPeer, RegisterCvmReply, RegisterCvmRequest};
+use portcullis_raft::state::Instance;
+use portcullis_raft::store::SharedState;
+use portcullis_raft::tls::{peer_role, PeerRole};
+use portcullis_raft::{Cluster, ClusterError, Command, Response};
+use portcullis_wg::PublicKey;
+use tonic::{Request, Status};
+
+use crate::tunnel::{gateway_peers, gateway_tunnel_ip, unix_now};
+
+/// Largest registration message: a few names, a key, and attestation evidence (a TDX quote is
+/// about 5 KiB; RA-TLS certificates stay well under this).
+const MAX_REGISTRATION_BYTES: usize = 64 * 1024;
+
+/// What a CVM claims when it registers, for the attestation hook.
+#[derive(Debug)]
+pub struct Claim<'a> {
+    pub app: &'a str,
+    pub instance_id: &'a str,
+    pub wg_public_key: &'a PublicKey,
+    /// Evidence as sent by the CVM (empty when it sends none).
+    pub evidence: &'a [u8],
+}
+
+/// Where TDX / RA-TLS verification plugs in: it must bind the evidence to the claimed WireGuard
+/// key (e.g. the key's hash in the quote's report data), so a stolen credential alone cannot
+/// register a key the attested CVM does not hold.
+pub trait Attestation: Send + Sync + 'static {
+    /// `Err(reason)` refuses the registration.
+    fn verify(&self, claim: &Claim<'_>) -> Result<(), String>;
+}
+
+/// Accepts every CVM that holds a valid credential. The only implementation today: the
+/// credential is the whole proof until TDX verification lands.
+#[derive(Debug, Default, Clone)]
+pub struct NoAttestation;
+
+impl Attestation for NoAttestation {
+    fn verify(&self, _claim: &Claim<'_>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+pub struct Registry {
+    cluster: Cluster,
+    shared: SharedState,
+    attestation: Arc<dyn Attestation>,
+}
+
+/// The tonic service, ready to add next to the Raft service.
+pub fn service(
+    cluster: Cluster,
+    shared: SharedState,
+    attestation: Arc<dyn Attestation>,
+) -> CvmRegistryServer<Registry> {
+    CvmRegistryServer::new(Registry {
+        cluster,
+        shared,
+        attestation,
+    })
+    .max_decoding_message_size(MAX_REGISTRATION_BYTES)
+}
+
+/// The gateway list as a CVM needs it.
+pub fn gateway_list(shared: &SharedState) -> Vec<GatewayPeer> {
+    gateway_peers(shared)
+        .into_iter()
+        .filter_map(|n| {
+            Some(GatewayPeer {
+                node_id: n.id,
+                region: n.region,
+                wg_public_key: n.wg_public_key,
+                wg_endpoint: n.wg_endpoint,
+                tunnel_ip: gateway_tunnel_ip(n.id)?.to_string(),
+                rpc_addr: n.rpc_addr,
+            })
+        })
+        .collect()
+}
+
+fn rejected(m: String) -> Status {
+    if m.contains("belongs to app") {
+        Status::permission_denied(m)
+    } else if m.contains("already registered") {
+        Status::already_exists(m)
+    } else {
+        Status::failed_precondition(m)
+    }
+}
+
+#[tonic::async_trait]
+impl CvmRegistry for Registry {
+    async fn register(
+        &self,
+        req: Request<RegisterCvmRequest>,
+    ) -> Result<tonic::Response<RegisterCvmReply>, Status> {
+        let role = req
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| peer_role(c.as_ref())))
+            .unwrap_or(PeerRole::Unknown);
+        let r = req.into_inner();
+        match role {
+            PeerRole::Cvm(app) if app == r.app => {}
+            PeerRole::Cvm(app) => {
+                return Err(Status::permission_denied(format!(
+                    "this credential is for app {app:?}, not {:?}",
+                    r.app
+                )))
+            }
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "registration needs a CVM credential (portcullis cvm credential); the client presented {other:?}"
+                )))
+            }
+        }
+        let key: PublicKey = r
+            .wg_public_key
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let claim = Claim {
+            app: &r.app,
+            instance_id: &r.instance_id,
+            wg_public_key: &key,
+            evidence: &r.attestation,
+        };
+        self.attestation
+            .verify(&claim)
+            .map_err(|why| Status::permission_denied(format!("attestation refused: {why}")))?;
+        let inst = Instance {
+            instance_id: r.instance_id.clone(),
+            app: r.app.clone(),
+            region: r.region.clone(),
+            // Canonical form, so uniqueness is checked on the key, not its spelling.
+            wg_public_key: key.to_base64(),
+            tunnel_ip: None,
+            backend_addr: None,
+            registered_at: unix_now(),
+        };
+        let response = match self.cluster.write(Command::RegisterInstance(inst)).await {
+            Ok((_, resp)) => resp,
+            Err(ClusterError::Invalid(m)) => return Err(Status::invalid_argument(m)),
+            Err(ClusterError::Rejected(m)) => return Err(rejected(m)),
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        };
+        let inst = match response {
+            Response::Instance(i) => i,
+            Response::Rejected(m) => return Err(rejected(m)),
+            other => return Err(Status::internal(format!("unexpected answer {other:?}"))),
+        };
+        let Some(ip) = inst.tunnel_ip else {
+            return Err(Status::internal("no tunnel address was allocated"));
+        };
+        tracing::info!(instance = %inst.instance_id, app = %inst.app, tunnel_ip = %ip, "cvm registered");
+        Ok(tonic::Response::new(RegisterCvmReply {
+            tunnel_ip: ip.to_string(),
+            gateways: gateway_list(&self.shared),
+        }))
+    }
+}
