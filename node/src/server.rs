@@ -238,7 +238,27 @@ pub async fn run(
     ready.store(true, Ordering::Release);
     tracing::info!(node_id = cfg.node_id, region = %cfg.region, cluster = %cluster_addr, admin = %admin_addr, "node started");
 
-    shutdown.cancelled().await;
+    // A fatal Raft error (for example the disk filled up mid-append) stops openraft's core for
+    // good while the process would otherwise keep running, answering nothing useful. Exit instead,
+    // so a supervisor restarts the node once the cause is fixed.
+    let mut raft_metrics = raft.metrics();
+    let fatal = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        f = async {
+            loop {
+                if let Err(f) = &raft_metrics.borrow_and_update().running_state {
+                    return f.to_string();
+                }
+                if raft_metrics.changed().await.is_err() {
+                    return "raft metrics channel closed".to_string();
+                }
+            }
+        } => Some(f),
+    };
+    if let Some(f) = &fatal {
+        tracing::error!(error = %f, "raft stopped with a fatal error; shutting the node down");
+        shutdown.cancel();
+    }
     tracing::info!("draining");
     ready.store(false, Ordering::Release);
     tracker.close();
@@ -251,5 +271,8 @@ pub async fn run(
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
-    Ok(())
+    match fatal {
+        Some(f) => anyhow::bail!("raft stopped: {f}"),
+        None => Ok(()),
+    }
 }
