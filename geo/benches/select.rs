@@ -1,6 +1,6 @@
 //! Backend selection and geo lookup costs, and Maglev key movement.
 //!
-//! Run: `CARGO_TARGET_DIR=/work/geo-target cargo bench -p portcullis-geo --bench select`
+//! Run: `cargo bench -p portcullis-geo --bench select`
 //! (a plain binary with `harness = false`; not a timed test). Each figure is the per-operation
 //! time of batches of operations, summarised over many batches with hdrhistogram.
 
