@@ -298,6 +298,105 @@ impl TestCluster {
     }
 }
 
+/// A node started outside `up`, for membership tests: credentials issued from the cluster CA,
+/// free ports, data plane and WireGuard off. Killed on drop.
+pub struct ExtraNode {
+    pub id: u64,
+    pub rpc_addr: String,
+    pub admin_addr: String,
+    token_file: PathBuf,
+    child: std::process::Child,
+}
+
+impl ExtraNode {
+    /// `portcullis --admin <this node> --token-file <token> <args>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(portcullis_bin())
+            .args(["--admin", &self.admin_addr, "--token-file"])
+            .arg(&self.token_file)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run portcullis cli")
+    }
+}
+
+impl Drop for ExtraNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .to_string()
+}
+
+impl TestCluster {
+    /// Issues a certificate for node `id` with `cluster issue-cert` and starts it with an empty
+    /// store. It is not a member until someone adds it.
+    pub fn start_extra_node(&self, id: u64, region: &str) -> ExtraNode {
+        let pki = self.path().join("pki");
+        let out = self.cli(&[
+            "cluster",
+            "issue-cert",
+            "--pki",
+            pki.to_str().expect("utf8 path"),
+            "--node-id",
+            &id.to_string(),
+        ]);
+        assert!(out.status.success(), "{}", show(&out));
+        let dir = self.path().join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let (rpc, admin) = (free_addr(), free_addr());
+        let config = format!(
+            "node_id = {id}\nregion = \"{region}\"\ndata_dir = \"data\"\n\
+             [cluster]\nlisten = \"{rpc}\"\nca_cert = \"../pki/ca.pem\"\n\
+             cert = \"../pki/node-{id}/cert.pem\"\nkey = \"../pki/node-{id}/key.pem\"\n\
+             heartbeat_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\n\
+             [admin]\nlisten = \"{admin}\"\ntoken_file = \"../pki/admin.token\"\n\
+             [edge]\nenabled = false\n[wg]\nenabled = false\n"
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("write config");
+        let log = std::fs::File::create(dir.join("node.log")).expect("log");
+        let child = Command::new(portcullis_bin())
+            .args(["node", "--config"])
+            .arg(dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start extra node");
+        ExtraNode {
+            id,
+            rpc_addr: rpc,
+            admin_addr: admin,
+            token_file: pki.join("admin.token"),
+            child,
+        }
+    }
+
+    /// Asserts that every app named in `acked` is present on every node (through each node's
+    /// linearizable `app list`).
+    pub fn assert_apps_on_every_node(&self, acked: &std::collections::BTreeSet<String>) {
+        for id in self.ids() {
+            let present: std::collections::BTreeSet<String> = wait_for(
+                &format!("node {id} app list"),
+                Duration::from_secs(20),
+                || Some(self.apps_at(id)?.into_iter().map(|a| a.name).collect()),
+            );
+            let missing: Vec<_> = acked.difference(&present).collect();
+            assert!(
+                missing.is_empty(),
+                "node {id} is missing acknowledged writes {missing:?}"
+            );
+        }
+    }
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
         for n in &self.info.nodes {

@@ -1,19 +1,9 @@
 //! t20: membership changes through the CLI — add a learner, promote it, remove a voter — with
 //! `cluster status` showing each step on every node.
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, wait_for, TestCluster};
-
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .to_string()
-}
+use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
 
 #[test]
 fn add_learner_promote_remove() {
@@ -24,50 +14,8 @@ fn add_learner_promote_remove() {
     });
 
     phase("issue a certificate for node 4 from the cluster CA and start it");
-    let pki = c.path().join("pki");
-    let out = c.cli(&[
-        "cluster",
-        "issue-cert",
-        "--pki",
-        pki.to_str().expect("utf8"),
-        "--node-id",
-        "4",
-    ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let dir = c.path().join("node-4");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let (rpc, admin) = (free_addr(), free_addr());
-    let config = format!(
-        r#"node_id = 4
-region = "eu-central"
-data_dir = "data"
-[cluster]
-listen = "{rpc}"
-ca_cert = "../pki/ca.pem"
-cert = "../pki/node-4/cert.pem"
-key = "../pki/node-4/key.pem"
-heartbeat_ms = 100
-election_timeout_min_ms = 500
-election_timeout_max_ms = 1000
-[admin]
-listen = "{admin}"
-token_file = "../pki/admin.token"
-[edge]
-enabled = false
-[wg]
-enabled = false
-"#
-    );
-    std::fs::write(dir.join("config.toml"), config).expect("write config");
-    let log = std::fs::File::create(dir.join("node.log")).expect("log");
-    let mut node4 = Command::new(portcullis_bin())
-        .args(["node", "--config"])
-        .arg(dir.join("config.toml"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start node 4");
+    let node4 = c.start_extra_node(4, "eu-central");
+    let (rpc, admin) = (node4.rpc_addr.clone(), node4.admin_addr.clone());
 
     phase("add node 4 as a learner, through a follower");
     let follower = *ids.iter().find(|i| **i != leader).expect("a follower");
@@ -144,17 +92,9 @@ enabled = false
     let out = c.cli_at(2, &["app", "create", "after-remove", "--port", "80"]);
     assert!(out.status.success(), "{}", show(&out));
     wait_for("node 4 to have the app", Duration::from_secs(10), || {
-        let out = Command::new(portcullis_bin())
-            .args(["--admin", &admin, "--token-file"])
-            .arg(pki.join("admin.token"))
-            .args(["app", "list", "--json"])
-            .output()
-            .ok()?;
+        let out = node4.cli(&["app", "list", "--json"]);
         String::from_utf8_lossy(&out.stdout)
             .contains("after-remove")
             .then_some(())
     });
-
-    let _ = node4.kill();
-    let _ = node4.wait();
 }

@@ -2,21 +2,9 @@
 //! behind snapshots, a learner that joins late can only catch up from a snapshot sent over the
 //! cluster RPC port; it must end up with every app.
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use portcullis_cluster_tests::harness::{
-    phase, portcullis_bin, show, wait_for, AppJson, TestCluster,
-};
-
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .to_string()
-}
+use portcullis_cluster_tests::harness::{phase, show, wait_for, AppJson, TestCluster};
 
 #[test]
 fn late_learner_catches_up_from_a_snapshot() {
@@ -45,38 +33,8 @@ fn late_learner_catches_up_from_a_snapshot() {
     );
 
     phase("start node 4 with an empty store and add it as a learner");
-    let pki = c.path().join("pki");
-    let out = c.cli(&[
-        "cluster",
-        "issue-cert",
-        "--pki",
-        pki.to_str().expect("utf8"),
-        "--node-id",
-        "4",
-    ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let dir = c.path().join("node-4");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let (rpc, admin) = (free_addr(), free_addr());
-    std::fs::write(
-        dir.join("config.toml"),
-        format!(
-            "node_id = 4\nregion = \"us-west\"\n[cluster]\nlisten = \"{rpc}\"\nca_cert = \"../pki/ca.pem\"\n\
-             cert = \"../pki/node-4/cert.pem\"\nkey = \"../pki/node-4/key.pem\"\nheartbeat_ms = 100\n\
-             election_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\n[admin]\nlisten = \"{admin}\"\n\
-             token_file = \"../pki/admin.token\"\n[edge]\nenabled = false\n[wg]\nenabled = false\n"
-        ),
-    )
-    .expect("config");
-    let log = std::fs::File::create(dir.join("node.log")).expect("log");
-    let mut node4 = Command::new(portcullis_bin())
-        .args(["node", "--config"])
-        .arg(dir.join("config.toml"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start node 4");
+    let node4 = c.start_extra_node(4, "us-west");
+    let (rpc, admin) = (node4.rpc_addr.clone(), node4.admin_addr.clone());
     let out = c.cli(&[
         "cluster",
         "add-learner",
@@ -90,15 +48,7 @@ fn late_learner_catches_up_from_a_snapshot() {
     assert!(out.status.success(), "{}", show(&out));
 
     phase("node 4 installed a snapshot and has every app");
-    let token = pki.join("admin.token");
-    let node4_cli = |args: &[&str]| {
-        Command::new(portcullis_bin())
-            .args(["--admin", &admin, "--token-file"])
-            .arg(&token)
-            .args(args)
-            .output()
-            .expect("cli")
-    };
+    let node4_cli = |args: &[&str]| node4.cli(args);
     let s4 = wait_for(
         "node 4 to install a snapshot",
         Duration::from_secs(20),
@@ -118,6 +68,4 @@ fn late_learner_catches_up_from_a_snapshot() {
         40,
         "{apps:?}"
     );
-    let _ = node4.kill();
-    let _ = node4.wait();
 }

@@ -95,18 +95,7 @@ fn leader_kill_then_recovery() {
         .iter()
         .map(|(n, _)| n.clone())
         .collect();
-    for id in &ids {
-        let present: BTreeSet<String> = wait_for(
-            &format!("node {id} app list"),
-            Duration::from_secs(20),
-            || Some(c.apps_at(*id)?.into_iter().map(|a| a.name).collect()),
-        );
-        let missing: Vec<_> = acked.difference(&present).collect();
-        assert!(
-            missing.is_empty(),
-            "node {id} is missing acknowledged writes {missing:?}"
-        );
-    }
+    c.assert_apps_on_every_node(&acked);
     eprintln!(
         "{} acknowledged writes present on all {} nodes",
         acked.len(),

@@ -82,18 +82,7 @@ fn repeated_kills_lose_no_acknowledged_write() {
 
     phase("every acknowledged write is on every node");
     let acked = acked.lock().expect("lock").clone();
-    for id in &ids {
-        let present: BTreeSet<String> = wait_for(
-            &format!("node {id} app list"),
-            Duration::from_secs(20),
-            || Some(c.apps_at(*id)?.into_iter().map(|a| a.name).collect()),
-        );
-        let missing: Vec<_> = acked.difference(&present).collect();
-        assert!(
-            missing.is_empty(),
-            "node {id} lost acknowledged writes: {missing:?}"
-        );
-    }
+    c.assert_apps_on_every_node(&acked);
     eprintln!(
         "{} acknowledged writes survived 4 kills on all nodes",
         acked.len()
