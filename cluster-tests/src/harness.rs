@@ -428,6 +428,19 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Runs an outside command with no stdin and collects its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run command")
+}
+
+/// A free loopback TCP port (released before returning).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// Stdout and stderr of a command, for assertion messages.
 pub fn show(out: &Output) -> String {
     format!(

@@ -4,10 +4,12 @@
 //! Phases are logged; every wait polls a condition with a deadline instead of sleeping.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, wait_for, TestCluster};
+use portcullis_cluster_tests::harness::{
+    free_port, phase, portcullis_bin, run, show, wait_for, TestCluster,
+};
 
 /// A cluster whose demo apps are stopped with it: `portcullis down` before the harness kills
 /// the nodes, plus any backend processes the test started.
@@ -35,18 +37,6 @@ struct Curl {
     version: String,
     body: String,
     stderr: String,
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().expect("run command")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 impl DataPlane {

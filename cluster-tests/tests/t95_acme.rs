@@ -13,10 +13,12 @@
 //! Skips (with a printed reason) when Pebble or curl is not installed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, wait_for, TestCluster};
+use portcullis_cluster_tests::harness::{
+    free_port, phase, portcullis_bin, run, show, wait_for, TestCluster,
+};
 
 const NAME: &str = "www.shop.test";
 const SECOND: &str = "api.shop.test";
@@ -25,18 +27,6 @@ const BAD: &str = "bad.shop.test";
 /// Pebble's certificate lifetime in this test: short enough that automatic renewal (at a third
 /// of the lifetime left) happens during the test.
 const LIFETIME_SECS: u64 = 45;
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().expect("run command")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 fn installed(bin: &str) -> bool {
     Command::new("sh")

@@ -34,21 +34,25 @@ impl PublicKey {
     }
 }
 
+/// Both key kinds are 32 bytes in standard base64; the caller decides how much of the input its
+/// error may show.
+fn decode_key(s: &str) -> Result<[u8; 32], &'static str> {
+    let bytes = STANDARD
+        .decode(s.trim())
+        .map_err(|_| "not standard base64")?;
+    bytes.try_into().map_err(|_| "does not decode to 32 bytes")
+}
+
 impl FromStr for PublicKey {
     type Err = WgError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = |reason| WgError::InvalidPublicKey {
-            value: s.to_string(),
-            reason,
-        };
-        let bytes = STANDARD
-            .decode(s.trim())
-            .map_err(|_| invalid("not standard base64"))?;
-        let bytes: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| invalid("does not decode to 32 bytes"))?;
-        Ok(Self(bytes))
+        decode_key(s)
+            .map(Self)
+            .map_err(|reason| WgError::InvalidPublicKey {
+                value: s.to_string(),
+                reason,
+            })
     }
 }
 
@@ -105,17 +109,12 @@ impl FromStr for PrivateKey {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // Never echo the text back: it might be a real key with a typo.
-        let invalid = |reason| WgError::InvalidPrivateKey {
-            len: s.len(),
-            reason,
-        };
-        let bytes = STANDARD
-            .decode(s.trim())
-            .map_err(|_| invalid("not standard base64"))?;
-        let bytes: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| invalid("does not decode to 32 bytes"))?;
-        Ok(Self(bytes))
+        decode_key(s)
+            .map(Self)
+            .map_err(|reason| WgError::InvalidPrivateKey {
+                len: s.len(),
+                reason,
+            })
     }
 }
 
