@@ -282,11 +282,20 @@ impl TestCluster {
         if let Some(n) = self.info.nodes.iter_mut().find(|n| n.id == id) {
             n.pid = pid;
         }
-        wait_for(
-            &format!("node {id} admin API after restart"),
-            Duration::from_secs(20),
-            || self.status(id),
-        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.status(id).is_none() {
+            if Instant::now() >= deadline || !alive(pid) {
+                let log = self.node_log(id);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "node {id} (pid {pid}) admin API did not answer after restart (alive: {}); log tail:\n{}",
+                    alive(pid),
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn node_log(&self, id: u64) -> String {
@@ -329,7 +338,7 @@ impl Drop for ExtraNode {
 }
 
 fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    portcullis_node::ports::reserve_tcp()
         .and_then(|l| l.local_addr())
         .expect("free port")
         .to_string()
@@ -435,7 +444,7 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// A free loopback TCP port (released before returning).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    portcullis_node::ports::reserve_tcp()
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()

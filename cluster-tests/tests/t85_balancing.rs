@@ -12,7 +12,9 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, wait_for, TestCluster};
+use portcullis_cluster_tests::harness::{
+    free_port, phase, portcullis_bin, show, wait_for, TestCluster,
+};
 
 struct Lb {
     tc: TestCluster,
@@ -32,14 +34,6 @@ impl Drop for Lb {
             let _ = c.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// Copies one direction until either side closes.

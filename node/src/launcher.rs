@@ -71,7 +71,7 @@ fn region_coords(name: &str) -> (f64, f64) {
 /// plan cannot be handed the same port. The caller drops `held` right before starting the
 /// processes that bind them.
 fn reserve_port(held: &mut Vec<TcpListener>) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("find a free port")?;
+    let l = crate::ports::reserve_tcp().context("find a free port")?;
     let addr = l.local_addr()?;
     held.push(l);
     Ok(addr)
@@ -91,7 +91,7 @@ struct Planned {
 
 /// [`reserve_port`] for UDP.
 fn reserve_udp_port(held: &mut Vec<std::net::UdpSocket>) -> anyhow::Result<SocketAddr> {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("find a free udp port")?;
+    let s = crate::ports::reserve_udp().context("find a free udp port")?;
     let addr = s.local_addr()?;
     held.push(s);
     Ok(addr)

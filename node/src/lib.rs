@@ -8,6 +8,7 @@
 //! - [`cli`]: argument definitions and the operator commands.
 //! - [`client`]: finding the cluster (`--admin`, `--cluster`) and calling its admin API.
 //! - [`launcher`]: `up` and `down`, a local multi-node cluster.
+//! - [`ports`]: loopback ports for local clusters, outside the ephemeral range.
 //! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
 //! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying.
 //! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend.
@@ -26,6 +27,7 @@ pub mod edge;
 pub mod launcher;
 pub mod metrics;
 pub mod pki;
+pub mod ports;
 pub mod server;
 pub mod tunnel;
 

@@ -9,7 +9,6 @@
 //! hdrhistogram; throughput is completed requests over wall time. Both systems get the same
 //! client shape: one long-lived HTTP/2 channel to the leader, `concurrency` requests in flight.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -102,7 +101,7 @@ where
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(portcullis_node::ports::reserve_tcp()?.local_addr()?.port())
 }
 
 struct Etcd {
