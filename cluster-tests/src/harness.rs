@@ -298,6 +298,19 @@ impl TestCluster {
         }
     }
 
+    /// Node `id`'s `/metrics` text (empty if it does not answer).
+    pub fn metrics(&self, id: u64) -> String {
+        let token = std::fs::read_to_string(&self.info.token_file).unwrap_or_default();
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5", "-H"])
+            .arg(format!("Authorization: Bearer {}", token.trim()))
+            .arg(format!("http://{}/metrics", self.node(id).admin_addr))
+            .stdin(Stdio::null())
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    }
+
     pub fn node_log(&self, id: u64) -> String {
         std::fs::read_to_string(self.node(id).config.with_file_name("node.log")).unwrap_or_default()
     }

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - [`harness`]: start a local cluster, run CLI commands, kill/restart nodes, wait for conditions.
+//! - [`cvm`]: CVM-side helpers (agent configurations, registrations) for the tunnel tests.
 //! - `wgl`: a per-key linearizability checker for recorded histories.
 //! - `tests/tNN_*.rs`: the cluster tests, one topic per file.
 //! - `src/bin/`: benchmark drivers.
@@ -10,5 +11,6 @@
 #![forbid(unsafe_code)]
 
 pub mod chaos;
+pub mod cvm;
 pub mod harness;
 pub mod wgl;

@@ -4,11 +4,12 @@
 //! refusals: duplicate key, another app's instance id, a credential for another app, a node
 //! certificate posing as a CVM, and a CVM credential on the Raft RPCs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, wait_for, TestCluster};
+use portcullis_cluster_tests::cvm::{self, register_once, spawn_logged, AgentSpec};
+use portcullis_cluster_tests::harness::{phase, portcullis_bin, run, show, wait_for, TestCluster};
 use portcullis_proto::cluster::cluster_rpc_client::ClusterRpcClient;
 use portcullis_proto::cluster::RaftPayload;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -32,21 +33,7 @@ impl Drop for Tunnel {
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().expect("run command")
-}
-
-fn spawn_logged(args: &[&str], log: &Path) -> Child {
-    let out = std::fs::File::create(log).expect("log file");
-    Command::new(portcullis_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn")
-}
-
+/// An agent configuration for this test's cluster, renewing every 5 s.
 fn agent_config(
     t: &Tunnel,
     cred: &str,
@@ -55,25 +42,17 @@ fn agent_config(
     wg_key: &str,
     expose: &[u16],
 ) -> PathBuf {
-    let expose: Vec<String> = expose.iter().map(u16::to_string).collect();
-    let expose = expose.join(", ");
-    let cluster: Vec<String> =
-        t.tc.ids()
-            .iter()
-            .map(|id| format!("\"{id}@{}\"", t.tc.node(*id).rpc_addr))
-            .collect();
-    let text = format!(
-        "cluster = [{}]\nca_cert = \"{cred}/ca.pem\"\ncert = \"{cred}/cert.pem\"\nkey = \"{cred}/key.pem\"\n\
-         app = \"{app}\"\ninstance_id = \"{instance}\"\nregion = \"us-east\"\nexpose = [{expose}]\n\
-         wg_key = \"{wg_key}\"\nreregister_secs = 5\n",
-        cluster.join(", ")
-    );
-    let path = t.tc.path().join(format!(
-        "agent-{instance}-{app}-{}.toml",
-        cred.replace('/', "_")
-    ));
-    std::fs::write(&path, text).expect("write agent config");
-    path
+    cvm::agent_config(
+        &t.tc,
+        &AgentSpec {
+            cred,
+            app,
+            instance,
+            wg_key,
+            expose,
+            reregister_secs: 5,
+        },
+    )
 }
 
 fn curl(t: &Tunnel, node: u64, host: &str) -> Option<(u16, String)> {
@@ -88,18 +67,6 @@ fn curl(t: &Tunnel, node: u64, host: &str) -> Option<(u16, String)> {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n')?;
     Some((code.trim().parse().ok()?, body.to_string()))
-}
-
-/// One registration through the agent (`--print-wg-config`): Ok(config) or Err(stderr).
-fn register_once(config: &Path) -> Result<String, String> {
-    let out = run(Command::new(portcullis_bin())
-        .args(["cvm-agent", "--print-wg-config", "--config"])
-        .arg(config));
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
 }
 
 #[test]
@@ -234,16 +201,7 @@ fn http_through_every_gateway_reaches_a_cvm_over_wireguard() {
         );
     }
 
-    let metrics = run(Command::new("curl")
-        .args(["-s", "-m", "5", "-H"])
-        .arg(format!(
-            "Authorization: Bearer {}",
-            std::fs::read_to_string(pki.join("admin.token"))
-                .expect("token")
-                .trim()
-        ))
-        .arg(format!("http://{}/metrics", t.tc.node(1).admin_addr)));
-    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    let metrics = t.tc.metrics(1);
     let handshakes = metrics
         .lines()
         .find(|l| l.starts_with("portcullis_wg_events_total{event=\"handshakes_completed\"}"))

@@ -32,6 +32,10 @@ pub struct AdminState {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// TEST ONLY (`[debug] unsafe_stale_reads`): `KvGet` skips the linearizable barrier.
     pub unsafe_stale_reads: bool,
+    /// TXT lookups for `DomainVerify` (the same cache the data plane uses).
+    pub dns: crate::dns::TxtResolver,
+    /// `edge.base_domains`: custom domains may not be claimed inside them.
+    pub base_domains: Vec<String>,
 }
 
 /// Builds the router for the admin port. gRPC calls must carry `authorization: Bearer <token>`;
@@ -178,6 +182,17 @@ fn cert_pb(c: &Certificate) -> pb::CertificateInfo {
         not_after: c.not_after,
         issuer: c.issuer.clone(),
         key_encryption: c.key_encryption.clone(),
+    }
+}
+
+fn domain_pb(d: &portcullis_raft::state::Domain) -> pb::Domain {
+    pb::Domain {
+        name: d.name.clone(),
+        app: d.app.clone(),
+        port: u32::from(d.port),
+        token: d.token.clone(),
+        verified: d.verified,
+        passthrough: d.passthrough,
     }
 }
 
@@ -646,6 +661,144 @@ impl Admin for AdminService {
             .state
             .cluster
             .write(Command::RemoveInstance { instance_id })
+            .await
+            .map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(WriteReply { log_index }))
+    }
+
+    async fn domain_add(
+        &self,
+        req: Request<pb::DomainAddRequest>,
+    ) -> Result<tonic::Response<pb::Domain>, Status> {
+        use crate::custom_domain::normalize_domain;
+        let r = req.into_inner();
+        let name = normalize_domain(&r.name, &self.state.base_domains)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let port = u16::try_from(r.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("invalid port {}: must be 1-65535", r.port))
+            })?;
+        // Checked here for a precise message; `apply` checks the app again.
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        {
+            let applied = self.state.cluster.shared.read();
+            let Some(app) = applied.state.apps.get(&r.app) else {
+                return Err(Status::not_found(format!("app {:?} not found", r.app)));
+            };
+            if !app.ports.contains(&port) {
+                return Err(Status::invalid_argument(format!(
+                    "app {:?} does not declare port {port} (its ports: {:?})",
+                    r.app, app.ports
+                )));
+            }
+        }
+        let domain = portcullis_raft::state::Domain {
+            name,
+            app: r.app,
+            port,
+            token: crate::custom_domain::new_token(),
+            verified: false,
+            passthrough: r.passthrough,
+        };
+        let reply = domain_pb(&domain);
+        let (_, resp) = self
+            .state
+            .cluster
+            .write(Command::AddDomain(domain))
+            .await
+            .map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(reply))
+    }
+
+    async fn domain_verify(
+        &self,
+        req: Request<pb::DomainName>,
+    ) -> Result<tonic::Response<pb::DomainVerifyReply>, Status> {
+        let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        // Copy what the checks need: the state lock must not be held across the lookups.
+        let (claim, app_ports) = {
+            let applied = self.state.cluster.shared.read();
+            let Some(d) = applied.state.domains.get(&name) else {
+                return Err(Status::not_found(format!(
+                    "domain {name:?} not found; claim it with `portcullis domain add`"
+                )));
+            };
+            let ports = applied
+                .state
+                .apps
+                .get(&d.app)
+                .map(|a| a.ports.clone())
+                .unwrap_or_default();
+            (d.clone(), ports)
+        };
+        let routed_port = crate::custom_domain::verify(
+            &self.state.dns,
+            &crate::custom_domain::Claim {
+                domain: &claim.name,
+                app: &claim.app,
+                token: &claim.token,
+                port: claim.port,
+                app_ports: &app_ports,
+            },
+        )
+        .await
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (log_index, resp) = self
+            .state
+            .cluster
+            .write(Command::VerifyDomain { name })
+            .await
+            .map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(pb::DomainVerifyReply {
+            domain: Some(domain_pb(&portcullis_raft::state::Domain {
+                verified: true,
+                ..claim
+            })),
+            routed_port: u32::from(routed_port),
+            log_index,
+        }))
+    }
+
+    async fn domain_list(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<tonic::Response<pb::DomainListReply>, Status> {
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        let applied = self.state.cluster.shared.read();
+        let domains = applied.state.domains.values().map(domain_pb).collect();
+        Ok(tonic::Response::new(pb::DomainListReply { domains }))
+    }
+
+    async fn domain_remove(
+        &self,
+        req: Request<pb::DomainName>,
+    ) -> Result<tonic::Response<WriteReply>, Status> {
+        // No base-domain check: a claim made before the bases changed must stay removable.
+        let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (log_index, resp) = self
+            .state
+            .cluster
+            .write(Command::RemoveDomain { name })
             .await
             .map_err(status)?;
         outcome(resp)?;

@@ -87,6 +87,9 @@ pub enum Cmd {
     /// TLS certificates served by the data plane.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Custom domains, proven by DNS TXT records (docs/custom-domains.md).
+    #[command(subcommand)]
+    Domain(DomainCmd),
     /// CVM instances (an app's backends).
     #[command(subcommand)]
     Cvm(CvmCmd),
@@ -113,6 +116,32 @@ pub enum CertCmd {
     Renew {
         /// The certificate's name, as `cert list` shows it.
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DomainCmd {
+    /// Claim a custom domain for an app; prints the token to publish in DNS.
+    Add {
+        /// The domain, e.g. `api.mycompany.com` (outside the base domains).
+        domain: String,
+        #[arg(long)]
+        app: String,
+        /// The app port it routes to unless `_dstack-app-address` names another.
+        #[arg(long)]
+        port: u16,
+        /// Relay TLS to the app (end-to-end TLS into the CVM) instead of terminating it here.
+        #[arg(long)]
+        passthrough: bool,
+    },
+    /// Check the TXT records (from the node that receives the call) and mark the domain verified.
+    Verify {
+        domain: String,
+    },
+    List,
+    /// Stop routing a custom domain and forget its claim.
+    Remove {
+        domain: String,
     },
 }
 
@@ -589,6 +618,120 @@ pub async fn cert(g: &Global, cmd: CertCmd) -> anyhow::Result<()> {
                 return print_json(&serde_json::json!({ "name": name, "log_index": r.log_index }));
             }
             println!("renewal of {name} requested; the ACME orderer replaces it at its next pass");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct DomainOut {
+    name: String,
+    app: String,
+    port: u32,
+    token: String,
+    verified: bool,
+    passthrough: bool,
+}
+
+fn domain_out(d: pb::Domain) -> DomainOut {
+    DomainOut {
+        name: d.name,
+        app: d.app,
+        port: d.port,
+        token: d.token,
+        verified: d.verified,
+        passthrough: d.passthrough,
+    }
+}
+
+pub async fn domain(g: &Global, cmd: DomainCmd) -> anyhow::Result<()> {
+    let mut c = g.target().connect().await?;
+    match cmd {
+        DomainCmd::Add {
+            domain,
+            app,
+            port,
+            passthrough,
+        } => {
+            let d = domain_out(rpc(c
+                .domain_add(pb::DomainAddRequest {
+                    name: domain,
+                    app,
+                    port: u32::from(port),
+                    passthrough,
+                })
+                .await)?);
+            if g.json {
+                return print_json(&d);
+            }
+            println!("claimed {} for app {} port {}", d.name, d.app, d.port);
+            println!(
+                "create these DNS records, then run `portcullis domain verify {}`:",
+                d.name
+            );
+            println!(
+                "  {} TXT \"{}\"",
+                crate::custom_domain::challenge_name(&d.name),
+                d.token
+            );
+            println!(
+                "  {} TXT \"{}:{}\"",
+                crate::custom_domain::app_address_name(&d.name),
+                d.app,
+                d.port
+            );
+            println!("  {} CNAME (or A/AAAA) pointing at the gateways", d.name);
+        }
+        DomainCmd::Verify { domain } => {
+            let r = rpc(c.domain_verify(pb::DomainName { name: domain }).await)?;
+            let d = r.domain.map(domain_out);
+            if g.json {
+                return print_json(&serde_json::json!({
+                    "domain": d,
+                    "routed_port": r.routed_port,
+                    "log_index": r.log_index,
+                }));
+            }
+            if let Some(d) = d {
+                println!(
+                    "verified {}: routes to app {} port {}",
+                    d.name, d.app, r.routed_port
+                );
+            }
+        }
+        DomainCmd::List => {
+            let list: Vec<DomainOut> = rpc(c.domain_list(Empty {}).await)?
+                .domains
+                .into_iter()
+                .map(domain_out)
+                .collect();
+            if g.json {
+                return print_json(&list);
+            }
+            for d in list {
+                println!(
+                    "{:<40} app {:<16} port {:<5} {:<10} {}{}",
+                    d.name,
+                    d.app,
+                    d.port,
+                    if d.verified { "verified" } else { "unverified" },
+                    d.token,
+                    if d.passthrough { " passthrough" } else { "" }
+                );
+            }
+        }
+        DomainCmd::Remove { domain } => {
+            let r = rpc(c
+                .domain_remove(pb::DomainName {
+                    name: domain.clone(),
+                })
+                .await)?;
+            if g.json {
+                return print_json(
+                    &serde_json::json!({ "removed": domain, "log_index": r.log_index }),
+                );
+            }
+            println!("removed {domain}");
         }
     }
     Ok(())

@@ -49,6 +49,8 @@ pub struct NodeConfig {
     pub wg: WgConfig,
     /// Automatic certificates (docs/certificates.md). Disabled by default.
     pub acme: crate::acme::AcmeConfig,
+    /// `[dns]`: TXT lookups for custom domains (docs/custom-domains.md).
+    pub dns: crate::dns::DnsConfig,
     /// Test-only switches that deliberately break guarantees, so the chaos harness can prove it
     /// catches the breakage (docs/chaos.md). Never set these in production.
     pub debug: DebugConfig,
@@ -79,6 +81,7 @@ impl Default for NodeConfig {
             health: Default::default(),
             wg: WgConfig::default(),
             acme: crate::acme::AcmeConfig::default(),
+            dns: crate::dns::DnsConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -98,6 +101,11 @@ pub struct WgConfig {
     pub advertise: Option<String>,
     /// Inner MTU in bytes. Default 1420 (as wg-quick); lower it on paths with a smaller MTU.
     pub mtu: usize,
+    /// A CVM registration not renewed for this many seconds expires: the instance leaves the
+    /// routing table and its tunnel address returns to the pool. `cvm-agent` renews every
+    /// `reregister_secs` (30 by default). 0 keeps registrations until `cvm remove`. Default
+    /// 86400. Only the leader expires, with the value in its own configuration.
+    pub expire_after_secs: u64,
 }
 
 impl Default for WgConfig {
@@ -107,6 +115,7 @@ impl Default for WgConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
             advertise: None,
             mtu: 1420,
+            expire_after_secs: 86_400,
         }
     }
 }
@@ -269,6 +278,18 @@ pub struct EdgeConfig {
     pub backend_pool_max_idle: usize,
     /// One structured log line per request (target `portcullis::access`). Default true.
     pub access_log: bool,
+    /// Serve HTTP/3 (QUIC over UDP) on the port number of `https_listen` and advertise it with
+    /// `Alt-Svc` on HTTPS responses. Default true.
+    pub http3: bool,
+    /// UDP address for HTTP/3 when it must differ from `https_listen`'s. Default: the address
+    /// and bound port of `https_listen`.
+    pub http3_listen: Option<SocketAddr>,
+    /// HTTP/3 request streams one connection may have open at once (QUIC bidirectional
+    /// stream credit). Default 100.
+    pub http3_max_concurrent_streams: u32,
+    /// Longest one HTTP/3 request may take, from its headers to the end of its response body,
+    /// seconds; the stream is reset past it. Default 300.
+    pub http3_request_total_timeout_secs: u64,
 }
 
 impl Default for EdgeConfig {
@@ -300,6 +321,10 @@ impl Default for EdgeConfig {
             backend_pool_idle_timeout_ms: 90_000,
             backend_pool_max_idle: 64,
             access_log: true,
+            http3: true,
+            http3_listen: None,
+            http3_max_concurrent_streams: 100,
+            http3_request_total_timeout_secs: 300,
         }
     }
 }
@@ -350,6 +375,14 @@ impl EdgeConfig {
                 self.backend_connect_timeout_ms,
             ),
             ("edge.max_connection_age_secs", self.max_connection_age_secs),
+            (
+                "edge.http3_request_total_timeout_secs",
+                self.http3_request_total_timeout_secs,
+            ),
+            (
+                "edge.http3_max_concurrent_streams",
+                u64::from(self.http3_max_concurrent_streams),
+            ),
             (
                 "edge.backend_pool_idle_timeout_ms",
                 self.backend_pool_idle_timeout_ms,
@@ -510,6 +543,7 @@ impl NodeConfig {
         self.health.validate().map_err(|e| bad("health", e))?;
         self.wg.validate(self.node_id)?;
         self.acme.validate()?;
+        self.dns.validate()?;
         Ok(())
     }
 

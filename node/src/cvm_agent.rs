@@ -551,6 +551,7 @@ pub fn start_demo_agent(
     region: &str,
     app_port: u16,
     target: SocketAddr,
+    reregister_secs: Option<u64>,
 ) -> anyhow::Result<(u32, PathBuf)> {
     use std::os::unix::process::CommandExt;
     let cfg = AgentConfig {
@@ -567,7 +568,7 @@ pub fn start_demo_agent(
         expose: vec![Expose::Map(format!("{app_port}={target}"))],
         wg_key: format!("{instance_id}.wg.key").into(),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        reregister_secs: default_reregister(),
+        reregister_secs: reregister_secs.unwrap_or_else(default_reregister),
         keepalive_secs: default_keepalive(),
         mtu: default_mtu(),
     };

@@ -6,14 +6,19 @@
 //! (sticky per instance id), and every gateway's WireGuard key and endpoint.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
 
 use portcullis_proto::cluster::cvm_registry_server::{CvmRegistry, CvmRegistryServer};
 use portcullis_proto::cluster::{GatewayPeer, RegisterCvmReply, RegisterCvmRequest};
-use portcullis_raft::state::Instance;
+use portcullis_raft::state::{Instance, StaleInstance, MAX_EXPIRE_BATCH};
 use portcullis_raft::store::SharedState;
 use portcullis_raft::tls::{peer_role, PeerRole};
 use portcullis_raft::{Cluster, ClusterError, Command, Response};
 use portcullis_wg::PublicKey;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Status};
 
 use crate::tunnel::{gateway_peers, gateway_tunnel_ip, unix_now};
@@ -166,4 +171,78 @@ impl CvmRegistry for Registry {
             gateways: gateway_list(&self.shared),
         }))
     }
+}
+
+/// Expires CVM registrations that were not renewed within `expire_after` (`wg.expire_after_secs`).
+///
+/// Every node runs this; only the leader acts, so one node decides. After becoming leader it
+/// waits a grace period first: while the cluster had no leader nobody could renew, and the
+/// agents need one re-registration interval to catch up before their stamps mean anything.
+pub fn spawn_expiry(
+    expire_after: Duration,
+    cluster: Cluster,
+    shared: SharedState,
+    metrics: Arc<crate::metrics::Metrics>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) {
+    if expire_after.is_zero() {
+        return;
+    }
+    let tick = (expire_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let grace = expire_after.min(EXPIRY_GRACE);
+    tracker.spawn(async move {
+        let mut leader_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            if cluster.metrics().state != ServerState::Leader {
+                leader_since = None;
+                continue;
+            }
+            let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < grace {
+                continue;
+            }
+            let stale = stale_instances(&shared, unix_now(), expire_after.as_secs());
+            if stale.is_empty() {
+                continue;
+            }
+            let ids: Vec<String> = stale.iter().map(|s| s.instance_id.clone()).collect();
+            match cluster.write(Command::ExpireInstances(stale)).await {
+                Ok((_, Response::Expired(n))) => {
+                    metrics.cvm_expired.inc_by(n);
+                    tracing::info!(expired = n, instances = ?ids, "expired CVM registrations that were not renewed");
+                }
+                Ok((_, other)) => tracing::warn!(?other, "expiry refused"),
+                // Lost leadership or quorum mid-write: the next leader will look again.
+                Err(e) => tracing::debug!(error = %e, "expiry write failed; will retry"),
+            }
+        }
+    });
+}
+
+/// Longest wait after becoming leader before expiring anything.
+const EXPIRY_GRACE: Duration = Duration::from_secs(300);
+
+/// Registrations through the CVM registry (they carry a WireGuard key) whose last renewal is
+/// `expire_after_secs` or more before `now`, oldest first, at most one entry's worth.
+fn stale_instances(shared: &SharedState, now: u64, expire_after_secs: u64) -> Vec<StaleInstance> {
+    let view = shared.read();
+    let mut stale: Vec<StaleInstance> = view
+        .state
+        .instances
+        .values()
+        .filter(|i| !i.wg_public_key.is_empty())
+        .filter(|i| now.saturating_sub(i.registered_at) >= expire_after_secs)
+        .map(|i| StaleInstance {
+            instance_id: i.instance_id.clone(),
+            registered_at: i.registered_at,
+        })
+        .collect();
+    stale.sort_by_key(|s| s.registered_at);
+    stale.truncate(MAX_EXPIRE_BATCH);
+    stale
 }

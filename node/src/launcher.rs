@@ -43,6 +43,13 @@ pub struct UpArgs {
     /// Take a snapshot every N entries and keep no log behind it (exercises snapshot transfer).
     #[arg(long, hide = true)]
     pub snapshot_every: Option<u64>,
+    /// `wg.expire_after_secs` for every node (exercises registration expiry).
+    #[arg(long, hide = true)]
+    pub wg_expire_after: Option<u64>,
+    /// `dns.nameservers` for every node (`ip:port`): custom-domain TXT lookups go to this
+    /// server instead of the system resolver (tests run their own authoritative server).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub dns_server: Vec<SocketAddr>,
     /// Return once the cluster is up and leave the nodes running.
     #[arg(long)]
     pub detach: bool,
@@ -87,6 +94,21 @@ struct Planned {
     http: SocketAddr,
     /// WireGuard UDP port (each node its own; they all share the loopback address).
     wg: SocketAddr,
+}
+
+/// A port free for TCP and UDP alike: the HTTPS port also serves HTTP/3 (`edge.http3`).
+fn reserve_https_port(
+    held: &mut Vec<TcpListener>,
+    held_udp: &mut Vec<std::net::UdpSocket>,
+) -> anyhow::Result<SocketAddr> {
+    for _ in 0..64 {
+        let addr = reserve_port(held)?;
+        if let Ok(u) = std::net::UdpSocket::bind(addr) {
+            held_udp.push(u);
+            return Ok(addr);
+        }
+    }
+    bail!("no loopback port is free for both TCP and UDP")
 }
 
 /// [`reserve_port`] for UDP.
@@ -136,7 +158,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             dir: node_dir,
             rpc: reserve_port(&mut held)?,
             admin: reserve_port(&mut held)?,
-            https: reserve_port(&mut held)?,
+            https: reserve_https_port(&mut held, &mut held_udp)?,
             http: reserve_port(&mut held)?,
             wg: reserve_udp_port(&mut held_udp)?,
         });
@@ -168,6 +190,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             cfg.cluster.snapshot_every = n;
             cfg.cluster.keep_logs_after_snapshot = 0;
         }
+        if let Some(secs) = args.wg_expire_after {
+            cfg.wg.expire_after_secs = secs;
+        }
         cfg.admin.listen = p.admin;
         cfg.admin.token_file = "../pki/admin.token".into();
         cfg.edge.https_listen = p.https;
@@ -175,6 +200,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         cfg.wg.listen = p.wg;
         cfg.edge.base_domains = vec![args.base_domain.clone()];
         cfg.edge.proxy_protocol_from = args.proxy_protocol_from.clone();
+        cfg.dns.nameservers = args.dns_server.clone();
         // Probing loopback backends is nearly free; a short interval lets a stopped demo app
         // leave rotation within a couple of seconds.
         cfg.health.interval_ms = 500;
@@ -210,7 +236,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         )));
     }
     let mut cf = cf;
-    if let Err(e) = setup_demo(&dir, &exe, &mut cf).await {
+    // A short expiry (tests) needs the demo agents to renew well within it.
+    let renew = args.wg_expire_after.map(|secs| (secs / 3).max(1));
+    if let Err(e) = setup_demo(&dir, &exe, &mut cf, renew).await {
         cf.save(&dir)?;
         stop_nodes(&cf).await;
         return Err(e.context(format!(
@@ -306,7 +334,13 @@ async fn form_cluster(cf: &ClusterFile) -> anyhow::Result<()> {
 /// The demo: a development CA and a wildcard certificate for the base domain (imported like any
 /// certificate, through the admin API), app `demo`, and one demo-app process per region
 /// registered as its instances. Returns once every node serves the demo over HTTPS.
-async fn setup_demo(dir: &Path, exe: &Path, cf: &mut ClusterFile) -> anyhow::Result<()> {
+/// `reregister_secs`: how often the demo agents renew (None: the agent default).
+async fn setup_demo(
+    dir: &Path,
+    exe: &Path,
+    cf: &mut ClusterFile,
+    reregister_secs: Option<u64>,
+) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(&cf.token_file)?.trim().to_string();
     let mut admin = connect_addr(&cf.nodes[0].admin_addr, &token).await?;
     let pki_dir = dir.join("pki");
@@ -384,6 +418,7 @@ async fn setup_demo(dir: &Path, exe: &Path, cf: &mut ClusterFile) -> anyhow::Res
             &region,
             8080,
             addr,
+            reregister_secs,
         )?;
         cf.demo_apps.push(DemoProcess {
             instance_id: instance_id.clone(),

@@ -12,6 +12,8 @@
 //! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
 //! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying.
 //! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend.
+//! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
+//! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
 
 #![forbid(unsafe_code)]
 
@@ -20,9 +22,11 @@ pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod custom_domain;
 pub mod cvm_agent;
 pub mod cvm_registry;
 pub mod demo;
+pub mod dns;
 pub mod edge;
 pub mod launcher;
 pub mod metrics;

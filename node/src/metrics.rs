@@ -26,6 +26,8 @@ pub struct Metrics {
     /// The gateway's WireGuard counters, attached once the endpoint runs (issue 4).
     wg_counters: std::sync::OnceLock<Arc<portcullis_wg::Counters>>,
     wg_events: Family<WgEventLabels, Counter>,
+    /// CVM registrations removed because they were not renewed (`wg.expire_after_secs`).
+    pub cvm_expired: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +47,12 @@ impl Metrics {
             "portcullis_wg_events",
             "WireGuard endpoint events by kind (drops by reason, traffic, handshakes; docs/wireguard.md)",
             wg_events.clone(),
+        );
+        let cvm_expired = Counter::default();
+        r.register(
+            "portcullis_cvm_expired",
+            "CVM registrations this node expired as leader (not renewed within wg.expire_after_secs)",
+            cvm_expired.clone(),
         );
         let gauge = |r: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
@@ -83,6 +91,7 @@ impl Metrics {
             ),
             wg_counters: std::sync::OnceLock::new(),
             wg_events,
+            cvm_expired,
             registry: r,
         }
     }
@@ -185,6 +194,12 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// `http/1.1`, `h2` or `h3`.
+    pub protocol: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -196,6 +211,8 @@ fn latency_histogram() -> Histogram {
 /// replicated state, never from client-supplied host names.
 pub struct EdgeMetrics {
     pub requests: Family<RequestLabels, Counter>,
+    /// The same requests by client protocol (a separate family so `requests` keeps its labels).
+    pub requests_by_protocol: Family<ProtocolLabels, Counter>,
     /// Seconds from request received to response headers sent.
     pub request_duration: HistogramFamily<AppLabels>,
     pub open_connections: Family<ListenerLabels, Gauge>,
@@ -215,6 +232,7 @@ impl EdgeMetrics {
     pub fn register(r: &mut Registry) -> Self {
         let m = EdgeMetrics {
             requests: Family::default(),
+            requests_by_protocol: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             open_connections: Family::default(),
             connections: Family::default(),
@@ -231,6 +249,11 @@ impl EdgeMetrics {
             "requests",
             "Proxied HTTP requests by app and status",
             m.requests.clone(),
+        );
+        e.register(
+            "requests_by_protocol",
+            "Proxied HTTP requests by client protocol (http/1.1, h2, h3)",
+            m.requests_by_protocol.clone(),
         );
         e.register(
             "request_duration_seconds",

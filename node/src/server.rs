@@ -143,6 +143,15 @@ pub async fn run(
     } else {
         Arc::new(TcpUpstream)
     };
+    // Registrations are cluster-wide, so expiry runs whether or not this node terminates tunnels.
+    crate::cvm_registry::spawn_expiry(
+        Duration::from_secs(cfg.wg.expire_after_secs),
+        cluster.clone(),
+        shared.clone(),
+        metrics.clone(),
+        &tracker,
+        shutdown.clone(),
+    );
 
     // Cluster RPC: mutual TLS; a client without a certificate from the cluster CA is refused
     // during the handshake.
@@ -171,6 +180,9 @@ pub async fn run(
         }
     });
 
+    // One TXT cache per node, shared by the data plane and `domain verify`.
+    let dns = crate::dns::TxtResolver::from_config(&cfg.dns).context("dns resolver")?;
+
     let admin_addr = listeners.admin.local_addr()?;
     let state = AdminState {
         cluster: cluster.clone(),
@@ -178,6 +190,8 @@ pub async fn run(
         metrics: metrics.clone(),
         ready: ready.clone(),
         unsafe_stale_reads: cfg.debug.unsafe_stale_reads,
+        dns: dns.clone(),
+        base_domains: cfg.edge.base_domains.clone(),
     };
     let router = admin::router(state, token);
     let sd = shutdown.clone();
@@ -210,6 +224,7 @@ pub async fn run(
             Arc::new(balancer),
         )
         .context("start the data plane")?;
+        edge.set_custom_domains(crate::custom_domain::CustomDomains::new(dns.clone()));
         edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
         tracker.spawn(crate::edge::balance::announce_region(
             cluster.clone(),

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 mod acme;
 pub use acme::{
-    AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, AcmeState, OrdererLease,
-    MAX_ACME_CHALLENGES, MAX_LEASE_TTL_MS,
+    AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, AcmeState, ChallengeKind, Http01Challenge,
+    OrdererLease, MAX_ACME_CHALLENGES, MAX_LEASE_TTL_MS,
 };
 
 /// Most ports an app may declare; keeps entries small and routing tables bounded.
@@ -237,7 +237,21 @@ pub enum Command {
     /// ACME orderer lease, account, challenges and fenced certificate writes. Appended last so
     /// existing log encodings keep their variant indices.
     Acme(AcmeCommand),
+    /// Removes CVM registrations the proposer found stale. Each entry names the registration
+    /// stamp it saw: an instance that re-registered since (a newer stamp) is kept, so a
+    /// re-registration racing the expiry always wins.
+    ExpireInstances(Vec<StaleInstance>),
 }
+
+/// One registration an [`Command::ExpireInstances`] proposer considered stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleInstance {
+    pub instance_id: String,
+    pub registered_at: u64,
+}
+
+/// At most this many instances per expiry entry, so one entry stays small.
+pub const MAX_EXPIRE_BATCH: usize = 1024;
 
 /// The state machine's answer to one command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -254,6 +268,8 @@ pub enum Response {
     Batch(Vec<Response>),
     /// The orderer lease after an `AcmeCommand::AcquireLease`.
     Lease(OrdererLease),
+    /// How many registrations an [`Command::ExpireInstances`] removed.
+    Expired(u64),
 }
 
 /// Why a command was refused before it was proposed.
@@ -450,6 +466,17 @@ impl Command {
                 Ok(())
             }
             Command::Acme(c) => c.validate(),
+            Command::ExpireInstances(list) => {
+                if list.len() > MAX_EXPIRE_BATCH {
+                    return Err(field(
+                        "instances",
+                        list.len().to_string(),
+                        "more than 1024 in one expiry",
+                    ));
+                }
+                list.iter()
+                    .try_for_each(|s| validate_name("instance_id", &s.instance_id))
+            }
         }
     }
 }
@@ -575,6 +602,18 @@ impl ClusterState {
                 Response::Batch(cmds.iter().map(|c| self.apply(index, c)).collect())
             }
             Command::Acme(c) => self.apply_acme(c),
+            Command::ExpireInstances(list) => {
+                let mut expired = 0u64;
+                for stale in list {
+                    let same = self.instances.get(&stale.instance_id).is_some_and(|i| {
+                        i.registered_at == stale.registered_at && !i.wg_public_key.is_empty()
+                    });
+                    if same && self.remove_instance(&stale.instance_id) {
+                        expired += 1;
+                    }
+                }
+                Response::Expired(expired)
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! `[acme]`: where to order certificates and for which names. Disabled by default.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -23,9 +24,14 @@ pub struct AcmeConfig {
     /// private or test CA such as Pebble). Default: the system roots.
     pub extra_root: Option<PathBuf>,
     /// Names to keep certificates for, besides each `edge.base_domains` entry and every verified
-    /// custom domain. Wildcards (`*.example.com`) need DNS-01, which is not implemented yet; they
-    /// are skipped with a warning.
+    /// custom domain. Wildcards (`*.example.com`) are validated with DNS-01 and need `[acme.dns01]`.
     pub domains: Vec<String>,
+    /// How the CA validates names that are not wildcards: `http-01` (port 80), `tls-alpn-01`
+    /// (port 443, RFC 8737) or `dns-01` (TXT records through `[acme.dns01]`). Default `http-01`.
+    pub challenge: ChallengeChoice,
+    /// DNS-01 through RFC 2136 dynamic updates. Required for wildcards and for
+    /// `challenge = "dns-01"`. Default: not configured.
+    pub dns01: Option<Dns01Config>,
     /// Order certificates for each `edge.base_domains` entry itself. Default true.
     pub include_base_domains: bool,
     /// How long an orderer lease lasts, seconds; the holder renews it every third of this. A
@@ -49,12 +55,123 @@ impl Default for AcmeConfig {
             contact: Vec::new(),
             extra_root: None,
             domains: Vec::new(),
+            challenge: ChallengeChoice::Http01,
+            dns01: None,
             include_base_domains: true,
             lease_secs: 30,
             retry_max_secs: 3600,
             check_interval_secs: 60,
             request_timeout_secs: 60,
         }
+    }
+}
+
+/// The validation method for names that are not wildcards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChallengeChoice {
+    #[serde(rename = "http-01")]
+    Http01,
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    #[serde(rename = "dns-01")]
+    Dns01,
+}
+
+/// `[acme.dns01]`: where TXT records for DNS-01 are added (RFC 2136 UPDATE signed with TSIG).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dns01Config {
+    /// The zone's primary authoritative server that accepts signed updates, e.g.
+    /// `"192.0.2.53:53"`. Required.
+    pub server: Option<SocketAddr>,
+    /// The zone to update, e.g. `example.com`: every DNS-01 name must be inside it. Required.
+    pub zone: String,
+    /// The TSIG key's name, as the server knows it. Required.
+    pub tsig_key_name: String,
+    /// The TSIG algorithm. Only `hmac-sha256` (the default).
+    pub tsig_algorithm: String,
+    /// File holding the TSIG secret (never the config itself): the base64 secret alone, or a
+    /// BIND `key` clause (`secret "...";`), or Knot's `keymgr -t` output (`secret: ...`).
+    /// Required.
+    pub tsig_secret_file: Option<PathBuf>,
+    /// TTL of the TXT records, seconds. Default 60.
+    pub ttl: u32,
+    /// Longest wait for an added record to be answered by `server`, seconds. Default 60.
+    pub propagation_timeout_secs: u64,
+}
+
+impl Default for Dns01Config {
+    fn default() -> Self {
+        Dns01Config {
+            server: None,
+            zone: String::new(),
+            tsig_key_name: String::new(),
+            tsig_algorithm: "hmac-sha256".into(),
+            tsig_secret_file: None,
+            ttl: 60,
+            propagation_timeout_secs: 60,
+        }
+    }
+}
+
+fn is_dns_name(d: &str) -> bool {
+    d.contains('.')
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+/// Whether `name` (a plain name or `*.` wildcard) is `zone` or below it.
+pub fn in_zone(name: &str, zone: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    name == zone || name.strip_suffix(zone).is_some_and(|p| p.ends_with('.'))
+}
+
+impl Dns01Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.is_none() {
+            return Err(bad("acme.dns01.server", "is required (host:port)"));
+        }
+        if !is_dns_name(&self.zone) {
+            return Err(bad(
+                "acme.dns01.zone",
+                format!("{:?} is not a lowercase DNS name", self.zone),
+            ));
+        }
+        if self.tsig_key_name.is_empty()
+            || self.tsig_key_name.len() > 253
+            || !self
+                .tsig_key_name
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(bad(
+                "acme.dns01.tsig_key_name",
+                format!("{:?} is not a DNS name", self.tsig_key_name),
+            ));
+        }
+        if self.tsig_algorithm != "hmac-sha256" {
+            return Err(bad(
+                "acme.dns01.tsig_algorithm",
+                format!("{:?} is not supported (hmac-sha256)", self.tsig_algorithm),
+            ));
+        }
+        if self.tsig_secret_file.is_none() {
+            return Err(bad(
+                "acme.dns01.tsig_secret_file",
+                "is required (the secret never goes in the config)",
+            ));
+        }
+        if !(1..=600).contains(&self.propagation_timeout_secs) {
+            return Err(bad(
+                "acme.dns01.propagation_timeout_secs",
+                format!("{} must be within 1..=600", self.propagation_timeout_secs),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -99,6 +216,34 @@ impl AcmeConfig {
                     format!("{d:?} is not a lowercase DNS name"),
                 ));
             }
+        }
+        match &self.dns01 {
+            Some(d) => {
+                d.validate()?;
+                // Names outside the zone would be updated in a zone the server does not hold;
+                // base domains and custom domains are checked when ordered (they can change).
+                let dns_names = self
+                    .domains
+                    .iter()
+                    .filter(|n| n.starts_with("*.") || self.challenge == ChallengeChoice::Dns01);
+                for n in dns_names {
+                    if !in_zone(n, &d.zone) {
+                        return Err(bad(
+                            "acme.domains",
+                            format!("{n:?} is validated with DNS-01 but is outside acme.dns01.zone {:?}", d.zone),
+                        ));
+                    }
+                }
+            }
+            None if self.challenge == ChallengeChoice::Dns01 => {
+                return Err(bad(
+                    "acme.challenge",
+                    "\"dns-01\" needs an [acme.dns01] section",
+                ));
+            }
+            // Wildcards without DNS-01 stay accepted as before (the orderer skips them with a
+            // warning), so configs that list one keep loading.
+            None => {}
         }
         if !(3..=600).contains(&self.lease_secs) {
             return Err(bad(
@@ -146,5 +291,78 @@ mod tests {
             ..AcmeConfig::default()
         };
         assert!(ok.validate().is_ok());
+    }
+
+    fn dns01(dir: &str) -> Dns01Config {
+        Dns01Config {
+            server: Some("127.0.0.1:53".parse().expect("addr")),
+            zone: "example.com".into(),
+            tsig_key_name: "acme-key".into(),
+            tsig_secret_file: Some(PathBuf::from(dir)),
+            ..Dns01Config::default()
+        }
+    }
+
+    #[test]
+    fn challenge_choice_and_dns01_section() {
+        let parsed: AcmeConfig = toml::from_str(
+            r#"
+            enabled = true
+            challenge = "tls-alpn-01"
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(parsed.challenge, ChallengeChoice::TlsAlpn01);
+        assert!(parsed.validate().is_ok());
+        assert!(toml::from_str::<AcmeConfig>(r#"challenge = "tls-sni-01""#).is_err());
+        assert_eq!(AcmeConfig::default().challenge, ChallengeChoice::Http01);
+
+        let no_section = AcmeConfig {
+            enabled: true,
+            challenge: ChallengeChoice::Dns01,
+            ..AcmeConfig::default()
+        };
+        assert!(no_section.validate().is_err());
+        let ok = AcmeConfig {
+            enabled: true,
+            challenge: ChallengeChoice::Dns01,
+            domains: vec!["*.example.com".into(), "a.b.example.com".into()],
+            dns01: Some(dns01("/etc/key")),
+            ..AcmeConfig::default()
+        };
+        assert!(ok.validate().is_ok(), "{:?}", ok.validate());
+        let outside = AcmeConfig {
+            domains: vec!["*.example.org".into()],
+            ..ok.clone()
+        };
+        assert!(outside.validate().is_err());
+        for broken in [
+            Dns01Config {
+                server: None,
+                ..dns01("/k")
+            },
+            Dns01Config {
+                tsig_secret_file: None,
+                ..dns01("/k")
+            },
+            Dns01Config {
+                tsig_algorithm: "hmac-md5".into(),
+                ..dns01("/k")
+            },
+            Dns01Config {
+                zone: "Example.com".into(),
+                ..dns01("/k")
+            },
+        ] {
+            let c = AcmeConfig {
+                dns01: Some(broken),
+                ..ok.clone()
+            };
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        assert!(in_zone("*.example.com", "example.com"));
+        assert!(in_zone("example.com", "example.com"));
+        assert!(in_zone("a.example.com", "example.com"));
+        assert!(!in_zone("badexample.com", "example.com"));
     }
 }

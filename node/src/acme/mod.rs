@@ -5,14 +5,19 @@
 //!   holder talks to the CA. It keeps the account in the replicated state, orders and renews
 //!   certificates, publishes HTTP-01 answers through Raft, and writes certificates with fenced
 //!   commands so a holder that lost its lease cannot overwrite its successor.
-//! - [`responder`]: answers HTTP-01 validation requests on every node from the replicated
-//!   answers, so the CA may reach any node.
+//! - [`responder`]: answers HTTP-01 and TLS-ALPN-01 validation requests on every node from the
+//!   replicated answers, so the CA may reach any node.
+//! - [`dns01`]: DNS-01 TXT records through RFC 2136 updates signed with TSIG (lease holder
+//!   only).
+//! - [`tls_alpn`]: the RFC 8737 challenge certificate and the `acme-tls/1` handshake.
 //! - [`metrics`]: certificate expiry and orderer metrics.
 
 pub mod config;
+pub mod dns01;
 pub mod metrics;
 pub mod orderer;
 pub mod responder;
+pub mod tls_alpn;
 
 pub use config::AcmeConfig;
 pub use metrics::AcmeMetrics;

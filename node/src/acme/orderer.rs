@@ -22,14 +22,16 @@ use instant_acme::{
     ChallengeType, Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
 };
 use portcullis_raft::state::{
-    AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, Certificate, ClusterState, Command,
-    OrdererLease,
+    AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, Certificate, ChallengeKind, ClusterState,
+    Command, OrdererLease,
 };
 use portcullis_raft::{Cluster, Response};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::config::{in_zone, ChallengeChoice};
+use super::dns01::{Dns01Client, Dns01Error};
 use super::{unix_now, unix_now_ms, AcmeConfig, AcmeMetrics};
 
 /// First retry delay after a failed order; doubles up to `retry_max_secs`.
@@ -52,8 +54,12 @@ pub enum AcmeError {
     Rejected(String),
     #[error("stored ACME account is unreadable: {0}")]
     Credentials(#[from] serde_json::Error),
-    #[error("the CA offered no http-01 challenge for {0}")]
-    NoHttp01(String),
+    #[error("the CA offered no {kind} challenge for {name}")]
+    NoChallenge { name: String, kind: &'static str },
+    #[error("unsupported identifier {0} in an authorization")]
+    Identifier(String),
+    #[error("DNS-01: {0}")]
+    Dns01(#[from] Dns01Error),
     #[error("authorization for {name} is {status:?}")]
     Authorization {
         name: String,
@@ -71,6 +77,15 @@ pub enum AcmeError {
     BadCertificate(String),
     #[error("lost the orderer lease")]
     LeaseLost,
+}
+
+/// An answer published for one authorization, to be withdrawn when the order is decided.
+struct Published {
+    token: String,
+    /// The validated name (no `*.`).
+    name: String,
+    /// The DNS-01 TXT value, when a record was added.
+    txt: Option<String>,
 }
 
 /// Per-name retry state (memory only: a new holder starts fresh, which at worst costs one early
@@ -264,11 +279,18 @@ impl Orderer {
         );
         let mut due = Vec::new();
         for name in wanted {
-            if name.starts_with("*.") {
-                if self.warned.insert(name.clone()) {
-                    tracing::warn!(%name, "wildcard certificates need DNS-01, which is not implemented; import one with `portcullis cert import`");
+            if self.uses_dns01(&name) {
+                let skip = match &self.cfg.dns01 {
+                    None => Some("wildcard certificates need DNS-01: configure [acme.dns01], or import one with `portcullis cert import`"),
+                    Some(d) if !in_zone(&name, &d.zone) => Some("name is outside acme.dns01.zone; DNS-01 cannot validate it"),
+                    Some(_) => None,
+                };
+                if let Some(why) = skip {
+                    if self.warned.insert(name.clone()) {
+                        tracing::warn!(%name, why, "certificate not ordered");
+                    }
+                    continue;
                 }
-                continue;
             }
             let renew_requested = state.acme.renew_requests.get(&name).copied();
             let reason = match state.certificates.get(&name) {
@@ -347,6 +369,12 @@ impl Orderer {
             .min()
             .map_or(check, |next| next.min(check))
             .max(Instant::now() + Duration::from_millis(100))
+    }
+
+    /// Whether `name` is validated with DNS-01: wildcards always are (RFC 8555 §7.1.3 allows
+    /// nothing else), other names when `challenge = "dns-01"`.
+    fn uses_dns01(&self, name: &str) -> bool {
+        name.starts_with("*.") || self.cfg.challenge == ChallengeChoice::Dns01
     }
 
     async fn write(&self, cmd: AcmeCommand) -> Result<u64, AcmeError> {
@@ -471,11 +499,28 @@ impl Orderer {
         let result = self
             .complete(&mut order, name, fencing, &mut published)
             .await;
-        for token in published {
+        for p in published {
+            // DNS records first: the table entry is what lets a later holder find a record
+            // that could not be removed now.
+            if let Some(txt) = &p.txt {
+                match self.dns01_client() {
+                    Ok(dns) => {
+                        if let Err(e) = dns.remove_txt(&p.name, txt).await {
+                            tracing::warn!(name = %p.name, error = %e, "removing the DNS-01 TXT record failed; it stays until the next order for the name");
+                            continue;
+                        }
+                        tracing::info!(name = %p.name, "dns-01 TXT record removed");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "removing the DNS-01 TXT record"),
+                }
+            }
             // Answers are useless once the CA has decided; a failure here only leaves a stale
             // entry that the next successful cleanup or order replaces.
             if let Err(e) = self
-                .write(AcmeCommand::RemoveChallenge { fencing, token })
+                .write(AcmeCommand::RemoveChallenge {
+                    fencing,
+                    token: p.token,
+                })
                 .await
             {
                 tracing::debug!(error = %e, "removing a challenge answer");
@@ -484,12 +529,22 @@ impl Orderer {
         result
     }
 
+    /// A DNS-01 client for the configured server, with the TSIG secret read now (so a rotated
+    /// key file is picked up without a restart).
+    fn dns01_client(&self) -> Result<Dns01Client, AcmeError> {
+        let cfg = self.cfg.dns01.as_ref().ok_or(Dns01Error::NotConfigured)?;
+        Ok(Dns01Client::from_config(
+            cfg,
+            Duration::from_secs(self.cfg.request_timeout_secs),
+        )?)
+    }
+
     async fn complete(
         &self,
         order: &mut Order,
         name: &str,
         fencing: u64,
-        published: &mut Vec<String>,
+        published: &mut Vec<Published>,
     ) -> Result<u64, AcmeError> {
         let retry = RetryPolicy::new()
             .initial_delay(Duration::from_millis(500))
@@ -515,31 +570,70 @@ impl Orderer {
                         })
                     }
                 }
-                let ident = authz.identifier().to_string();
-                let mut challenge = authz
-                    .challenge(ChallengeType::Http01)
-                    .ok_or_else(|| AcmeError::NoHttp01(ident.clone()))?;
-                let key_authorization = challenge.key_authorization().as_str().to_string();
+                let ident = authz.identifier();
+                // The authorization names the plain name; a wildcard order says so in a flag.
+                let (wildcard, ident) = match ident.identifier {
+                    Identifier::Dns(d) => (ident.wildcard, d.clone()),
+                    _ => return Err(AcmeError::Identifier(ident.to_string())),
+                };
+                let kind = if wildcard || self.cfg.challenge == ChallengeChoice::Dns01 {
+                    ChallengeKind::Dns01
+                } else if self.cfg.challenge == ChallengeChoice::TlsAlpn01 {
+                    ChallengeKind::TlsAlpn01
+                } else {
+                    ChallengeKind::Http01
+                };
+                let ctype = match kind {
+                    ChallengeKind::Http01 => ChallengeType::Http01,
+                    ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+                    ChallengeKind::Dns01 => ChallengeType::Dns01,
+                };
+                let mut challenge =
+                    authz
+                        .challenge(ctype)
+                        .ok_or_else(|| AcmeError::NoChallenge {
+                            name: ident.clone(),
+                            kind: kind.as_str(),
+                        })?;
+                let key_authorization = challenge.key_authorization();
+                let txt = (kind == ChallengeKind::Dns01).then(|| key_authorization.dns_value());
+                let key_authorization = key_authorization.as_str().to_string();
                 let token = challenge.token.clone();
-                self.write(AcmeCommand::PutChallenge {
+                self.write(AcmeCommand::PutTypedChallenge {
                     fencing,
                     challenge: AcmeChallenge {
                         token: token.clone(),
                         name: ident.clone(),
                         key_authorization,
                         created_at: unix_now(),
+                        kind,
                     },
                 })
                 .await?;
-                published.push(token);
-                tokio::time::sleep(PROPAGATION_DELAY).await;
+                published.push(Published {
+                    token,
+                    name: ident.clone(),
+                    txt: txt.clone(),
+                });
+                match &txt {
+                    // Only this node (the lease holder) talks to the DNS server; the TXT record
+                    // must be answered by the authoritative server before the CA looks.
+                    Some(txt) => {
+                        let dns = self.dns01_client()?;
+                        dns.add_txt(&ident, txt).await?;
+                        dns.wait_visible(&ident, txt).await?;
+                        tracing::info!(name = %ident, "dns-01 TXT record added and visible at the authoritative server");
+                    }
+                    None => tokio::time::sleep(PROPAGATION_DELAY).await,
+                }
+                let method = kind.as_str();
                 // A resumed order's challenge may already be validating (the previous holder
                 // asked); the answer stays published for it, and asking again is refused by CAs.
                 if challenge.status != ChallengeStatus::Pending {
-                    tracing::info!(name = %ident, status = ?challenge.status, "http-01 answer republished; the CA is already validating");
+                    tracing::info!(name = %ident, status = ?challenge.status, method, "answer republished; the CA is already validating");
                     continue;
                 }
-                tracing::info!(name = %ident, "http-01 answer published; asking the CA to validate");
+                tracing::info!(name = %ident, method, "{method} answer published; asking the CA to validate");
                 match timeout(limit, challenge.set_ready()).await {
                     Ok(r) => r?,
                     Err(_) => return Err(AcmeError::Timeout(limit)),

@@ -1,17 +1,26 @@
-//! HTTP-01 answers from the replicated state: whichever node the CA reaches can answer, because
-//! the orderer publishes every key authorization through Raft before asking the CA to validate.
+//! HTTP-01 and TLS-ALPN-01 answers from the replicated state: whichever node the CA reaches can
+//! answer, because the orderer publishes every key authorization through Raft before asking the
+//! CA to validate.
 
+use std::sync::Arc;
+
+use portcullis_raft::state::ChallengeKind;
 use portcullis_raft::store::SharedState;
 
+use super::tls_alpn::ChallengeCache;
 use crate::edge::redirect::AcmeResponder;
 
 pub struct ReplicatedResponder {
     shared: SharedState,
+    tls_alpn: ChallengeCache,
 }
 
 impl ReplicatedResponder {
     pub fn new(shared: SharedState) -> Self {
-        ReplicatedResponder { shared }
+        ReplicatedResponder {
+            shared,
+            tls_alpn: ChallengeCache::default(),
+        }
     }
 }
 
@@ -21,12 +30,32 @@ impl AcmeResponder for ReplicatedResponder {
         let applied = self.shared.read();
         let c = applied.state.acme.challenges.get(token)?;
         // The answer is only for the name it was published for: a token is not a secret, but
-        // serving it under any Host would let one order's answer validate another name.
-        if c.name != host {
+        // serving it under any Host would let one order's answer validate another name. Only
+        // HTTP-01 answers: a key authorization published for another method is not meant to
+        // be fetchable over plain HTTP.
+        if c.name != host || c.kind != ChallengeKind::Http01 {
             return None;
         }
         tracing::info!(%host, %token, "answered ACME http-01 challenge");
         Some(c.key_authorization.clone())
+    }
+
+    fn tls_alpn01(&self, name: &str) -> Option<Arc<rustls::ServerConfig>> {
+        let (token, ka) = {
+            let applied = self.shared.read();
+            let c = applied
+                .state
+                .acme
+                .challenge_for(ChallengeKind::TlsAlpn01, name)?;
+            (c.token.clone(), c.key_authorization.clone())
+        };
+        match self.tls_alpn.get(&token, name, &ka) {
+            Ok(cfg) => Some(cfg),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot answer ACME tls-alpn-01 challenge");
+                None
+            }
+        }
     }
 }
 
@@ -46,6 +75,17 @@ mod tests {
                 name: "a.example.com".into(),
                 key_authorization: "tok.thumb".into(),
                 created_at: 0,
+                kind: ChallengeKind::Http01,
+            },
+        );
+        state.acme.challenges.insert(
+            "alpn".into(),
+            AcmeChallenge {
+                token: "alpn".into(),
+                name: "c.example.com".into(),
+                key_authorization: "alpn.thumb".into(),
+                created_at: 0,
+                kind: ChallengeKind::TlsAlpn01,
             },
         );
         let r = ReplicatedResponder::new(SharedState::detached(state));
@@ -55,5 +95,11 @@ mod tests {
         );
         assert_eq!(r.http01("b.example.com", "tok"), None);
         assert_eq!(r.http01("a.example.com", "other"), None);
+        // Each answer only through its own method.
+        assert_eq!(r.http01("c.example.com", "alpn"), None);
+        assert!(r.tls_alpn01("a.example.com").is_none());
+        assert!(r.tls_alpn01("b.example.com").is_none());
+        let cfg = r.tls_alpn01("c.example.com").expect("tls-alpn-01 answer");
+        assert_eq!(cfg.alpn_protocols, vec![b"acme-tls/1".to_vec()]);
     }
 }

@@ -17,6 +17,7 @@
 //! - [`upstream`]: the `Upstream` connector trait and its TCP implementation.
 //! - [`limits`]: connection limits, activity tracking for idle timeouts, replayed prefixes.
 //! - [`redirect`]: the plain HTTP port (308, ACME HTTP-01 hook).
+//! - [`h3`]: HTTP/3 over QUIC on the HTTPS port number (UDP), into the same [`proxy`].
 //!
 //! Routes and certificates live in one immutable [`Snapshot`] behind an `ArcSwap`, rebuilt when
 //! the replicated state changes: requests never take a lock, and open connections keep going.
@@ -24,6 +25,7 @@
 pub mod balance;
 pub mod clienthello;
 pub mod grammar;
+pub mod h3;
 pub mod limits;
 pub mod proxy;
 pub mod proxy_protocol;
@@ -88,13 +90,19 @@ impl std::fmt::Debug for Snapshot {
 pub struct EdgeListeners {
     pub https: TcpListener,
     pub http: TcpListener,
+    /// HTTP/3 (UDP); `None` when `edge.http3 = false`.
+    pub quic: Option<quinn::Endpoint>,
 }
 
 impl EdgeListeners {
     pub async fn bind(cfg: &EdgeConfig) -> io::Result<Self> {
         let https = TcpListener::bind(cfg.https_listen).await?;
         let http = TcpListener::bind(cfg.http_listen).await?;
-        Ok(EdgeListeners { https, http })
+        let quic = match cfg.http3 {
+            true => Some(h3::bind(cfg, https.local_addr()?)?),
+            false => None,
+        };
+        Ok(EdgeListeners { https, http, quic })
     }
 }
 
@@ -225,6 +233,8 @@ pub struct Edge {
     /// The HTTPS port redirects point at: `edge.https_public_port`, else the bound port (known
     /// only once the listener is handed over, hence atomic).
     https_port: std::sync::atomic::AtomicU16,
+    /// `Alt-Svc` for TLS responses, set once HTTP/3 listens.
+    alt_svc: arc_swap::ArcSwapOption<HeaderValue>,
 }
 
 impl Edge {
@@ -313,9 +323,16 @@ impl Edge {
             acme,
             balancer,
             https_port,
+            alt_svc: Default::default(),
         });
         edge.rebuild(shared);
         Ok(edge)
+    }
+
+    /// Custom domains route only while their `_dstack-app-address` TXT record names the
+    /// claimed app (docs/custom-domains.md). Set once, before `spawn`.
+    pub fn set_custom_domains(&self, c: crate::custom_domain::CustomDomains) {
+        self.proxy.set_custom_domains(c);
     }
 
     /// The current routes and certificates.
@@ -363,6 +380,11 @@ impl Edge {
         if self.cfg.https_public_port.is_none() {
             if let Ok(a) = listeners.https.local_addr() {
                 self.https_port.store(a.port(), Ordering::Relaxed);
+            }
+        }
+        if let Some(endpoint) = listeners.quic {
+            if let Err(e) = h3::spawn(self, endpoint, tracker, shutdown.clone()) {
+                tracing::error!(error = %e, "http/3 not served");
             }
         }
         let edge = self.clone();
@@ -514,7 +536,26 @@ impl Edge {
         let trusted = self.trusted.contains(pre.client.ip());
         let snap = self.snapshot.load_full();
         let sni = pre.hello.server_name.clone();
-        let route = sni.as_deref().and_then(|n| snap.routes.resolve(n).ok());
+        // RFC 8737: a CA validating TLS-ALPN-01 offers only `acme-tls/1`. A name with a pending
+        // answer gets the challenge certificate (acme/tls_alpn.rs); any other is refused below,
+        // except passthrough names, whose backends may run their own ACME clients.
+        let acme_tls = crate::acme::tls_alpn::is_acme_tls(&pre.hello.alpn);
+        if let Some((name, cfg)) = sni
+            .as_deref()
+            .filter(|_| acme_tls)
+            .and_then(|n| Some((n, self.acme.tls_alpn01(n)?)))
+        {
+            let limit = Duration::from_millis(self.cfg.tls_handshake_timeout_ms);
+            let io = Rewind::new(pre.buf.freeze(), stream);
+            if let Err(e) = crate::acme::tls_alpn::answer(cfg, io, name, limit).await {
+                tracing::debug!(error = %e, "acme-tls/1 answer failed");
+            }
+            return;
+        }
+        let route = match sni.as_deref() {
+            Some(n) => self.proxy.resolve_host(&snap.routes, n).await.ok(),
+            None => None,
+        };
         if let Some(r) = &route {
             if r.internal && !trusted {
                 self.metrics.limit("internal_untrusted");
@@ -524,6 +565,11 @@ impl Edge {
                 let r = r.clone();
                 return self.passthrough(stream, pre, r, snap).await;
             }
+        }
+        if acme_tls {
+            self.metrics.handshake_failure("acme_tls_no_challenge");
+            tracing::debug!(sni = ?sni, "acme-tls/1 without a pending challenge refused");
+            return;
         }
         drop(snap);
 
@@ -644,7 +690,11 @@ impl Edge {
         req: http::Request<hyper::body::Incoming>,
     ) -> http::Response<proxy::ProxyBody> {
         if ctx.scheme == "https" {
-            return self.proxy.handle(&self.snapshot, ctx, req).await;
+            let mut resp = self.proxy.handle(&self.snapshot, ctx, req).await;
+            if let Some(v) = h3::alt_svc(self) {
+                resp.headers_mut().insert(http::header::ALT_SVC, v);
+            }
+            return resp;
         }
         let host = proxy::request_host(&req).ok().map(|(h, _)| h);
         let internal = host.as_deref().is_some_and(|h| h.ends_with(".internal"));

@@ -16,17 +16,16 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::balance::{self, Balancer, NoCandidate};
 use super::grammar::{GrammarError, Mode};
 use super::limits::{Activity, ActivityClock, Cidrs};
-use super::route::{Route, RouteError};
+use super::route::{Route, RouteError, RouteTable};
 use super::upstream::{HyperConnector, Upstream};
 use super::Snapshot;
-use crate::metrics::{AppLabels, EdgeMetrics, RequestLabels};
+use crate::metrics::{AppLabels, EdgeMetrics, ProtocolLabels, RequestLabels};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -150,6 +149,9 @@ pub struct Proxy {
     balancer: Arc<Balancer>,
     /// Senders whose `X-Forwarded-For` names the client (the PROXY protocol senders).
     xff_from: Cidrs,
+    /// The DNS check for custom domains, set once by the node (`Edge::set_custom_domains`).
+    /// Unset (unit tests), custom domains route on their verified claim alone.
+    custom: std::sync::OnceLock<crate::custom_domain::CustomDomains>,
 }
 
 /// Backends one request may try: the first choice and, after connect failures of a request
@@ -235,6 +237,16 @@ pub fn request_host<B>(req: &Request<B>) -> Result<(String, String), ProxyError>
     Ok((host, authority.as_str().to_string()))
 }
 
+/// The `protocol` label of `requests_by_protocol`.
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_3 => "h3",
+        Version::HTTP_2 => "h2",
+        Version::HTTP_10 => "http/1.0",
+        _ => "http/1.1",
+    }
+}
+
 fn ip_for_forwarded(addr: &SocketAddr) -> String {
     match addr.ip() {
         std::net::IpAddr::V4(v4) => v4.to_string(),
@@ -283,16 +295,36 @@ impl Proxy {
             metrics,
             balancer,
             xff_from,
+            custom: std::sync::OnceLock::new(),
         }
     }
 
-    /// Serves one request; never fails (errors become responses).
-    pub async fn handle(
+    /// Installs the DNS check for custom domains; later calls are ignored.
+    pub fn set_custom_domains(&self, c: crate::custom_domain::CustomDomains) {
+        let _ = self.custom.set(c);
+    }
+
+    /// Resolves a host name: the routing table, plus the `_dstack-app-address` check for
+    /// custom domains (a cached lookup with a deadline).
+    pub async fn resolve_host(&self, routes: &RouteTable, host: &str) -> Result<Route, RouteError> {
+        match self.custom.get() {
+            Some(c) => c.resolve(routes, host).await,
+            None => routes.resolve(host),
+        }
+    }
+
+    /// Serves one request; never fails (errors become responses). The body is hyper's
+    /// `Incoming` for HTTP/1.1 and HTTP/2, or the HTTP/3 stream adapter (`h3.rs`).
+    pub async fn handle<B>(
         &self,
         snapshot: &ArcSwap<Snapshot>,
         ctx: &ConnCtx,
-        req: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+        req: Request<B>,
+    ) -> Response<ProxyBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
         let start = Instant::now();
         ctx.inflight.fetch_add(1, Ordering::AcqRel);
         let _inflight = InflightGuard(&ctx.inflight);
@@ -335,6 +367,12 @@ impl Proxy {
             })
             .inc();
         self.metrics
+            .requests_by_protocol
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol_name(version),
+            })
+            .inc();
+        self.metrics
             .request_duration
             .get_or_create(&AppLabels { app: app.clone() })
             .observe(elapsed.as_secs_f64());
@@ -356,18 +394,22 @@ impl Proxy {
         resp
     }
 
-    async fn forward(
+    async fn forward<B>(
         &self,
         snapshot: &ArcSwap<Snapshot>,
         ctx: &ConnCtx,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         app_out: &mut String,
         instance_out: &mut String,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
         let (host, authority) = request_host(&req)?;
         // A full Arc, not a guard: the snapshot is held across awaits below.
         let snap = snapshot.load_full();
-        let resolved = snap.routes.resolve(&host);
+        let resolved = self.resolve_host(&snap.routes, &host).await;
         if ctx.scheme == "https" {
             // On TLS, the connection's SNI chose the route (and the certificate). A Host that
             // belongs to another route — or to no route, unless it is the SNI name itself — is

@@ -12,6 +12,12 @@ use super::proxy::ProxyBody;
 pub trait AcmeResponder: Send + Sync + 'static {
     /// The key authorization for `token` on `host`, if an order is pending for it.
     fn http01(&self, host: &str, token: &str) -> Option<String>;
+
+    /// The TLS-ALPN-01 (RFC 8737) config for `name`, if a TLS-ALPN-01 answer is pending for it:
+    /// used only for ClientHellos that offer nothing but `acme-tls/1`.
+    fn tls_alpn01(&self, _name: &str) -> Option<std::sync::Arc<rustls::ServerConfig>> {
+        None
+    }
 }
 
 /// No ACME yet: every challenge path is a 404.

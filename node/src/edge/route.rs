@@ -116,6 +116,9 @@ pub enum RouteError {
     UnknownDomain(String),
     #[error("no instance {0:?} for an internal name")]
     UnknownCvm(String),
+    /// A verified custom domain whose `_dstack-app-address` record does not agree with the claim.
+    #[error("custom domain {domain:?}: {reason}")]
+    CustomDomainDns { domain: String, reason: String },
 }
 
 /// The routing table built from one applied state.
@@ -243,6 +246,32 @@ impl RouteTable {
                 self.app_route(app_name, app, Some(*port), mode)
             }
         }
+    }
+
+    /// The verified claim on a custom domain (normalized name): (app, port, passthrough).
+    pub fn custom_claim(&self, domain: &str) -> Option<(&str, u16, bool)> {
+        self.domains
+            .get(domain)
+            .map(|(app, port, pt)| (app.as_str(), *port, *pt))
+    }
+
+    /// The route of a custom domain once DNS named `app` and `port` (`custom_domain.rs`).
+    pub fn custom_route(
+        &self,
+        app: &str,
+        port: u16,
+        passthrough: bool,
+    ) -> Result<Route, RouteError> {
+        let entry = self
+            .apps
+            .get(app)
+            .ok_or_else(|| RouteError::UnknownName(app.to_string()))?;
+        let mode = if passthrough {
+            Mode::Passthrough
+        } else {
+            Mode::Http
+        };
+        self.app_route(app, entry, Some(port), mode)
     }
 
     fn app_route(

@@ -15,14 +15,14 @@ use tokio::net::TcpStream;
 use super::*;
 use crate::config::EdgeConfig;
 
-const BASE: &str = "t.test";
+pub(super) const BASE: &str = "t.test";
 
-struct Env {
-    https: SocketAddr,
+pub(super) struct Env {
+    pub(super) https: SocketAddr,
     http: SocketAddr,
-    roots: rustls::RootCertStore,
-    metrics: Arc<EdgeMetrics>,
-    shutdown: CancellationToken,
+    pub(super) roots: rustls::RootCertStore,
+    pub(super) metrics: Arc<EdgeMetrics>,
+    pub(super) shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
 
@@ -40,7 +40,7 @@ async fn free_addr() -> SocketAddr {
 }
 
 /// An edge with app `demo` (one in-process demo-app instance) and a wildcard certificate.
-async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
+pub(super) async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = crate::pki::init_dev_ca(dir.path()).expect("dev ca");
     let leaf = crate::pki::issue_dev_cert(dir.path(), &[format!("*.{BASE}")]).expect("leaf");

@@ -41,16 +41,71 @@ pub struct AcmeAccount {
     pub encryption: String,
 }
 
-/// One HTTP-01 answer: any node serves `key_authorization` at
-/// `http://<name>/.well-known/acme-challenge/<token>`.
+/// Which ACME validation method a published answer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum ChallengeKind {
+    /// RFC 8555 §8.3: any node serves the key authorization on port 80.
+    #[default]
+    Http01,
+    /// RFC 8737: any node answers a ClientHello offering only `acme-tls/1` for `name` with a
+    /// self-signed certificate carrying the key authorization's digest.
+    TlsAlpn01,
+    /// RFC 8555 §8.4: the orderer puts a TXT record in DNS. Nodes serve nothing; the entry lets
+    /// a later lease holder find (and remove) records a dead holder left behind.
+    Dns01,
+}
+
+impl ChallengeKind {
+    /// The RFC name of the method, as CAs and the config spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChallengeKind::Http01 => "http-01",
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+            ChallengeKind::Dns01 => "dns-01",
+        }
+    }
+}
+
+/// One published answer. For HTTP-01, any node serves `key_authorization` at
+/// `http://<name>/.well-known/acme-challenge/<token>`; for TLS-ALPN-01 any node answers an
+/// `acme-tls/1` handshake for `name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct AcmeChallenge {
     pub token: String,
-    /// The identifier being validated (the Host the CA will send).
+    /// The identifier being validated (the Host or SNI the CA will send; for DNS-01 the name
+    /// under `_acme-challenge.`, without any `*.`).
     pub name: String,
     pub key_authorization: String,
     /// Unix seconds, stamped by the proposer (lets an orderer sweep abandoned answers).
     pub created_at: u64,
+    /// Appended last. `serde(default)` covers self-describing encodings (JSON dumps); the log
+    /// uses bincode, which cannot skip missing fields, so log entries from before this field
+    /// existed use [`Http01Challenge`] instead (see [`AcmeCommand::PutChallenge`]).
+    #[serde(default)]
+    pub kind: ChallengeKind,
+}
+
+/// The shape `AcmeCommand::PutChallenge` has always had in the log (HTTP-01 only). Kept
+/// unchanged so that entries written by earlier builds still decode: bincode is positional, and
+/// adding a field to this struct would make every old `PutChallenge` entry unreadable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Http01Challenge {
+    pub token: String,
+    pub name: String,
+    pub key_authorization: String,
+    pub created_at: u64,
+}
+
+impl From<&Http01Challenge> for AcmeChallenge {
+    fn from(c: &Http01Challenge) -> Self {
+        AcmeChallenge {
+            token: c.token.clone(),
+            name: c.name.clone(),
+            key_authorization: c.key_authorization.clone(),
+            created_at: c.created_at,
+            kind: ChallengeKind::Http01,
+        }
+    }
 }
 
 /// An order in flight, so a new lease holder can resume it instead of starting over.
@@ -90,6 +145,24 @@ pub struct AcmeState {
 }
 
 impl AcmeState {
+    fn put_challenge(&mut self, challenge: AcmeChallenge) -> Response {
+        if self.challenges.len() >= MAX_ACME_CHALLENGES
+            && !self.challenges.contains_key(&challenge.token)
+        {
+            return Response::Rejected("too many pending ACME challenges".into());
+        }
+        self.challenges.insert(challenge.token.clone(), challenge);
+        Response::Ok
+    }
+
+    /// The pending answer of `kind` for `name`, if any (a short scan: the table holds at most
+    /// [`MAX_ACME_CHALLENGES`] entries and is usually empty).
+    pub fn challenge_for(&self, kind: ChallengeKind, name: &str) -> Option<&AcmeChallenge> {
+        self.challenges
+            .values()
+            .find(|c| c.kind == kind && c.name == name)
+    }
+
     /// The current holder, if its lease has not expired at `now_ms` (the caller's clock).
     pub fn holder_at(&self, now_ms: u64) -> Option<OrdererLease> {
         self.lease.filter(|l| l.expires_at_ms > now_ms)
@@ -116,9 +189,11 @@ pub enum AcmeCommand {
         fencing: u64,
         account: AcmeAccount,
     },
+    /// An HTTP-01 answer in the log's original encoding. Earlier builds wrote it; this build
+    /// writes [`AcmeCommand::PutTypedChallenge`] instead but still applies it (as HTTP-01).
     PutChallenge {
         fencing: u64,
-        challenge: AcmeChallenge,
+        challenge: Http01Challenge,
     },
     RemoveChallenge {
         fencing: u64,
@@ -143,6 +218,12 @@ pub enum AcmeCommand {
         name: String,
         requested_at: u64,
     },
+    /// Publishes an answer of any [`ChallengeKind`]. Appended last so existing log encodings
+    /// keep their variant indices.
+    PutTypedChallenge {
+        fencing: u64,
+        challenge: AcmeChallenge,
+    },
 }
 
 fn validate_url(f: &'static str, s: &str) -> Result<(), ValidationError> {
@@ -166,6 +247,24 @@ fn validate_token(s: &str) -> Result<(), ValidationError> {
         Ok(())
     } else {
         Err(field("acme token", s, "must be 1-256 base64url characters"))
+    }
+}
+
+/// A key authorization is `token.thumbprint`: both base64url, joined by one dot.
+fn validate_key_authorization(token: &str, ka: &str) -> Result<(), ValidationError> {
+    validate_token(token)?;
+    let ok = ka.len() <= 512
+        && ka
+            .split_once('.')
+            .is_some_and(|(t, thumb)| t == token && validate_token(thumb).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(field(
+            "key_authorization",
+            ka,
+            "must be '<token>.<thumbprint>'",
+        ))
     }
 }
 
@@ -198,22 +297,23 @@ impl AcmeCommand {
                 Ok(())
             }
             AcmeCommand::PutChallenge { challenge, .. } => {
-                validate_token(&challenge.token)?;
+                // Unchanged from earlier builds, so replaying old entries decides the same.
                 validate_domain_name(&challenge.name)?;
-                // A key authorization is `token.thumbprint`: both base64url plus one dot.
-                let ka = &challenge.key_authorization;
-                let ok = ka.len() <= 512
-                    && ka.split_once('.').is_some_and(|(t, thumb)| {
-                        t == challenge.token && validate_token(thumb).is_ok()
-                    });
-                if !ok {
+                validate_key_authorization(&challenge.token, &challenge.key_authorization)
+            }
+            AcmeCommand::PutTypedChallenge { challenge, .. } => {
+                validate_domain_name(&challenge.name)?;
+                // Every method validates a plain name: a wildcard order's authorization is for
+                // the name without `*.` (RFC 8555 §7.1.3), and an answer under `*` would match
+                // nothing the CA asks for.
+                if challenge.name.starts_with("*.") {
                     return Err(field(
-                        "key_authorization",
-                        ka.clone(),
-                        "must be '<token>.<thumbprint>'",
+                        "challenge name",
+                        challenge.name.clone(),
+                        "must not be a wildcard",
                     ));
                 }
-                Ok(())
+                validate_key_authorization(&challenge.token, &challenge.key_authorization)
             }
             AcmeCommand::RemoveChallenge { token, .. } => validate_token(token),
             AcmeCommand::PutOrder { order, .. } => {
@@ -310,14 +410,13 @@ impl ClusterState {
                 if let Err(m) = fenced(acme, *fencing) {
                     return Response::Rejected(m);
                 }
-                if acme.challenges.len() >= MAX_ACME_CHALLENGES
-                    && !acme.challenges.contains_key(&challenge.token)
-                {
-                    return Response::Rejected("too many pending ACME challenges".into());
+                acme.put_challenge(challenge.into())
+            }
+            AcmeCommand::PutTypedChallenge { fencing, challenge } => {
+                if let Err(m) = fenced(acme, *fencing) {
+                    return Response::Rejected(m);
                 }
-                acme.challenges
-                    .insert(challenge.token.clone(), challenge.clone());
-                Response::Ok
+                acme.put_challenge(challenge.clone())
             }
             AcmeCommand::RemoveChallenge { fencing, token } => {
                 if let Err(m) = fenced(acme, *fencing) {
@@ -386,8 +485,8 @@ mod tests {
         }
     }
 
-    fn challenge(token: &str) -> AcmeChallenge {
-        AcmeChallenge {
+    fn challenge(token: &str) -> Http01Challenge {
+        Http01Challenge {
             token: token.into(),
             name: "a.example.com".into(),
             key_authorization: format!("{token}.thumb"),
@@ -519,14 +618,14 @@ mod tests {
             },
             AcmeCommand::PutChallenge {
                 fencing: 1,
-                challenge: AcmeChallenge {
+                challenge: Http01Challenge {
                     token: "../etc".into(),
                     ..challenge("x")
                 },
             },
             AcmeCommand::PutChallenge {
                 fencing: 1,
-                challenge: AcmeChallenge {
+                challenge: Http01Challenge {
                     key_authorization: "other.thumb".into(),
                     ..challenge("tok")
                 },
@@ -560,6 +659,117 @@ mod tests {
             assert!(matches!(s.apply(1, &cmd), Response::Rejected(_)));
             assert_eq!(s, ClusterState::default());
         }
+    }
+
+    fn typed(kind: ChallengeKind, name: &str, token: &str) -> AcmeChallenge {
+        AcmeChallenge {
+            kind,
+            name: name.into(),
+            ..(&challenge(token)).into()
+        }
+    }
+
+    #[test]
+    fn typed_challenges_are_fenced_found_by_kind_and_name_and_never_wildcards() {
+        let mut s = ClusterState::default();
+        let l = lease(s.apply(1, &acquire(1, 0)));
+        let put = |c: AcmeChallenge, fencing: u64| {
+            Command::Acme(AcmeCommand::PutTypedChallenge {
+                fencing,
+                challenge: c,
+            })
+        };
+        let alpn = typed(ChallengeKind::TlsAlpn01, "a.example.com", "t1");
+        assert!(matches!(
+            s.apply(2, &put(alpn.clone(), l.fencing + 1)),
+            Response::Rejected(m) if m.contains("stale")
+        ));
+        assert_eq!(s.apply(3, &put(alpn.clone(), l.fencing)), Response::Ok);
+        let dns = typed(ChallengeKind::Dns01, "example.com", "t2");
+        assert_eq!(s.apply(4, &put(dns.clone(), l.fencing)), Response::Ok);
+        assert_eq!(
+            s.acme
+                .challenge_for(ChallengeKind::TlsAlpn01, "a.example.com"),
+            Some(&alpn)
+        );
+        assert_eq!(
+            s.acme.challenge_for(ChallengeKind::Http01, "a.example.com"),
+            None
+        );
+        assert_eq!(
+            s.acme.challenge_for(ChallengeKind::Dns01, "example.com"),
+            Some(&dns)
+        );
+        let before = s.clone();
+        let wild = typed(ChallengeKind::Dns01, "*.example.com", "t3");
+        assert!(put(wild.clone(), l.fencing).validate().is_err());
+        assert!(matches!(
+            s.apply(5, &put(wild, l.fencing)),
+            Response::Rejected(_)
+        ));
+        assert_eq!(s, before);
+    }
+
+    /// `PutChallenge` entries written by builds before challenge kinds existed still decode
+    /// (bincode is positional) and apply as HTTP-01.
+    #[test]
+    fn legacy_put_challenge_entries_still_decode() {
+        // The pre-kind wire shape, spelled out independently of the current types.
+        #[derive(Serialize)]
+        struct OldChallenge {
+            token: String,
+            name: String,
+            key_authorization: String,
+            created_at: u64,
+        }
+        #[derive(Serialize)]
+        #[allow(dead_code)]
+        enum OldAcmeCommand {
+            AcquireLease {
+                node: u64,
+                now_ms: u64,
+                ttl_ms: u64,
+            },
+            ReleaseLease {
+                node: u64,
+                fencing: u64,
+            },
+            PutAccount {
+                fencing: u64,
+                account: AcmeAccount,
+            },
+            PutChallenge {
+                fencing: u64,
+                challenge: OldChallenge,
+            },
+        }
+        let old = OldAcmeCommand::PutChallenge {
+            fencing: 1,
+            challenge: OldChallenge {
+                token: "tok".into(),
+                name: "a.example.com".into(),
+                key_authorization: "tok.thumb".into(),
+                created_at: 7,
+            },
+        };
+        let bytes = bincode::serialize(&old).expect("encode");
+        let decoded: AcmeCommand = bincode::deserialize(&bytes).expect("old entry decodes");
+        assert_eq!(
+            decoded,
+            AcmeCommand::PutChallenge {
+                fencing: 1,
+                challenge: Http01Challenge {
+                    token: "tok".into(),
+                    name: "a.example.com".into(),
+                    key_authorization: "tok.thumb".into(),
+                    created_at: 7,
+                },
+            }
+        );
+        let mut s = ClusterState::default();
+        lease(s.apply(1, &acquire(1, 0)));
+        assert_eq!(s.apply(2, &Command::Acme(decoded)), Response::Ok);
+        assert_eq!(s.acme.challenges["tok"].kind, ChallengeKind::Http01);
     }
 
     #[test]

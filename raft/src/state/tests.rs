@@ -36,6 +36,17 @@ fn command() -> impl Strategy<Value = Command> {
             })
         }),
         "[a-z0-9]{1,3}".prop_map(|instance_id| Command::RemoveInstance { instance_id }),
+        // Stamps 0 and 1: generated registrations carry 0, so some expiries match, some are stale.
+        proptest::collection::vec(("[a-z0-9]{1,3}", 0u64..2), 0..3).prop_map(|v| {
+            Command::ExpireInstances(
+                v.into_iter()
+                    .map(|(instance_id, registered_at)| StaleInstance {
+                        instance_id,
+                        registered_at,
+                    })
+                    .collect(),
+            )
+        }),
         (
             "[a-z]{1,2}",
             proptest::option::of("[a-z]{1,2}"),
@@ -64,11 +75,28 @@ fn command() -> impl Strategy<Value = Command> {
         (0u64..4, "[a-z]{1,2}").prop_map(|(fencing, token)| {
             Command::Acme(AcmeCommand::PutChallenge {
                 fencing,
+                challenge: Http01Challenge {
+                    key_authorization: format!("{token}.th"),
+                    token,
+                    name: "a.example.com".into(),
+                    created_at: 0,
+                },
+            })
+        }),
+        (0u64..4, "[a-z]{1,2}", 0usize..3).prop_map(|(fencing, token, kind)| {
+            let kind = [
+                ChallengeKind::Http01,
+                ChallengeKind::TlsAlpn01,
+                ChallengeKind::Dns01,
+            ][kind];
+            Command::Acme(AcmeCommand::PutTypedChallenge {
+                fencing,
                 challenge: AcmeChallenge {
                     key_authorization: format!("{token}.th"),
                     token,
                     name: "a.example.com".into(),
                     created_at: 0,
+                    kind,
                 },
             })
         }),
@@ -238,6 +266,69 @@ fn instance_ip_is_sticky_and_reused() {
         },
     );
     assert_eq!(ip(s.apply(6, &reg("c", "kc"))), a, "freed address reused");
+}
+
+#[test]
+fn expiry_removes_only_what_was_seen_stale() {
+    let mut s = ClusterState::default();
+    s.apply(
+        1,
+        &Command::CreateApp {
+            name: "web".into(),
+            ports: vec![80],
+            lb: "round-robin".into(),
+        },
+    );
+    let reg = |id: &str, key: &str, at: u64| {
+        Command::RegisterInstance(Instance {
+            instance_id: id.into(),
+            app: "web".into(),
+            region: "r".into(),
+            wg_public_key: key.into(),
+            registered_at: at,
+            ..Default::default()
+        })
+    };
+    s.apply(2, &reg("a", "ka", 100));
+    s.apply(3, &reg("b", "kb", 100));
+    // An operator-registered backend (no WireGuard key) is never expired.
+    s.apply(
+        4,
+        &Command::RegisterInstance(Instance {
+            instance_id: "plain".into(),
+            app: "web".into(),
+            region: "r".into(),
+            backend_addr: Some("127.0.0.1:1".into()),
+            registered_at: 100,
+            ..Default::default()
+        }),
+    );
+    let a_ip = s.instances["a"].tunnel_ip;
+    // b re-registered after the proposer looked: its newer stamp saves it.
+    s.apply(5, &reg("b", "kb", 200));
+    let stale = |id: &str| StaleInstance {
+        instance_id: id.into(),
+        registered_at: 100,
+    };
+    let r = s.apply(
+        6,
+        &Command::ExpireInstances(vec![stale("a"), stale("b"), stale("plain"), stale("gone")]),
+    );
+    assert_eq!(r, Response::Expired(1));
+    assert!(!s.instances.contains_key("a"));
+    assert!(s.instances.contains_key("b"));
+    assert!(s.instances.contains_key("plain"));
+    // a's address went back to the pool.
+    s.apply(7, &reg("c", "kc", 300));
+    assert_eq!(s.instances["c"].tunnel_ip, a_ip);
+    // Too many in one entry is refused whole.
+    let many = (0..=MAX_EXPIRE_BATCH)
+        .map(|i| stale(&format!("i{i}")))
+        .collect();
+    assert!(matches!(
+        s.apply(8, &Command::ExpireInstances(many)),
+        Response::Rejected(_)
+    ));
 }
 
 #[test]

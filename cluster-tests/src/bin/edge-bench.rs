@@ -1,0 +1,1214 @@
+//! Data-plane benchmark: Portcullis beside nginx and HAProxy (Debian packages), each terminating
+//! TLS with the same certificate and proxying to the same backend over HTTP/1.1 keep-alive, plus
+//! that backend served directly over TLS as the ceiling.
+//!
+//! ```text
+//! apt-get install -y nginx haproxy        # once
+//! cargo build --release -p portcullis-node -p portcullis-cluster-tests
+//! target/release/edge-bench --portcullis target/release/portcullis --duration 10 --rounds 2
+//! ```
+//!
+//! Every target is driven by the same client code (tokio + rustls + hyper), so they are measured
+//! identically. Modes: `h1` (C keep-alive HTTP/1.1 connections, one request in flight on each),
+//! `h2` (C HTTP/2 connections × S concurrent streams), `newconn` (C loops of: new TCP connection,
+//! full TLS 1.3 handshake without resumption, one HTTP/1.1 request, close). Latency is measured
+//! per request from the client (for `newconn`: connect → last body byte) into hdrhistogram;
+//! throughput is requests completed inside the measured window over its length. Targets are
+//! interleaved (every target once per round, in a rotated order) so drift on a shared machine
+//! hits all of them alike.
+//!
+//! The backend is this binary's hidden `backend` subcommand, a fixed 128-byte response from
+//! hyper, rather than `portcullis demo-app`: the demo app echoes the forwarded headers as JSON,
+//! so its response size and work would differ by proxy.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// The backend's answer to every request. Fixed, so every target moves the same bytes.
+const BODY: &[u8] = &[b'x'; 128];
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Send → full response. Generous: a 2-core machine under load can stall for a while, and a
+/// stall should show up in p99.9, not as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Child processes (nginx, HAProxy, the backend, `portcullis up`) get this long to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The host every request names; the dev wildcard certificate covers it.
+const APP: &str = "benchapp";
+
+#[derive(Parser)]
+#[command(about = "HTTPS data-plane benchmark: Portcullis vs nginx vs HAProxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// The fixed-response backend (started by the benchmark itself).
+    #[command(hide = true)]
+    Backend(BackendArgs),
+}
+
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// Plain HTTP/1.1, for the proxies.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// TLS (ALPN h2 and http/1.1), the "direct" ceiling.
+    #[arg(long)]
+    tls_listen: SocketAddr,
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct Args {
+    /// The portcullis binary (use a release build).
+    #[arg(long, default_value = "target/release/portcullis")]
+    portcullis: PathBuf,
+    #[arg(long, default_value = "nginx")]
+    nginx: PathBuf,
+    #[arg(long, default_value = "haproxy")]
+    haproxy: PathBuf,
+    /// Measured seconds per target, mode and round.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Unmeasured seconds before each measurement (connections open, pools fill, caches warm).
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Client connections (h1, h2) or concurrent connect loops (newconn).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Times every target is measured in every mode; the results are merged.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    #[arg(long, value_delimiter = ',', default_value = "h1,h2,newconn")]
+    modes: Vec<Mode>,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,portcullis,nginx,haproxy"
+    )]
+    targets: Vec<Kind>,
+    /// nginx worker processes and HAProxy threads. Default: the number of cores, like nginx's
+    /// `worker_processes auto` and Portcullis's tokio runtime.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Keep every proxy's per-request access log on (Portcullis's default). Off by default for
+    /// all three, so the comparison is of proxying alone.
+    #[arg(long)]
+    access_log: bool,
+    /// Also write the markdown tables here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, ValueEnum)]
+enum Mode {
+    H1,
+    H2,
+    Newconn,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::H1 => "h1 keep-alive",
+            Mode::H2 => "h2",
+            Mode::Newconn => "new TLS conn",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, ValueEnum)]
+enum Kind {
+    Direct,
+    Portcullis,
+    Nginx,
+    Haproxy,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Direct => "backend direct (ceiling)",
+            Kind::Portcullis => "portcullis",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.cmd {
+        Some(Sub::Backend(b)) => rt.block_on(backend(b)),
+        None => rt.block_on(async {
+            // Dropping `bench` on a signal drops its process guards, which stop every child.
+            tokio::select! {
+                r = bench(cli.args) => r,
+                s = shutdown_signal() => {
+                    bail!("{s}; stopped the child processes")
+                }
+            }
+        }),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "interrupted";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend.
+
+fn fixed_response() -> hyper::Response<Full<Bytes>> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from_static(BODY)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+async fn answer(
+    _req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    Ok(fixed_response())
+}
+
+async fn backend(b: BackendArgs) -> anyhow::Result<()> {
+    let tls = TlsAcceptor::from(Arc::new(server_config(&b.cert, &b.key)?));
+    let plain = TcpListener::bind(b.listen)
+        .await
+        .with_context(|| format!("bind {}", b.listen))?;
+    let secure = TcpListener::bind(b.tls_listen)
+        .await
+        .with_context(|| format!("bind {}", b.tls_listen))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = plain.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            // No header-read timeout: only the local proxies connect here, and it would close
+            // their pooled connections while other targets are being measured.
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), hyper::service::service_fn(answer)),
+            );
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = secure.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(s)).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), hyper::service::service_fn(answer))
+                    .await;
+            });
+        }
+    });
+    shutdown_signal().await;
+    Ok(())
+}
+
+fn server_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {
+    let chain = rustls_pemfile::certs(&mut &std::fs::read(cert)?[..])
+        .collect::<Result<Vec<CertificateDer<'static>>, _>>()?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &std::fs::read(key)?[..])?
+        .context("no private key in the key file")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes.
+
+/// A child in its own process group (so a terminal's Ctrl-C reaches only us and we stop it in
+/// order), stopped with SIGTERM then SIGKILL to the whole group on drop — nginx's workers are
+/// the master's children and outlive a killed master otherwise.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    /// Waits until `addr` accepts connections; fails early, with the log, if the child exits.
+    async fn wait_listening(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before listening on {addr}:\n{}",
+                    self.name,
+                    tail(&self.log)
+                );
+            }
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not listening on {addr} after {START_TIMEOUT:?}:\n{}",
+                    self.name,
+                    tail(&self.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let Ok(pid) = i32::try_from(self.child.id()) else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        };
+        let group = Pid::from_raw(pid);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Whatever is left of the group (workers that missed the master's signal).
+        let _ = killpg(group, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// `portcullis down` for the local cluster on drop.
+struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .arg("down")
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+/// Runs a short command to completion (with a deadline); its output on failure.
+async fn run_cmd(what: &str, cmd: &mut Command, limit: Duration) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::from(std::mem::replace(cmd, Command::new("true")));
+    cmd.kill_on_drop(true).stdin(Stdio::null());
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .with_context(|| format!("{what}: no answer within {limit:?}"))?
+        .with_context(|| format!("{what}: start"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `name` as given if it contains a slash, else the first match on PATH or in the sbin
+/// directories (Debian installs nginx and HAProxy there, off a non-root user's PATH).
+fn find_bin(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn reserve() -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
+    let l = portcullis_node::ports::reserve_tcp().context("reserve a loopback port")?;
+    let addr = l.local_addr()?;
+    Ok((l, addr))
+}
+
+fn version_line(bin: &Path, arg: &str) -> String {
+    Command::new(bin)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup of the targets.
+
+#[derive(Clone)]
+struct Target {
+    kind: Kind,
+    addr: SocketAddr,
+}
+
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn nginx_conf(dir: &Path, listen: SocketAddr, backend: SocketAddr, pki: &Pki, a: &Args) -> String {
+    let workers = workers(a);
+    let d = dir.display();
+    let access = if a.access_log {
+        format!("access_log {d}/access.log;")
+    } else {
+        "access_log off;".into()
+    };
+    // Running as root (this machine), nginx would switch its workers to `nobody`, who cannot
+    // enter the private temp directory; the user does not change what is measured.
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let user = if root { "user root;" } else { "" };
+    format!(
+        r#"{user}
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    {access}
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    # nginx closes a client connection after 1000 requests by default; Portcullis and HAProxy
+    # do not, and the keep-alive modes measure proxying, not reconnecting.
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    upstream backend {{
+        server {backend};
+        keepalive 64;
+        keepalive_requests 10000000;
+        keepalive_timeout 120s;
+    }}
+    server {{
+        listen {listen} ssl http2;
+        server_name {APP}.portcullis.localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+        }}
+    }}
+}}
+"#,
+        cert = pki.cert.display(),
+        key = pki.key.display(),
+    )
+}
+
+fn haproxy_conf(listen: SocketAddr, backend: SocketAddr, pem: &Path, a: &Args) -> String {
+    let workers = workers(a);
+    let (log_global, log_defaults) = if a.access_log {
+        (
+            "log stdout format raw local0",
+            "log global\n    option httplog",
+        )
+    } else {
+        ("", "")
+    };
+    format!(
+        r#"global
+    nbthread {workers}
+    maxconn 8000
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    {log_global}
+defaults
+    mode http
+    {log_defaults}
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 120s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind {listen} ssl crt {pem} alpn h2,http/1.1
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    default_backend be
+backend be
+    server b1 {backend}
+"#,
+        pem = pem.display(),
+    )
+}
+
+fn workers(a: &Args) -> usize {
+    a.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    })
+}
+
+/// Everything the benchmark started; dropping it stops all of it (children first, then the
+/// cluster, then the directory).
+struct Setup {
+    procs: Vec<Proc>,
+    _cluster: Option<Cluster>,
+    targets: Vec<Target>,
+    pki: Pki,
+    versions: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Proxies before the backend, so none of them logs a flood of backend errors.
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+    }
+}
+
+async fn setup(a: &Args) -> anyhow::Result<Setup> {
+    let portcullis = std::path::absolute(&a.portcullis)?;
+    let mut missing = Vec::new();
+    if !portcullis.is_file() {
+        missing.push(format!(
+            "{} (cargo build --release -p portcullis-node -p portcullis-cluster-tests); it also \
+             provides the certificate every target serves",
+            portcullis.display()
+        ));
+    }
+    let nginx = find_bin(&a.nginx);
+    if a.targets.contains(&Kind::Nginx) && nginx.is_none() {
+        missing.push(format!(
+            "{} (apt-get install -y nginx, or leave it out with --targets)",
+            a.nginx.display()
+        ));
+    }
+    let haproxy = find_bin(&a.haproxy);
+    if a.targets.contains(&Kind::Haproxy) && haproxy.is_none() {
+        missing.push(format!(
+            "{} (apt-get install -y haproxy, or leave it out with --targets)",
+            a.haproxy.display()
+        ));
+    }
+    if !missing.is_empty() {
+        bail!("missing:\n  {}", missing.join("\n  "));
+    }
+
+    let dir = tempfile::Builder::new().prefix("edge-bench-").tempdir()?;
+    let mut versions = vec![version_line(&portcullis, "--version")];
+    let state = dir.path().join("portcullis");
+    eprintln!(
+        "starting a 1-node portcullis cluster in {}",
+        state.display()
+    );
+    let mut up = Command::new(&portcullis);
+    up.args(["up", "--nodes", "1", "--detach", "--state-dir"])
+        .arg(&state);
+    if !a.access_log {
+        // The node's default filter, with the per-request access log off.
+        up.env(
+            "RUST_LOG",
+            "info,openraft=warn,sled=warn,h2=warn,tower=warn,portcullis::access=off",
+        );
+    }
+    // The guard exists before `up` runs: a half-started cluster is stopped too.
+    let cluster = Cluster {
+        bin: portcullis.clone(),
+        dir: state.clone(),
+    };
+    run_cmd("portcullis up", &mut up, Duration::from_secs(120)).await?;
+    let cf = portcullis_node::client::ClusterFile::load(&state)?;
+    let node = cf.nodes.first().context("cluster.json lists no node")?;
+    let https: SocketAddr = node.https_addr.parse().context("node https address")?;
+    let base = cf.base_domain.clone();
+    if base != "portcullis.localhost" {
+        bail!("unexpected base domain {base}");
+    }
+    let pki = Pki {
+        ca: state.join("pki/dev-ca.pem"),
+        cert: state.join("pki/dev-wildcard.pem"),
+        key: state.join("pki/dev-wildcard.key"),
+    };
+
+    let mut procs = Vec::new();
+    let (l1, plain) = reserve()?;
+    let (l2, tls) = reserve()?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("backend")
+        .arg("--listen")
+        .arg(plain.to_string())
+        .arg("--tls-listen")
+        .arg(tls.to_string())
+        .arg("--cert")
+        .arg(&pki.cert)
+        .arg("--key")
+        .arg(&pki.key);
+    drop((l1, l2));
+    let mut p = Proc::spawn("backend", &mut cmd, dir.path().join("backend.log"))?;
+    p.wait_listening(plain).await?;
+    p.wait_listening(tls).await?;
+    procs.push(p);
+    let mut targets = Vec::new();
+    for &k in &a.targets {
+        match k {
+            Kind::Direct => targets.push(Target { kind: k, addr: tls }),
+            Kind::Portcullis => {
+                let cli = |args: &[&str]| {
+                    let mut c = Command::new(&portcullis);
+                    c.arg("--cluster").arg(&state).args(args);
+                    c
+                };
+                let port = plain.port().to_string();
+                run_cmd(
+                    "portcullis app create",
+                    &mut cli(&["app", "create", APP, "--port", &port]),
+                    Duration::from_secs(30),
+                )
+                .await?;
+                run_cmd(
+                    "portcullis cvm register",
+                    &mut cli(&[
+                        "cvm",
+                        "register",
+                        "--instance-id",
+                        "bench-1",
+                        "--app",
+                        APP,
+                        "--region",
+                        &node.region,
+                        "--backend",
+                        &plain.to_string(),
+                    ]),
+                    Duration::from_secs(30),
+                )
+                .await?;
+                targets.push(Target {
+                    kind: k,
+                    addr: https,
+                });
+            }
+            Kind::Nginx => {
+                let ndir = dir.path().join("nginx");
+                std::fs::create_dir_all(&ndir)?;
+                let (l, addr) = reserve()?;
+                let conf = ndir.join("nginx.conf");
+                std::fs::write(&conf, nginx_conf(&ndir, addr, plain, &pki, a))?;
+                let bin = nginx.clone().context("nginx")?;
+                versions.push(version_line(&bin, "-v"));
+                let mut cmd = Command::new(&bin);
+                cmd.arg("-p")
+                    .arg(&ndir)
+                    .arg("-e")
+                    .arg(ndir.join("error.log"))
+                    .arg("-c")
+                    .arg(&conf)
+                    .args(["-g", "daemon off;"]);
+                drop(l);
+                let mut p = Proc::spawn("nginx", &mut cmd, ndir.join("stderr.log"))?;
+                p.wait_listening(addr).await?;
+                procs.push(p);
+                targets.push(Target { kind: k, addr });
+            }
+            Kind::Haproxy => {
+                let hdir = dir.path().join("haproxy");
+                std::fs::create_dir_all(&hdir)?;
+                // HAProxy wants the certificate and its key in one file.
+                let pem = hdir.join("cert.pem");
+                let mut both = std::fs::read(&pki.cert)?;
+                both.extend(std::fs::read(&pki.key)?);
+                std::fs::write(&pem, both)?;
+                let (l, addr) = reserve()?;
+                let conf = hdir.join("haproxy.cfg");
+                std::fs::write(&conf, haproxy_conf(addr, plain, &pem, a))?;
+                let bin = haproxy.clone().context("haproxy")?;
+                versions.push(version_line(&bin, "-v"));
+                let mut cmd = Command::new(&bin);
+                cmd.arg("-f").arg(&conf).arg("-db");
+                drop(l);
+                let mut p = Proc::spawn("haproxy", &mut cmd, hdir.join("haproxy.log"))?;
+                p.wait_listening(addr).await?;
+                procs.push(p);
+                targets.push(Target { kind: k, addr });
+            }
+        }
+    }
+    Ok(Setup {
+        procs,
+        _cluster: Some(cluster),
+        targets,
+        pki,
+        versions,
+        _dir: dir,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load generator: one implementation for every target.
+
+struct Client {
+    h1: TlsConnector,
+    h2: TlsConnector,
+    name: ServerName<'static>,
+    host: String,
+}
+
+impl Client {
+    fn new(ca: &Path) -> anyhow::Result<Client> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &std::fs::read(ca)?[..]) {
+            roots.add(c?)?;
+        }
+        let make = |alpn: &[u8]| -> anyhow::Result<TlsConnector> {
+            let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+            cfg.alpn_protocols = vec![alpn.to_vec()];
+            // Every new connection is a full handshake: that is what "new TLS connections/s"
+            // measures, and it keeps the servers' differing ticket policies out of it.
+            cfg.resumption = rustls::client::Resumption::disabled();
+            Ok(TlsConnector::from(Arc::new(cfg)))
+        };
+        let host = format!("{APP}.portcullis.localhost");
+        Ok(Client {
+            h1: make(b"http/1.1")?,
+            h2: make(b"h2")?,
+            name: ServerName::try_from(host.clone())?,
+            host,
+        })
+    }
+
+    async fn tls(&self, addr: SocketAddr, h2: bool) -> anyhow::Result<TlsStream<TcpStream>> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .context("connect timed out")?
+            .context("connect")?;
+        tcp.set_nodelay(true)?;
+        let connector = if h2 { &self.h2 } else { &self.h1 };
+        let tls =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(self.name.clone(), tcp))
+                .await
+                .context("TLS handshake timed out")?
+                .context("TLS handshake")?;
+        let want: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        if tls.get_ref().1.alpn_protocol() != Some(want) {
+            bail!(
+                "ALPN: asked for {}, server chose {:?}",
+                String::from_utf8_lossy(want),
+                tls.get_ref().1.alpn_protocol().map(String::from_utf8_lossy)
+            );
+        }
+        Ok(tls)
+    }
+
+    async fn h1_conn(&self, addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
+        let tls = self.tls(addr, false).await?;
+        let (sender, conn) = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls)),
+        )
+        .await
+        .context("HTTP/1.1 handshake timed out")??;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    async fn h2_conn(&self, addr: SocketAddr) -> anyhow::Result<http2::SendRequest<Empty<Bytes>>> {
+        let tls = self.tls(addr, true).await?;
+        let (sender, conn) = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            http2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), TokioIo::new(tls)),
+        )
+        .await
+        .context("HTTP/2 handshake timed out")??;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    fn request(&self, h2: bool) -> anyhow::Result<hyper::Request<Empty<Bytes>>> {
+        let b = hyper::Request::builder();
+        let b = if h2 {
+            // HTTP/2 carries the authority in the URI (:authority).
+            b.uri(format!("https://{}/", self.host))
+        } else {
+            b.uri("/").header(hyper::header::HOST, &self.host)
+        };
+        Ok(b.body(Empty::new())?)
+    }
+}
+
+/// Checks a response and reads its body, all within the request deadline.
+async fn finish(
+    resp: impl std::future::Future<Output = hyper::Result<hyper::Response<hyper::body::Incoming>>>,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let resp = resp.await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if status != hyper::StatusCode::OK || body.len() != BODY.len() {
+            bail!("status {status}, {} body bytes", body.len());
+        }
+        Ok(())
+    })
+    .await
+    .context("request timed out")?
+}
+
+/// The measured window: requests started before `start` (warm-up) or finished after `end` are
+/// not counted, and none are started after `end`.
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    end: Instant,
+}
+
+struct Stats {
+    hist: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds"),
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    fn done(&mut self, w: Window, t0: Instant, r: &anyhow::Result<()>) {
+        let now = Instant::now();
+        if t0 < w.start || now > w.end {
+            return;
+        }
+        match r {
+            Ok(()) => self.hist.saturating_record((now - t0).as_micros() as u64),
+            Err(e) => {
+                self.errors += 1;
+                if self.first_error.is_none() {
+                    self.first_error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, o: Stats) -> anyhow::Result<()> {
+        self.hist.add(&o.hist)?;
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+        Ok(())
+    }
+}
+
+/// After a failed request: a short pause, so a target that refuses everything is not hammered
+/// in a tight loop (and the errors stay countable).
+async fn backoff() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+async fn h1_loop(c: Arc<Client>, addr: SocketAddr, w: Window) -> Stats {
+    let mut st = Stats::new();
+    let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
+    while Instant::now() < w.end {
+        let t0 = Instant::now();
+        let r = async {
+            // A server may close a keep-alive connection between requests; reconnecting is
+            // part of this request's latency, not an error.
+            let ready = match conn.as_mut() {
+                Some(s) => tokio::time::timeout(REQUEST_TIMEOUT, s.ready())
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+                None => false,
+            };
+            if !ready {
+                conn = Some(c.h1_conn(addr).await?);
+            }
+            let s = conn.as_mut().context("no connection")?;
+            let req = c.request(false)?;
+            finish(s.send_request(req)).await
+        }
+        .await;
+        st.done(w, t0, &r);
+        if r.is_err() {
+            conn = None;
+            backoff().await;
+        }
+    }
+    st
+}
+
+async fn h2_loop(c: Arc<Client>, addr: SocketAddr, streams: usize, w: Window) -> Stats {
+    let mut st = Stats::new();
+    while Instant::now() < w.end {
+        let t0 = Instant::now();
+        let sender = match c.h2_conn(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                st.done(w, t0, &Err(e));
+                backoff().await;
+                continue;
+            }
+        };
+        // `streams` requests in flight on this connection until the window closes or the
+        // connection fails, then reconnect.
+        let tasks: Vec<_> = (0..streams)
+            .map(|_| {
+                let mut s = sender.clone();
+                let c = c.clone();
+                async move {
+                    let mut st = Stats::new();
+                    while Instant::now() < w.end {
+                        let t0 = Instant::now();
+                        let r = async {
+                            tokio::time::timeout(REQUEST_TIMEOUT, s.ready())
+                                .await
+                                .context("stream slot timed out")??;
+                            finish(s.send_request(c.request(true)?)).await
+                        }
+                        .await;
+                        st.done(w, t0, &r);
+                        if r.is_err() {
+                            if s.is_closed() {
+                                break;
+                            }
+                            backoff().await;
+                        }
+                    }
+                    st
+                }
+            })
+            .collect();
+        drop(sender);
+        for s in futures::future::join_all(tasks).await {
+            let _ = st.merge(s);
+        }
+    }
+    st
+}
+
+async fn newconn_loop(c: Arc<Client>, addr: SocketAddr, w: Window) -> Stats {
+    let mut st = Stats::new();
+    while Instant::now() < w.end {
+        let t0 = Instant::now();
+        let r = async {
+            let mut s = c.h1_conn(addr).await?;
+            finish(s.send_request(c.request(false)?)).await
+            // Dropping the sender closes the connection.
+        }
+        .await;
+        st.done(w, t0, &r);
+        if r.is_err() {
+            backoff().await;
+        }
+    }
+    st
+}
+
+struct Run {
+    stats: Stats,
+    secs: f64,
+}
+
+async fn measure(c: &Arc<Client>, t: &Target, mode: Mode, a: &Args) -> anyhow::Result<Run> {
+    let start = Instant::now() + Duration::from_secs(a.warmup);
+    let w = Window {
+        start,
+        end: start + Duration::from_secs(a.duration),
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..a.connections {
+        let c = c.clone();
+        let addr = t.addr;
+        tasks.push(match mode {
+            Mode::H1 => tokio::spawn(h1_loop(c, addr, w)),
+            Mode::H2 => tokio::spawn(h2_loop(c, addr, a.streams, w)),
+            Mode::Newconn => tokio::spawn(newconn_loop(c, addr, w)),
+        });
+    }
+    let mut stats = Stats::new();
+    for t in tasks {
+        stats.merge(t.await?)?;
+    }
+    Ok(Run {
+        stats,
+        secs: a.duration as f64,
+    })
+}
+
+/// One request per target and protocol before measuring, so a misrouted target fails loudly
+/// instead of producing a column of errors.
+async fn check(c: &Client, t: &Target) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let r = async {
+            let mut s = c.h1_conn(t.addr).await?;
+            finish(s.send_request(c.request(false)?)).await?;
+            let mut s = c.h2_conn(t.addr).await?;
+            finish(s.send_request(c.request(true)?)).await
+        }
+        .await;
+        match r {
+            Ok(()) => return Ok(()),
+            // Portcullis applies the new app and instance asynchronously, through Raft.
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{} does not serve the backend", t.kind.label())))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+struct Merged {
+    stats: Stats,
+    secs: f64,
+    per_round: Vec<f64>,
+}
+
+impl Merged {
+    fn rate(&self) -> f64 {
+        self.stats.hist.len() as f64 / self.secs.max(f64::MIN_POSITIVE)
+    }
+    fn ms(&self, q: f64) -> f64 {
+        self.stats.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+fn ratio(x: f64, of: Option<f64>) -> String {
+    match of {
+        Some(b) if b > 0.0 => format!("{:.2}", x / b),
+        _ => "–".into(),
+    }
+}
+
+fn report(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "| mode | target | req/s | p50 ms | p99 ms | p99.9 ms | errors | req/s ÷ best proxy | \
+         p50 ÷ best proxy | p99 ÷ best proxy | req/s per round |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for &mode in &a.modes {
+        // "Best proxy" per metric: the better of nginx and HAProxy on that metric.
+        let proxies: Vec<&Merged> = [Kind::Nginx, Kind::Haproxy]
+            .iter()
+            .filter_map(|k| results.get(&(mode, *k)))
+            .collect();
+        let best_rate = proxies.iter().map(|m| m.rate()).reduce(f64::max);
+        let best_p50 = proxies.iter().map(|m| m.ms(0.5)).reduce(f64::min);
+        let best_p99 = proxies.iter().map(|m| m.ms(0.99)).reduce(f64::min);
+        for &kind in &a.targets {
+            let Some(m) = results.get(&(mode, kind)) else {
+                continue;
+            };
+            let rounds: Vec<String> = m.per_round.iter().map(|r| format!("{r:.0}")).collect();
+            s.push_str(&format!(
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |\n",
+                mode.label(),
+                kind.label(),
+                m.rate(),
+                m.ms(0.5),
+                m.ms(0.99),
+                m.ms(0.999),
+                m.stats.errors,
+                ratio(m.rate(), best_rate),
+                ratio(m.ms(0.5), best_p50),
+                ratio(m.ms(0.99), best_p99),
+                rounds.join(", "),
+            ));
+        }
+    }
+    s
+}
+
+async fn bench(a: Args) -> anyhow::Result<()> {
+    if a.connections == 0 || a.streams == 0 || a.rounds == 0 || a.duration == 0 {
+        bail!("--connections, --streams, --rounds and --duration must be at least 1");
+    }
+    let s = setup(&a).await?;
+    let client = Arc::new(Client::new(&s.pki.ca)?);
+    for t in &s.targets {
+        check(&client, t).await?;
+    }
+    eprintln!(
+        "targets ready: {}",
+        s.targets
+            .iter()
+            .map(|t| format!("{} {}", t.kind.label(), t.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut results: BTreeMap<(Mode, Kind), Merged> = BTreeMap::new();
+    for &mode in &a.modes {
+        for round in 0..a.rounds {
+            // Rotate the order each round, so no target always runs first (or last).
+            let n = s.targets.len();
+            for i in 0..n {
+                let t = &s.targets[(i + round) % n];
+                let r = measure(&client, t, mode, &a).await?;
+                let rate = r.stats.hist.len() as f64 / r.secs;
+                eprintln!(
+                    "{} round {} {}: {rate:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{}",
+                    mode.label(),
+                    round + 1,
+                    t.kind.label(),
+                    r.stats.hist.value_at_quantile(0.5) as f64 / 1000.0,
+                    r.stats.hist.value_at_quantile(0.99) as f64 / 1000.0,
+                    r.stats.errors,
+                    r.stats
+                        .first_error
+                        .as_deref()
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default()
+                );
+                match results.get_mut(&(mode, t.kind)) {
+                    Some(m) => {
+                        m.stats.merge(r.stats)?;
+                        m.secs += r.secs;
+                        m.per_round.push(rate);
+                    }
+                    None => {
+                        results.insert(
+                            (mode, t.kind),
+                            Merged {
+                                stats: r.stats,
+                                secs: r.secs,
+                                per_round: vec![rate],
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{} connections, {} streams per h2 connection, {} s measured after {} s warm-up, {} rounds, \
+         {} workers, access logs {}\n\n",
+        a.connections,
+        a.streams,
+        a.duration,
+        a.warmup,
+        a.rounds,
+        workers(&a),
+        if a.access_log { "on" } else { "off" }
+    ));
+    for v in &s.versions {
+        out.push_str(&format!("- {v}\n"));
+    }
+    out.push('\n');
+    out.push_str(&report(&results, &a));
+    println!("{out}");
+    if let Some(path) = &a.out {
+        std::fs::write(path, &out).with_context(|| format!("write {}", path.display()))?;
+    }
+    drop(s);
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! CVM-side helpers for the tunnel tests: agent configurations, one-shot registrations, and
+//! child processes whose output goes to a log file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::harness::{portcullis_bin, run, TestCluster};
+
+/// `portcullis <args>` in the background, stdout and stderr to `log`.
+pub fn spawn_logged(args: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    Command::new(portcullis_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn")
+}
+
+/// What a `cvm-agent` configuration says about the CVM.
+pub struct AgentSpec<'a> {
+    /// Credential directory (from `portcullis cvm credential`), relative to the cluster dir.
+    pub cred: &'a str,
+    pub app: &'a str,
+    pub instance: &'a str,
+    /// WireGuard key file, created by the agent on first start.
+    pub wg_key: &'a str,
+    pub expose: &'a [u16],
+    pub reregister_secs: u64,
+}
+
+/// Writes a `cvm-agent` configuration listing every node of `tc` and returns its path.
+pub fn agent_config(tc: &TestCluster, spec: &AgentSpec<'_>) -> PathBuf {
+    let expose: Vec<String> = spec.expose.iter().map(u16::to_string).collect();
+    let cluster: Vec<String> = tc
+        .ids()
+        .iter()
+        .map(|id| format!("\"{id}@{}\"", tc.node(*id).rpc_addr))
+        .collect();
+    let text = format!(
+        "cluster = [{}]\nca_cert = \"{cred}/ca.pem\"\ncert = \"{cred}/cert.pem\"\nkey = \"{cred}/key.pem\"\n\
+         app = \"{app}\"\ninstance_id = \"{instance}\"\nregion = \"us-east\"\nexpose = [{expose}]\n\
+         wg_key = \"{wg_key}\"\nreregister_secs = {every}\n",
+        cluster.join(", "),
+        cred = spec.cred,
+        app = spec.app,
+        instance = spec.instance,
+        expose = expose.join(", "),
+        wg_key = spec.wg_key,
+        every = spec.reregister_secs,
+    );
+    let path = tc.path().join(format!(
+        "agent-{}-{}-{}.toml",
+        spec.instance,
+        spec.app,
+        spec.cred.replace('/', "_")
+    ));
+    std::fs::write(&path, text).expect("write agent config");
+    path
+}
+
+/// One registration through the agent (`--print-wg-config`): Ok(wg-quick config) or Err(stderr).
+pub fn register_once(config: &Path) -> Result<String, String> {
+    let out = run(Command::new(portcullis_bin())
+        .args(["cvm-agent", "--print-wg-config", "--config"])
+        .arg(config));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+/// `portcullis cvm credential --app APP` into `<cluster dir>/<out>`.
+pub fn issue_credential(tc: &TestCluster, app: &str, out: &str) {
+    let o = run(Command::new(portcullis_bin())
+        .args(["cvm", "credential", "--pki"])
+        .arg(tc.path().join("pki"))
+        .args(["--app", app, "--out"])
+        .arg(tc.path().join(out)));
+    assert!(o.status.success(), "{}", crate::harness::show(&o));
+}
