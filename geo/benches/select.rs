@@ -315,8 +315,66 @@ fn geo_lookup() {
         "{:<34} p50 {:>7.1}  p99 {:>7.1}  mean {:>7.1}",
         "raw maxminddb decode_path", s.p50, s.p99, s.mean
     );
+    match time_libmaxminddb(&path, &addrs) {
+        Ok(s) => println!(
+            "{:<34} p50 {:>7.1}  p99 {:>7.1}  mean {:>7.1}",
+            "libmaxminddb (C) get_value", s.p50, s.p99, s.mean
+        ),
+        Err(why) => println!("libmaxminddb timing skipped: {why}"),
+    }
     println!();
     compare_with_mmdblookup(&path, &db, &addrs);
+}
+
+/// Times libmaxminddb itself on the same addresses and field: compiles
+/// `benches/libmaxminddb_lookup.c` (Debian `libmaxminddb-dev`) and feeds its per-batch figures
+/// into the same histogram scheme as [`measure`].
+fn time_libmaxminddb(path: &Path, addrs: &[IpAddr]) -> Result<Stats, String> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/libmaxminddb_lookup.c");
+    let exe = dir.join("libmaxminddb_lookup");
+    let cc = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .arg("-lmaxminddb")
+        .output()
+        .map_err(|e| format!("no C compiler: {e}"))?;
+    if !cc.status.success() {
+        return Err(format!(
+            "cc failed (apt-get install libmaxminddb-dev): {}",
+            String::from_utf8_lossy(&cc.stderr).trim()
+        ));
+    }
+    let list = dir.join("lookup-addresses.txt");
+    let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    std::fs::write(&list, text).map_err(|e| e.to_string())?;
+    let out = Command::new(&exe)
+        .arg(path)
+        .arg(&list)
+        .arg(BATCH.to_string())
+        .arg(RUN.as_millis().to_string())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("valid bounds");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let per_op: f64 = line
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad line {line:?}"))?;
+        hist.saturating_record((per_op * 10.0).round().max(1.0) as u64);
+    }
+    if hist.is_empty() {
+        return Err("no batches reported".into());
+    }
+    Ok(Stats {
+        p50: hist.value_at_quantile(0.5) as f64 / 10.0,
+        p99: hist.value_at_quantile(0.99) as f64 / 10.0,
+        mean: hist.mean() / 10.0,
+    })
 }
 
 /// Cross-checks countries against libmaxminddb's `mmdblookup` (Debian `mmdb-bin`) if present.
