@@ -6,7 +6,7 @@ name in --host (sent as SNI and :authority), sends --count requests one after an
 same connection and prints one JSON object per request on stdout:
 
   {"status": 200, "headers": {...}, "body": "...", "body_len": N,
-   "chunk_ms": [...], "first_byte_ms": F, "total_ms": T}
+   "chunk_ms": [...], "first_byte_ms": F, "total_ms": T, "peer_subject": "CN=..."}
 
 A request body is sent with --body-bytes N (N bytes in --chunk-bytes pieces, each flushed on
 its own so the body really streams). A connection that cannot be set up prints
@@ -113,6 +113,10 @@ class H3Client(QuicConnectionProtocol):
         }
         if "trailers" in res:
             out["trailers"] = res["trailers"]
+        # The certificate the server showed, so tests can watch a rotation arrive.
+        cert = getattr(self._quic.tls, "_peer_certificate", None)
+        if cert is not None:
+            out["peer_subject"] = cert.subject.rfc4514_string()
         return out
 
 

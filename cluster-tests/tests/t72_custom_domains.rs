@@ -24,6 +24,7 @@ use portcullis_cluster_tests::harness::{
 const ZONE: &str = "example.test";
 const DOMAIN: &str = "api.example.test";
 const UNVERIFIED: &str = "shadow.example.test";
+const PASSTHROUGH: &str = "tls.example.test";
 /// TTL of every record the test publishes, seconds: small, so a change shows within a few.
 const TTL: u64 = 2;
 
@@ -279,14 +280,14 @@ impl Env {
         }
     }
 
-    /// A certificate for `name` from the cluster's development CA, imported into the cluster.
-    fn import_cert(&self, name: &str) {
+    /// A certificate for `name` from the cluster's development CA (openssl CLI).
+    fn issue_cert(&self, name: &str) -> (PathBuf, PathBuf) {
         let dir = self.tc.path();
         let (key, csr, crt, ext) = (
-            dir.join("custom.key"),
-            dir.join("custom.csr"),
-            dir.join("custom.pem"),
-            dir.join("custom.ext"),
+            dir.join(format!("{name}.key")),
+            dir.join(format!("{name}.csr")),
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.ext")),
         );
         std::fs::write(
             &ext,
@@ -316,6 +317,12 @@ impl Env {
             .arg("-out")
             .arg(&crt));
         assert!(out.status.success(), "openssl x509: {}", show(&out));
+        (crt, key)
+    }
+
+    /// [`Env::issue_cert`], imported into the cluster for the data plane to serve.
+    fn import_cert(&self, name: &str) {
+        let (crt, key) = self.issue_cert(name);
         let (crt, key) = (path_str(&crt), path_str(&key));
         self.cli_ok(&[
             "cert", "import", "--name", name, "--cert", crt, "--key", key,
@@ -325,6 +332,18 @@ impl Env {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// The sum of every sample of metric `name` (all label sets), or of the one whose labels
+/// contain `label`.
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(label))
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
 }
 
 fn tail(s: &str) -> String {
@@ -503,6 +522,22 @@ fn t72_custom_domains_proven_by_dns() {
         Duration::from_secs(10),
     );
 
+    phase("requests are answered from the TXT cache, not one lookup each (node 2 metrics)");
+    let before = env.tc.metrics(2);
+    let rounds = 10;
+    for _ in 0..rounds {
+        assert_eq!(env.reached(2, DOMAIN), Ok(("web".into(), p1.into())));
+    }
+    let after = env.tc.metrics(2);
+    let delta =
+        |name: &str, label: &str| metric(&after, name, label) - metric(&before, name, label);
+    let consulted = delta("portcullis_dns_cache_requests_total", "");
+    let lookups = delta("portcullis_dns_lookups_total", "");
+    eprintln!("{rounds} requests: {consulted} cache consultations, {lookups} nameserver lookups");
+    // Two consultations per request (SNI, then Host); a refresh-ahead may add a lookup or two.
+    assert!(consulted >= f64::from(2 * rounds), "{consulted}");
+    assert!(lookups <= 3.0, "{lookups} lookups for {rounds} requests");
+
     phase("the TXT record moves the domain to web's other port after its TTL");
     env.knot().set_txt(&address, &[&format!("web:{p2}")]);
     let changed = Instant::now();
@@ -530,6 +565,79 @@ fn t72_custom_domains_proven_by_dns() {
         Ok(("web".into(), p1.into())),
         Duration::from_secs(15),
     );
+
+    let unrouted = metric(
+        &env.tc.metrics(1),
+        "portcullis_custom_domain_unrouted_total",
+        "other_app",
+    );
+    assert!(unrouted >= 1.0, "unrouted other_app on node 1: {unrouted}");
+
+    phase("a passthrough custom domain relays TLS to the app's own certificate");
+    let p3 = free_port();
+    let (crt, key) = env.issue_cert(PASSTHROUGH);
+    let child = Command::new(portcullis_bin())
+        .args(["demo-app", "--name", "secure", "--instance-id", "secure-1"])
+        .args(["--listen", &format!("127.0.0.1:{p3}")])
+        .args(["--tls-cert", path_str(&crt), "--tls-key", path_str(&key)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start demo-app");
+    env.backends.push(child);
+    wait_for(
+        &format!("tls backend on {p3}"),
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", p3)).ok(),
+    );
+    let p3s = p3.to_string();
+    env.cli_ok(&["app", "create", "secure", "--port", &p3s]);
+    env.cli_ok(&[
+        "cvm",
+        "register",
+        "--instance-id",
+        "secure-1",
+        "--app",
+        "secure",
+        "--region",
+        "eu-west",
+        "--backend",
+        &format!("127.0.0.1:{p3}"),
+    ]);
+    let pt: serde_json::Value = serde_json::from_str(&env.cli_ok(&[
+        "domain",
+        "add",
+        PASSTHROUGH,
+        "--app",
+        "secure",
+        "--port",
+        &p3s,
+        "--passthrough",
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(pt["passthrough"], true, "{pt}");
+    let pt_token = pt["token"].as_str().expect("token").to_string();
+    env.knot().set_txt(
+        &format!("_portcullis-challenge.{PASSTHROUGH}"),
+        &[&pt_token],
+    );
+    env.knot()
+        .set_txt(&format!("_dstack-app-address.{PASSTHROUGH}"), &["secure"]);
+    let out = env.cli_ok(&["domain", "verify", PASSTHROUGH]);
+    assert!(out.contains(&format!("port {p3}")), "{out}");
+    // No certificate for this name was imported: only the backend's own can answer.
+    for node in env.tc.ids() {
+        let c = env.curl(node, PASSTHROUGH);
+        assert_eq!(c.status, 200, "node {node}: {} {}", c.body, c.stderr);
+        let v: serde_json::Value = serde_json::from_str(&c.body).expect("json");
+        assert_eq!(
+            (v["app"].as_str(), v["tls"].as_bool()),
+            (Some("secure"), Some(true)),
+            "{v}"
+        );
+    }
 
     phase("a _dstack-app-address record alone (claim not verified) does not route");
     let shadow: serde_json::Value = serde_json::from_str(&env.cli_ok(&[

@@ -93,6 +93,46 @@ impl Cluster {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("not json ({e}): {body}"))
     }
 
+    /// A certificate for `name` from the cluster's development CA (openssl CLI).
+    fn issue_cert(&self, cn: &str, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.tc.path();
+        let (key, csr, crt, ext) = (
+            dir.join("h3-live.key"),
+            dir.join("h3-live.csr"),
+            dir.join("h3-live.pem"),
+            dir.join("h3-live.ext"),
+        );
+        std::fs::write(
+            &ext,
+            format!("subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n"),
+        )
+        .expect("ext");
+        let out = run(Command::new("openssl")
+            .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-subj"])
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr));
+        assert!(out.status.success(), "openssl req: {}", show(&out));
+        let pki = dir.join("pki");
+        let out = run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "30", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(pki.join("dev-ca.pem"))
+            .arg("-CAkey")
+            .arg(pki.join("dev-ca.key"))
+            .arg("-CAcreateserial")
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&crt));
+        assert!(out.status.success(), "openssl x509: {}", show(&out));
+        (crt, key)
+    }
+
     fn curl_headers(&self, node: u64, flag: &str) -> String {
         let host = self.host("demo");
         let port = self.port(node);
@@ -277,6 +317,31 @@ fn t74_http3_end_to_end() {
                 .then_some(m)
         },
     );
+
+    phase("a certificate imported through Raft is served over QUIC by the next handshake");
+    let (crt, key) = c.issue_cert("h3-live", &demo);
+    let out = c.tc.cli(&[
+        "cert",
+        "import",
+        "--name",
+        &demo,
+        "--cert",
+        crt.to_str().expect("utf-8"),
+        "--key",
+        key.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "cert import: {}", show(&out));
+    for node in c.tc.ids() {
+        wait_for(
+            &format!("node {node} shows the new certificate over HTTP/3"),
+            Duration::from_secs(10),
+            || {
+                let r = c.h3(node, &demo, &[]);
+                let resp = r.lines.first()?;
+                (resp["status"] == 200 && resp["peer_subject"] == "CN=h3-live").then_some(())
+            },
+        );
+    }
 
     phase("metrics and access log name HTTP/3");
     for needle in [

@@ -104,6 +104,12 @@ fn acme_tls_alpn01_answered_by_a_non_orderer_node() {
             .any(|l| l.contains("tls-alpn-01 answer published") && l.contains(NAME)),
         "the orderer should have used tls-alpn-01"
     );
+    // The orderer waited for every voter to apply the answer (not a fixed sleep).
+    let applied = holder_log
+        .lines()
+        .find(|l| l.contains("answer applied on every voter") && l.contains(NAME))
+        .expect("the orderer should have waited for every voter to apply the answer");
+    eprintln!("orderer: {applied}");
     assert!(
         env.tc
             .node_log(other)

@@ -129,7 +129,8 @@ pub fn parse_app_address(s: &str) -> Option<AppAddress> {
 /// Why the `_dstack-app-address` records do not route to the claimed app.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
-    #[error("{record}: {source}")]
+    /// `source` names the record already.
+    #[error("{source}")]
     Lookup { record: String, source: DnsError },
     #[error("{record} names {found:?}, not app {app:?} (expected \"{app}:<port>\")")]
     OtherApp {
@@ -184,7 +185,7 @@ pub fn address_port(
 /// One failed check of `domain verify`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckFailure {
-    #[error("ownership: {record}: {source}")]
+    #[error("ownership: {source}")]
     ChallengeLookup { record: String, source: DnsError },
     #[error("ownership: {record} does not contain the claim's token {token:?} (found {found:?})")]
     TokenMissing {
@@ -295,6 +296,16 @@ impl CustomDomains {
         };
         let answer = self.resolver.lookup(&app_address_name(&domain)).await;
         let port = address_port(&domain, &answer, app, claimed_port).map_err(|e| {
+            let reason = match &e {
+                AddressError::Lookup { .. } => "lookup",
+                AddressError::OtherApp { .. } => "other_app",
+                AddressError::Ambiguous { .. } => "ambiguous",
+            };
+            self.resolver
+                .metrics()
+                .unrouted
+                .get_or_create(&crate::dns::UnroutedLabels { reason })
+                .inc();
             tracing::debug!(domain = %domain, error = %e, "custom domain not routed");
             RouteError::CustomDomainDns {
                 domain: domain.clone(),
@@ -506,7 +517,7 @@ mod tests {
             address_port(d, &answer(&["web:1", "web:2"]), "web", 8080),
             Err(AddressError::Ambiguous { .. })
         ));
-        let missing: TxtAnswer = Err(DnsError::NotFound("x".into()));
+        let missing: TxtAnswer = Err(DnsError::NotFound(app_address_name(d)));
         let e = address_port(d, &missing, "web", 8080).expect_err("missing");
         assert!(e
             .to_string()

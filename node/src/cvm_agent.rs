@@ -549,8 +549,7 @@ pub fn start_demo_agent(
     nodes: &[crate::client::ClusterFileNode],
     instance_id: &str,
     region: &str,
-    app_port: u16,
-    target: SocketAddr,
+    (app_port, target): (u16, SocketAddr),
     reregister_secs: Option<u64>,
 ) -> anyhow::Result<(u32, PathBuf)> {
     use std::os::unix::process::CommandExt;

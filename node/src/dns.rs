@@ -20,9 +20,17 @@ use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::proto::xfer::Protocol;
+use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::TokioResolver;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
 use crate::config::ConfigError;
 
@@ -118,6 +126,90 @@ impl DnsConfig {
     pub fn deadline(&self) -> Duration {
         // One extra timeout of slack for hickory's own bookkeeping (TCP retry on truncation).
         Duration::from_millis(self.timeout_ms.saturating_mul(self.attempts as u64 + 1))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheOutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheKindLabels {
+    pub cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnroutedLabels {
+    pub reason: &'static str,
+}
+
+/// `portcullis_dns_*` and `portcullis_custom_domain_*`. Every label is a fixed word: names
+/// looked up come from clients (SNI), so they never become labels.
+pub struct DnsMetrics {
+    /// Queries sent to the nameservers, by result (`ok`, `not_found`, `timeout`, `error`).
+    pub lookups: Family<DnsResultLabels, Counter>,
+    pub lookup_duration: Family<DnsResultLabels, Histogram, fn() -> Histogram>,
+    /// Cache consultations by outcome (`hit`, `miss`, `refresh` = hit that started a refresh).
+    pub cache: Family<CacheOutcomeLabels, Counter>,
+    /// Names held, by cache (`positive`, `negative`).
+    pub entries: Family<CacheKindLabels, Gauge>,
+    /// Requests for a verified custom domain that were not routed, by reason (`other_app`,
+    /// `ambiguous`, `lookup`).
+    pub unrouted: Family<UnroutedLabels, Counter>,
+}
+
+fn dns_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s: covers a local resolver and the longest configurable deadline.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        DnsMetrics {
+            lookups: Family::default(),
+            lookup_duration: Family::new_with_constructor(dns_histogram),
+            cache: Family::default(),
+            entries: Family::default(),
+            unrouted: Family::default(),
+        }
+    }
+}
+
+impl DnsMetrics {
+    pub fn register(r: &mut Registry) -> Self {
+        let m = DnsMetrics::default();
+        r.register(
+            "portcullis_dns_lookups",
+            "TXT queries sent to the nameservers, by result",
+            m.lookups.clone(),
+        );
+        r.register(
+            "portcullis_dns_lookup_duration_seconds",
+            "Time for one TXT lookup, by result",
+            m.lookup_duration.clone(),
+        );
+        r.register(
+            "portcullis_dns_cache_requests",
+            "TXT cache consultations by outcome (hit, miss, refresh)",
+            m.cache.clone(),
+        );
+        r.register(
+            "portcullis_dns_cache_entries",
+            "Names held in the TXT cache (positive, negative)",
+            m.entries.clone(),
+        );
+        r.register(
+            "portcullis_custom_domain_unrouted",
+            "Requests for verified custom domains refused because _dstack-app-address disagreed, by reason",
+            m.unrouted.clone(),
+        );
+        m
     }
 }
 
@@ -280,8 +372,13 @@ impl TxtCache {
                 self.positive
                     .insert(name.to_string(), answer, (refresh_at, now + ttl), now);
             }
-            Err(_) => {
-                // A failure replaces an older positive answer: the operator removed the record.
+            Err(e) => {
+                if !matches!(e, DnsError::NotFound(_)) && self.positive.get(name, now).is_some() {
+                    // A timeout or server failure while refreshing says nothing about the
+                    // record: the answer we hold stays good until its own TTL runs out.
+                    return;
+                }
+                // "No such record" is authoritative: the owner removed it; stop using ours.
                 self.positive.remove(name);
                 let expires = now + self.negative_ttl;
                 self.negative
@@ -301,7 +398,7 @@ impl TxtCache {
 }
 
 /// Where answers come from. The real one is hickory; the trait keeps the cache and the
-/// coalescing testable with paused time.
+/// coalescing testable without a nameserver.
 #[async_trait::async_trait]
 pub trait TxtSource: Send + Sync + 'static {
     /// The TXT records of `name` and the smallest TTL among them.
@@ -311,6 +408,8 @@ pub trait TxtSource: Send + Sync + 'static {
 /// hickory-resolver over UDP/TCP.
 pub struct HickorySource {
     resolver: TokioResolver,
+    /// Per-query timeout × tries, for messages.
+    timeout: Duration,
 }
 
 impl HickorySource {
@@ -338,6 +437,7 @@ impl HickorySource {
         opts.edns0 = true;
         Ok(HickorySource {
             resolver: builder.with_options(opts).build(),
+            timeout: Duration::from_millis(cfg.timeout_ms.saturating_mul(cfg.attempts as u64)),
         })
     }
 }
@@ -369,6 +469,15 @@ impl TxtSource for HickorySource {
             Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
                 Err(DnsError::NotFound(name.to_string()))
             }
+            Err(e)
+                if e.proto()
+                    .is_some_and(|p| matches!(p.kind(), ProtoErrorKind::Timeout)) =>
+            {
+                Err(DnsError::Timeout {
+                    name: name.to_string(),
+                    after: self.timeout,
+                })
+            }
             Err(e) => Err(DnsError::Failed {
                 name: name.to_string(),
                 reason: e.to_string(),
@@ -384,6 +493,7 @@ struct Inner {
     cache: Mutex<TxtCache>,
     inflight: Mutex<HashMap<String, Pending>>,
     deadline: Duration,
+    metrics: Arc<DnsMetrics>,
 }
 
 /// Cached, coalesced, deadline-bounded TXT lookups. Cheap to clone.
@@ -402,10 +512,11 @@ impl std::fmt::Debug for TxtResolver {
 
 impl TxtResolver {
     /// The real resolver from `[dns]`.
-    pub fn from_config(cfg: &DnsConfig) -> Result<Self, DnsError> {
-        Ok(Self::with_source(cfg, Arc::new(HickorySource::new(cfg)?)))
+    pub fn from_config(cfg: &DnsConfig, metrics: Arc<DnsMetrics>) -> Result<Self, DnsError> {
+        Ok(Self::with_source(cfg, Arc::new(HickorySource::new(cfg)?)).with_metrics(metrics))
     }
 
+    /// A resolver over any source, with unregistered metrics (tests).
     pub fn with_source(cfg: &DnsConfig, source: Arc<dyn TxtSource>) -> Self {
         TxtResolver {
             inner: Arc::new(Inner {
@@ -413,21 +524,52 @@ impl TxtResolver {
                 cache: Mutex::new(TxtCache::new(cfg)),
                 inflight: Mutex::new(HashMap::new()),
                 deadline: cfg.deadline(),
+                metrics: Arc::new(DnsMetrics::default()),
             }),
         }
+    }
+
+    /// Reports into `metrics` (call before the resolver is shared).
+    pub fn with_metrics(mut self, metrics: Arc<DnsMetrics>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.metrics = metrics,
+            None => tracing::warn!("dns metrics attached after the resolver was shared; ignored"),
+        }
+        self
+    }
+
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.inner.metrics
     }
 
     /// TXT records of `name` through the cache. Never waits longer than the configured deadline.
     pub async fn lookup(&self, name: &str) -> TxtAnswer {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let hit = self.cache().hit(&name, Instant::now());
+        let outcome = |o| CacheOutcomeLabels { outcome: o };
         if let Some(h) = hit {
             if h.refresh {
+                self.inner
+                    .metrics
+                    .cache
+                    .get_or_create(&outcome("refresh"))
+                    .inc();
                 // Joins a refresh already running; the spawned task fills the cache.
                 drop(self.pending(name, false));
+            } else {
+                self.inner
+                    .metrics
+                    .cache
+                    .get_or_create(&outcome("hit"))
+                    .inc();
             }
             return h.answer;
         }
+        self.inner
+            .metrics
+            .cache
+            .get_or_create(&outcome("miss"))
+            .inc();
         self.query(name, false).await
     }
 
@@ -497,11 +639,32 @@ impl TxtResolver {
             if let Err(e) = &answer {
                 tracing::debug!(name = %name, error = %e, "txt lookup failed");
             }
+            let result = DnsResultLabels {
+                result: match &answer {
+                    Ok(_) => "ok",
+                    Err(DnsError::NotFound(_)) => "not_found",
+                    Err(DnsError::Timeout { .. }) => "timeout",
+                    Err(_) => "error",
+                },
+            };
+            inner.metrics.lookups.get_or_create(&result).inc();
             inner
-                .cache
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .put(&name, answer.clone(), ttl, started);
+                .metrics
+                .lookup_duration
+                .get_or_create(&result)
+                .observe(started.elapsed().as_secs_f64());
+            let (positive, negative) = {
+                let mut cache = inner.cache.lock().unwrap_or_else(PoisonError::into_inner);
+                cache.put(&name, answer.clone(), ttl, started);
+                cache.len()
+            };
+            for (kind, n) in [("positive", positive), ("negative", negative)] {
+                inner
+                    .metrics
+                    .entries
+                    .get_or_create(&CacheKindLabels { cache: kind })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
             if registered {
                 inner
                     .inflight
@@ -686,11 +849,32 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_refresh_keeps_the_answer_until_its_ttl() {
+        let mut c = TxtCache::new(&cfg());
+        let t0 = Instant::now();
+        let t = |s| t0 + Duration::from_secs(s);
+        c.put("a", ok("x"), Duration::from_secs(20), t0);
+        let timeout = DnsError::Timeout {
+            name: "a".into(),
+            after: Duration::from_secs(1),
+        };
+        c.put("a", Err(timeout.clone()), Duration::ZERO, t(16));
+        assert_eq!(c.get("a", t(19)), Some(ok("x")));
+        assert_eq!(c.get("a", t(20)), None);
+        // Without a valid answer to fall back on, the failure is cached.
+        c.put("a", Err(timeout), Duration::ZERO, t(21));
+        assert!(matches!(
+            c.get("a", t(22)),
+            Some(Err(DnsError::Timeout { .. }))
+        ));
+    }
+
+    #[test]
     fn hits_in_the_last_quarter_of_the_ttl_ask_for_a_refresh() {
         let mut c = TxtCache::new(&cfg());
         let t0 = Instant::now();
         c.put("a", ok("x"), Duration::from_secs(20), t0);
-        let at = |s| c_hit(&mut c, "a", t0 + Duration::from_secs(s));
+        let mut at = |s| c_hit(&mut c, "a", t0 + Duration::from_secs(s));
         assert_eq!(at(14), Some(false));
         assert_eq!(at(15), Some(true));
         assert_eq!(at(19), Some(true));

@@ -416,8 +416,7 @@ async fn setup_demo(
             &cf.nodes,
             &instance_id,
             &region,
-            8080,
-            addr,
+            (8080, addr),
             reregister_secs,
         )?;
         cf.demo_apps.push(DemoProcess {

@@ -181,7 +181,8 @@ pub async fn run(
     });
 
     // One TXT cache per node, shared by the data plane and `domain verify`.
-    let dns = crate::dns::TxtResolver::from_config(&cfg.dns).context("dns resolver")?;
+    let dns = crate::dns::TxtResolver::from_config(&cfg.dns, metrics.dns.clone())
+        .context("dns resolver")?;
 
     let admin_addr = listeners.admin.local_addr()?;
     let state = AdminState {

@@ -164,6 +164,64 @@ impl Cluster {
         Ok(())
     }
 
+    /// The last applied log index of `member`, asked over the cluster port (this node's own
+    /// without a network call). `limit` bounds the RPC.
+    pub async fn applied_index_of(
+        &self,
+        member: &Member,
+        limit: Duration,
+    ) -> Result<u64, ClusterError> {
+        if member.id == self.id {
+            return Ok(self.shared.read().last_applied.map_or(0, |l| l.index));
+        }
+        let mut client = self
+            .network
+            .client(member.id, &member.node.rpc_addr)
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let request = portcullis_proto::cluster::IdentityRequest {};
+        let reply = match tokio::time::timeout(limit, client.identity(request)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return Err(ClusterError::Raft(status.message().to_string())),
+            Err(_) => {
+                return Err(ClusterError::Raft(format!(
+                    "identity timed out after {limit:?}"
+                )))
+            }
+        };
+        if reply.node_id != member.id {
+            return Err(ClusterError::Raft(format!(
+                "{} answered as node {}, expected {}",
+                member.node.rpc_addr, reply.node_id, member.id
+            )));
+        }
+        Ok(reply.last_applied)
+    }
+
+    /// Waits until every voter has applied `index`, polling each over the cluster port, for at
+    /// most `limit`. Returns the voters that had not (unreachable or lagging) when time ran out.
+    pub async fn wait_applied_on_voters(&self, index: u64, limit: Duration) -> Vec<NodeId> {
+        let deadline = Instant::now() + limit;
+        let mut pending: Vec<Member> = self.members().into_iter().filter(|m| m.voter).collect();
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let mut still = Vec::new();
+            for m in pending {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let rpc_limit = left.clamp(Duration::from_millis(10), Duration::from_secs(2));
+                match self.applied_index_of(&m, rpc_limit).await {
+                    Ok(applied) if applied >= index => {}
+                    _ => still.push(m),
+                }
+            }
+            pending = still;
+            if pending.is_empty() || Instant::now() + delay > deadline {
+                return pending.into_iter().map(|m| m.id).collect();
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
     /// Bootstraps a new cluster with the given founding voters (this node included).
     pub async fn initialize(
         &self,

@@ -86,8 +86,15 @@ impl ClusterRpc for ClusterService {
         &self,
         _req: Request<IdentityRequest>,
     ) -> Result<Response<IdentityReply>, Status> {
+        let last_applied = self
+            .cluster
+            .shared
+            .read()
+            .last_applied
+            .map_or(0, |l| l.index);
         Ok(Response::new(IdentityReply {
             node_id: self.cluster.id,
+            last_applied,
         }))
     }
 }

@@ -227,6 +227,8 @@ async fn backend(b: BackendArgs) -> anyhow::Result<()> {
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = plain.accept().await else {
+                // Out of descriptors, most likely: let some connections close first.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let _ = s.set_nodelay(true);
@@ -241,6 +243,7 @@ async fn backend(b: BackendArgs) -> anyhow::Result<()> {
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = secure.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let _ = s.set_nodelay(true);
@@ -378,8 +381,9 @@ impl Drop for Cluster {
 }
 
 /// Runs a short command to completion (with a deadline); its output on failure.
-async fn run_cmd(what: &str, cmd: &mut Command, limit: Duration) -> anyhow::Result<String> {
-    let mut cmd = tokio::process::Command::from(std::mem::replace(cmd, Command::new("true")));
+async fn run_cmd(what: &str, cmd: Command, limit: Duration) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::from(cmd);
+    // A command that overruns its deadline is killed, not left behind.
     cmd.kill_on_drop(true).stdin(Stdio::null());
     let out = tokio::time::timeout(limit, cmd.output())
         .await
@@ -615,7 +619,7 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
         bin: portcullis.clone(),
         dir: state.clone(),
     };
-    run_cmd("portcullis up", &mut up, Duration::from_secs(120)).await?;
+    run_cmd("portcullis up", up, Duration::from_secs(120)).await?;
     let cf = portcullis_node::client::ClusterFile::load(&state)?;
     let node = cf.nodes.first().context("cluster.json lists no node")?;
     let https: SocketAddr = node.https_addr.parse().context("node https address")?;
@@ -661,13 +665,13 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
                 let port = plain.port().to_string();
                 run_cmd(
                     "portcullis app create",
-                    &mut cli(&["app", "create", APP, "--port", &port]),
+                    cli(&["app", "create", APP, "--port", &port]),
                     Duration::from_secs(30),
                 )
                 .await?;
                 run_cmd(
                     "portcullis cvm register",
-                    &mut cli(&[
+                    cli(&[
                         "cvm",
                         "register",
                         "--instance-id",

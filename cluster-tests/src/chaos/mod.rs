@@ -3,6 +3,7 @@
 //! history for linearizability, convergence and lost writes. See docs/chaos.md.
 
 pub mod cluster;
+pub mod link;
 pub mod probe;
 pub mod run;
 pub mod scenario;

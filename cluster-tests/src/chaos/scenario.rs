@@ -31,6 +31,9 @@ pub struct Scenario {
     pub debug: Debug,
     #[serde(default)]
     pub disk: Disk,
+    /// Static WAN conditions between regions (cluster RPC goes through link.rs).
+    #[serde(default)]
+    pub links: Links,
     /// What the run must show: `linearizable` (the default), or `violation` for scenarios that
     /// run a deliberately broken build and pass only if the checker catches it.
     #[serde(default)]
@@ -114,6 +117,34 @@ pub struct Disk {
     pub tmpfs_mb: u64,
 }
 
+/// Baseline WAN conditions, in force for the whole run (faults change them temporarily).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Links {
+    /// One-way delay of every link between two different regions.
+    pub delay_ms: u64,
+    pub jitter_ms: u64,
+    pub loss_percent: f64,
+    /// Per region pair overrides (both directions), applied after the defaults above.
+    pub pair: Vec<LinkPair>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkPair {
+    /// Two regions from `regions` (the same one twice: links inside that region).
+    pub between: Vec<String>,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub jitter_ms: u64,
+    #[serde(default)]
+    pub loss_percent: f64,
+}
+
+/// Largest delay or jitter accepted: beyond this Raft only sees a dead link anyway.
+pub const MAX_LINK_DELAY_MS: u64 = 10_000;
+
 /// Test-only node switches that break guarantees on purpose.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -149,6 +180,18 @@ pub struct Fault {
     /// How long the fault lasts before it is healed (restart, resume, heal, promote).
     #[serde(default = "default_fault_duration")]
     pub duration_secs: f64,
+    /// `latency` and `loss`: the two regions whose links (both directions) are affected.
+    #[serde(default)]
+    pub between: Option<Vec<String>>,
+    /// `latency`: one-way delay of those links.
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    /// `latency`: jitter (each packet's delay is uniform in delay ± jitter).
+    #[serde(default)]
+    pub jitter_ms: Option<u64>,
+    /// `loss`: percentage of packets dropped on those links (0-100).
+    #[serde(default)]
+    pub percent: Option<f64>,
 }
 
 fn default_fault_duration() -> f64 {
@@ -178,6 +221,11 @@ pub enum FaultKind {
     /// Fill the target's data dir (a tmpfs, `disk.tmpfs_mb`) until writes fail with ENOSPC;
     /// delete the filler afterwards.
     DiskFull,
+    /// Set the one-way delay (and jitter) of the WAN links between two regions, then restore
+    /// the baseline (`[links]`).
+    Latency,
+    /// Drop a percentage of the packets on the WAN links between two regions, then restore.
+    Loss,
 }
 
 impl FaultKind {
@@ -192,6 +240,8 @@ impl FaultKind {
             FaultKind::LinkDown => "link-down",
             FaultKind::Membership => "membership",
             FaultKind::DiskFull => "disk-full",
+            FaultKind::Latency => "latency",
+            FaultKind::Loss => "loss",
         }
     }
 }
@@ -295,6 +345,48 @@ impl Scenario {
                 "must be greater than timing.election_timeout_min_ms".into(),
             );
         }
+        let region_pair = |field: String, between: &[String]| -> Result<(), (String, String)> {
+            if between.len() != 2 {
+                return Err((field, format!("give two regions, not {}", between.len())));
+            }
+            for r in between {
+                if !self.regions.contains(r) {
+                    return Err((
+                        field,
+                        format!("region {r:?} is not one of regions = {:?}", self.regions),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        let link_values = |field: &str, delay: u64, jitter: u64, loss: f64| {
+            if delay > MAX_LINK_DELAY_MS {
+                return Err((
+                    format!("{field}delay_ms"),
+                    format!("{delay} is not in 0..={MAX_LINK_DELAY_MS}"),
+                ));
+            }
+            if jitter > MAX_LINK_DELAY_MS {
+                return Err((
+                    format!("{field}jitter_ms"),
+                    format!("{jitter} is not in 0..={MAX_LINK_DELAY_MS}"),
+                ));
+            }
+            if !(0.0..=100.0).contains(&loss) {
+                return Err((
+                    format!("{field}loss_percent"),
+                    format!("{loss} is not in 0..=100"),
+                ));
+            }
+            Ok(())
+        };
+        let l = &self.links;
+        link_values("links.", l.delay_ms, l.jitter_ms, l.loss_percent)?;
+        for (i, p) in l.pair.iter().enumerate() {
+            let f = format!("links.pair[{i}].");
+            region_pair(format!("{f}between"), &p.between)?;
+            link_values(&f, p.delay_ms, p.jitter_ms, p.loss_percent)?;
+        }
         let dur = self.duration_secs as f64;
         for (i, f) in self.faults.iter().enumerate() {
             let field = |name: &str| format!("faults[{i}].{name}");
@@ -326,6 +418,49 @@ impl Scenario {
                     &field("kind"),
                     "disk-full needs a tmpfs data dir: set [disk] tmpfs_mb".into(),
                 );
+            }
+            let link_fault = matches!(f.kind, FaultKind::Latency | FaultKind::Loss);
+            if link_fault {
+                let Some(between) = &f.between else {
+                    return bad(
+                        &field("between"),
+                        format!("{} needs between = [\"region-a\", \"region-b\"]", f.kind.name()),
+                    );
+                };
+                region_pair(field("between"), between)?;
+            } else if f.between.is_some() {
+                return bad(&field("between"), "only latency and loss faults take it".into());
+            }
+            match f.kind {
+                FaultKind::Latency => {
+                    let Some(d) = f.delay_ms else {
+                        return bad(&field("delay_ms"), "latency needs delay_ms".into());
+                    };
+                    link_values(&format!("faults[{i}]."), d, f.jitter_ms.unwrap_or(0), 0.0)?;
+                    if f.percent.is_some() {
+                        return bad(&field("percent"), "only loss faults take it".into());
+                    }
+                }
+                FaultKind::Loss => {
+                    let Some(p) = f.percent else {
+                        return bad(&field("percent"), "loss needs percent (0-100)".into());
+                    };
+                    if !(0.0..=100.0).contains(&p) {
+                        return bad(&field("percent"), format!("{p} is not in 0..=100"));
+                    }
+                    if f.delay_ms.is_some() || f.jitter_ms.is_some() {
+                        return bad(&field("delay_ms"), "only latency faults take it".into());
+                    }
+                }
+                _ => {
+                    if f.delay_ms.is_some() || f.jitter_ms.is_some() || f.percent.is_some() {
+                        return bad(
+                            &field("kind"),
+                            "delay_ms, jitter_ms and percent are for latency and loss faults"
+                                .into(),
+                        );
+                    }
+                }
             }
             if f.kind == FaultKind::Bridge && self.nodes < 5 && self.nodes != 3 {
                 // With 4 nodes the halves are 1+1 around a pair; allowed but pointless.
@@ -379,6 +514,19 @@ target = { node = 2 }
     }
 
     #[test]
+    fn link_faults_and_links_parse() {
+        let text = GOOD.replace(
+            "\"kill\"",
+            "\"latency\"\nbetween = [\"eu-west\", \"us-east\"]\ndelay_ms = 80\njitter_ms = 10",
+        ) + "\n[links]\ndelay_ms = 20\n[[links.pair]]\nbetween = [\"eu-west\", \"ap-south\"]\ndelay_ms = 60\nloss_percent = 1\n";
+        let s = Scenario::parse(&text, "l.toml").expect("valid");
+        assert_eq!(s.faults[0].kind, FaultKind::Latency);
+        assert_eq!(s.faults[0].delay_ms, Some(80));
+        assert_eq!(s.links.delay_ms, 20);
+        assert_eq!(s.links.pair[0].delay_ms, 60);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (GOOD.replace("count = 4", "count = 4\ncuont = 1"), "cuont"),
@@ -395,6 +543,33 @@ target = { node = 2 }
             ),
             (GOOD.replace("\"kill\"", "\"disk-full\""), "faults[0].kind"),
             (GOOD.replace("count = 4", "count = 0"), "clients.count"),
+            (
+                GOOD.replace("\"kill\"", "\"latency\""),
+                "faults[0].between",
+            ),
+            (
+                GOOD.replace("\"kill\"", "\"latency\"\nbetween = [\"eu-west\", \"mars\"]"),
+                "faults[0].between",
+            ),
+            (
+                GOOD.replace("\"kill\"", "\"latency\"\nbetween = [\"eu-west\", \"us-east\"]"),
+                "faults[0].delay_ms",
+            ),
+            (
+                GOOD.replace(
+                    "\"kill\"",
+                    "\"loss\"\nbetween = [\"eu-west\", \"us-east\"]\npercent = 120",
+                ),
+                "faults[0].percent",
+            ),
+            (
+                GOOD.replace("\"kill\"", "\"kill\"\ndelay_ms = 5"),
+                "faults[0].kind",
+            ),
+            (
+                format!("{GOOD}\n[links]\ndelay_ms = 99999\n"),
+                "links.delay_ms",
+            ),
         ];
         for (text, needle) in cases {
             let err = Scenario::parse(&text, "x.toml")

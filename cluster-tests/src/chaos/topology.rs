@@ -3,15 +3,19 @@
 //! Layout (all names start with [`PREFIX`], so `portcullis-chaos cleanup` finds leftovers):
 //!
 //! ```text
-//!  root namespace (harness, clients)        pcchaos-hub              pcchaos-n<i>
-//!  pcchaos0 10.77.0.1/24  <--veth-->  h0 --+                        eth0 10.77.0.(10+i)/24
-//!                            br0 10.77.0.2 -- n<i>  <--veth-->
-//!                            (demo backend)
+//!  root namespace (harness, admin clients)     pcchaos-hub            pcchaos-n<i> (gateway i)
+//!  pcchaos0 10.77.0.1/24 <--veth--> h0 --+                          eth0 10.77.0.(10+i)/24
+//!  pcchaos-client  eth0 10.77.0.3 <--> c0 --br0-- n<i> <--veth-->    (admin, HTTPS)
+//!  pcchaos-cvm     eth0 10.77.0.4 <--> v0 --+                       pcchaos-w<i> 10.99.0.<i>/24
+//!  (demo app)                                                        (TUN: cluster RPC, the WAN)
+//!  harness process: reads/writes every pcchaos-w<i> fd (link.rs: delay, jitter, loss)
 //! ```
 //!
 //! The bridge lives in its own namespace, so deleting that namespace removes the bridge and every
-//! veth pair with it. Partitions are nftables `input` drops inside the node namespaces; clients
-//! (10.77.0.1) are never cut off, so they can observe a minority's answers.
+//! veth pair with it; the TUN devices disappear when the harness closes their fds or their
+//! namespace is deleted. Partitions are nftables `input` drops inside the node namespaces (on
+//! both the LAN and the WAN source addresses); clients (10.77.0.1, 10.77.0.3) and the CVM
+//! (10.77.0.4) are never cut off, so they can observe a minority's answers.
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
@@ -23,6 +27,12 @@ pub const PREFIX: &str = "pcchaos";
 pub const HUB: &str = "pcchaos-hub";
 pub const ROOT_LINK: &str = "pcchaos0";
 pub const HARNESS_IP: &str = "10.77.0.1";
+/// The data-plane probe's clients run here (link.rs `run_in_netns`).
+pub const CLIENT_NS: &str = "pcchaos-client";
+pub const CLIENT_IP: &str = "10.77.0.3";
+/// The demo app (the CVM workload behind the gateways) runs here.
+pub const CVM_NS: &str = "pcchaos-cvm";
+pub const CVM_IP: &str = "10.77.0.4";
 
 pub fn node_ns(id: u64) -> String {
     format!("{PREFIX}-n{id}")
@@ -30,6 +40,17 @@ pub fn node_ns(id: u64) -> String {
 
 pub fn node_ip(id: u64) -> String {
     format!("10.77.0.{}", 10 + id)
+}
+
+/// Node `id`'s address on the emulated WAN (its TUN device), used for cluster RPC.
+pub fn wan_ip(id: u64) -> std::net::Ipv4Addr {
+    // Node ids are 1..=7 (scenario validation), so this never truncates.
+    std::net::Ipv4Addr::new(10, 99, 0, id.min(254) as u8)
+}
+
+/// Node `id`'s TUN device name (also in the root namespace while it is being created).
+pub fn wan_dev(id: u64) -> String {
+    format!("{PREFIX}-w{id}")
 }
 
 /// Runs a command, failing with its stderr.
@@ -120,6 +141,22 @@ impl Topology {
         sh(&["ip", "link", "set", ROOT_LINK, "up"])?;
         in_ns(HUB, &["ip", "link", "set", "h0", "master", "br0"])?;
         in_ns(HUB, &["ip", "link", "set", "h0", "up"])?;
+        // Client and CVM namespaces, one veth each into the bridge.
+        for (ns, hub_end, ip) in [(CLIENT_NS, "c0", CLIENT_IP), (CVM_NS, "v0", CVM_IP)] {
+            sh(&["ip", "netns", "add", ns])?;
+            in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
+            in_ns(
+                HUB,
+                &[
+                    "ip", "link", "add", hub_end, "type", "veth", "peer", "name", "eth0", "netns",
+                    ns,
+                ],
+            )?;
+            in_ns(HUB, &["ip", "link", "set", hub_end, "master", "br0"])?;
+            in_ns(HUB, &["ip", "link", "set", hub_end, "up"])?;
+            in_ns(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
+        }
         for id in 1..=nodes {
             let ns = node_ns(id);
             sh(&["ip", "netns", "add", &ns])?;
@@ -159,7 +196,8 @@ impl Topology {
             let srcs: Vec<String> = blocked
                 .iter()
                 .filter(|(_, t)| t == to)
-                .map(|(f, _)| node_ip(*f))
+                // Both addresses: cluster RPC comes over the WAN, anything else over the LAN.
+                .flat_map(|(f, _)| [node_ip(*f), wan_ip(*f).to_string()])
                 .collect();
             if srcs.is_empty() {
                 continue;
@@ -185,12 +223,15 @@ impl Topology {
         Ok(())
     }
 
-    /// Takes node `id`'s link down or up.
+    /// Takes node `id`'s links (LAN and, if it exists, WAN) down or up.
     pub fn set_link(&self, id: u64, up: bool) -> anyhow::Result<()> {
-        in_ns(
-            &node_ns(id),
-            &["ip", "link", "set", "eth0", if up { "up" } else { "down" }],
-        )?;
+        let state = if up { "up" } else { "down" };
+        in_ns(&node_ns(id), &["ip", "link", "set", "eth0", state])?;
+        let wan = wan_dev(id);
+        if in_ns(&node_ns(id), &["ip", "link", "show", &wan]).is_ok() {
+            // The IPv4 address survives down/up and its subnet route returns with the link.
+            in_ns(&node_ns(id), &["ip", "link", "set", &wan, state])?;
+        }
         Ok(())
     }
 
@@ -255,10 +296,18 @@ pub fn cleanup_all() -> Vec<String> {
             removed.push(format!("mount {point}"));
         }
     }
-    if sh(&["ip", "link", "show", ROOT_LINK]).is_ok()
-        && sh(&["ip", "link", "delete", ROOT_LINK]).is_ok()
-    {
-        removed.push(format!("link {ROOT_LINK}"));
+    // The harness link, and a TUN device caught in the root namespace between its creation and
+    // its move (it goes away with our fd, but a stray persistent one would block the next run).
+    let links = sh(&["ip", "-o", "link", "show"]).unwrap_or_default();
+    for line in links.lines() {
+        // "3: pcchaos0@if2: <...>" -> "pcchaos0"
+        let Some(name) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        if name.starts_with(PREFIX) && sh(&["ip", "link", "delete", name]).is_ok() {
+            removed.push(format!("link {name}"));
+        }
     }
     removed
 }

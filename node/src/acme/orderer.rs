@@ -36,9 +36,10 @@ use super::{unix_now, unix_now_ms, AcmeConfig, AcmeMetrics};
 
 /// First retry delay after a failed order; doubles up to `retry_max_secs`.
 const RETRY_MIN: Duration = Duration::from_secs(5);
-/// Time for a committed challenge answer to reach the followers' applied state before the CA is
-/// told to validate: several heartbeats. The CA may send its request to any node.
-const PROPAGATION_DELAY: Duration = Duration::from_millis(1000);
+/// Longest wait for a published HTTP-01 / TLS-ALPN-01 answer to be applied on every voter before
+/// the CA is told to validate (the CA may reach any node). Past it, the CA is asked anyway: a
+/// node that is down cannot be reached by the CA either, and a failed validation is retried.
+const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time to give up the lease on shutdown, so the next node need not wait for expiry.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -319,6 +320,7 @@ impl Orderer {
 
     /// One round of work. Returns when to look again if nothing changes.
     async fn pass(&mut self, fencing: u64, lost: &CancellationToken) -> Instant {
+        self.sweep(fencing).await;
         // Decided under a short read guard (no await inside), without copying the state.
         let due = {
             let shared = self.cluster.shared.clone();
@@ -506,7 +508,7 @@ impl Orderer {
                 match self.dns01_client() {
                     Ok(dns) => {
                         if let Err(e) = dns.remove_txt(&p.name, txt).await {
-                            tracing::warn!(name = %p.name, error = %e, "removing the DNS-01 TXT record failed; it stays until the next order for the name");
+                            tracing::warn!(name = %p.name, error = %e, "removing the DNS-01 TXT record failed; a later pass retries once the answer is stale");
                             continue;
                         }
                         tracing::info!(name = %p.name, "dns-01 TXT record removed");
@@ -527,6 +529,42 @@ impl Orderer {
             }
         }
         result
+    }
+
+    /// Withdraws answers that no order can still be using: older than the longest an order may
+    /// take. They are left behind by a holder that died mid-order or whose cleanup failed; for
+    /// DNS-01 that includes the TXT record in the zone. Younger ones may belong to an order the
+    /// previous holder left for this one to resume, whose validation may be in flight.
+    async fn sweep(&self, fencing: u64) {
+        let max_age = self.cfg.request_timeout_secs.saturating_mul(5);
+        let stale = {
+            let applied = self.cluster.shared.read();
+            stale_challenges(&applied.state, unix_now(), max_age)
+        };
+        for c in stale {
+            if c.kind == ChallengeKind::Dns01 {
+                let removed = match self.dns01_client() {
+                    Ok(dns) => dns
+                        .remove_txt(&c.name, &dns01_txt_value(&c.key_authorization))
+                        .await
+                        .map_err(AcmeError::from),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = removed {
+                    // Kept in the table so the next pass tries again.
+                    tracing::warn!(name = %c.name, error = %e, "removing a stale DNS-01 TXT record failed");
+                    continue;
+                }
+                tracing::info!(name = %c.name, "stale dns-01 TXT record removed");
+            }
+            let token = c.token;
+            if let Err(e) = self
+                .write(AcmeCommand::RemoveChallenge { fencing, token })
+                .await
+            {
+                tracing::debug!(error = %e, "removing a stale challenge answer");
+            }
+        }
     }
 
     /// A DNS-01 client for the configured server, with the TSIG secret read now (so a rotated
@@ -599,17 +637,18 @@ impl Orderer {
                 let txt = (kind == ChallengeKind::Dns01).then(|| key_authorization.dns_value());
                 let key_authorization = key_authorization.as_str().to_string();
                 let token = challenge.token.clone();
-                self.write(AcmeCommand::PutTypedChallenge {
-                    fencing,
-                    challenge: AcmeChallenge {
-                        token: token.clone(),
-                        name: ident.clone(),
-                        key_authorization,
-                        created_at: unix_now(),
-                        kind,
-                    },
-                })
-                .await?;
+                let index = self
+                    .write(AcmeCommand::PutTypedChallenge {
+                        fencing,
+                        challenge: AcmeChallenge {
+                            token: token.clone(),
+                            name: ident.clone(),
+                            key_authorization,
+                            created_at: unix_now(),
+                            kind,
+                        },
+                    })
+                    .await?;
                 published.push(Published {
                     token,
                     name: ident.clone(),
@@ -624,7 +663,19 @@ impl Orderer {
                         dns.wait_visible(&ident, txt).await?;
                         tracing::info!(name = %ident, "dns-01 TXT record added and visible at the authoritative server");
                     }
-                    None => tokio::time::sleep(PROPAGATION_DELAY).await,
+                    None => {
+                        let started = Instant::now();
+                        let lagging = self
+                            .cluster
+                            .wait_applied_on_voters(index, PROPAGATION_TIMEOUT)
+                            .await;
+                        let waited_ms = started.elapsed().as_millis();
+                        if lagging.is_empty() {
+                            tracing::info!(name = %ident, index, waited_ms, "answer applied on every voter");
+                        } else {
+                            tracing::warn!(name = %ident, index, ?lagging, waited_ms, "answer not applied on every voter in time; asking the CA anyway");
+                        }
+                    }
                 }
                 let method = kind.as_str();
                 // A resumed order's challenge may already be validating (the previous holder
@@ -751,6 +802,27 @@ async fn renew_lease(
     }
 }
 
+/// Published answers created more than `max_age` seconds before `now`.
+fn stale_challenges(state: &ClusterState, now: u64, max_age: u64) -> Vec<AcmeChallenge> {
+    let cutoff = now.saturating_sub(max_age);
+    state
+        .acme
+        .challenges
+        .values()
+        .filter(|c| c.created_at < cutoff)
+        .cloned()
+        .collect()
+}
+
+/// The DNS-01 TXT value for a key authorization (RFC 8555 §8.4): base64url(SHA-256), unpadded;
+/// the same as instant-acme's `KeyAuthorization::dns_value`, recomputed here from the stored
+/// string because a sweeping holder has no `KeyAuthorization` object.
+fn dns01_txt_value(key_authorization: &str) -> String {
+    use base64::Engine;
+    let digest = ring::digest::digest(&ring::digest::SHA256, key_authorization.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
 fn retry_delay(failures: u32, max_secs: u64) -> Duration {
     let shift = failures.saturating_sub(1).min(20);
     let d = RETRY_MIN.saturating_mul(1u32 << shift);
@@ -819,6 +891,36 @@ mod tests {
         assert_eq!(
             renewal_reason(&corrupt, "a.example.com", nb),
             Some("stored certificate is corrupt")
+        );
+    }
+
+    #[test]
+    fn only_old_answers_are_swept() {
+        let mut state = ClusterState::default();
+        for (token, created_at) in [("old", 100u64), ("young", 950)] {
+            state.acme.challenges.insert(
+                token.into(),
+                AcmeChallenge {
+                    token: token.into(),
+                    name: "example.com".into(),
+                    key_authorization: format!("{token}.thumb"),
+                    created_at,
+                    kind: ChallengeKind::Dns01,
+                },
+            );
+        }
+        let stale = stale_challenges(&state, 1000, 300);
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].token, "old");
+        assert!(stale_challenges(&state, 10, 300).is_empty(), "no underflow");
+    }
+
+    #[test]
+    fn dns01_value_is_unpadded_base64url_sha256() {
+        // sha256("") = e3b0c442...; base64url without padding.
+        assert_eq!(
+            dns01_txt_value(""),
+            "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU"
         );
     }
 

@@ -151,6 +151,88 @@ async fn shutdown_closes_connections_with_h3_no_error() {
 }
 
 #[tokio::test]
+async fn a_request_past_its_total_time_is_reset() {
+    let env = start(|c| c.http3_request_total_timeout_secs = 1).await;
+    let ep = client(&env);
+    let host = format!("demo.{BASE}");
+    let conn = connect(&ep, &env, &host).await.expect("handshake");
+    let (mut driver, mut send) = ::h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .expect("h3 client");
+    let drive = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    // 20 chunks 200 ms apart: 4 s of body against a 1 s budget.
+    let req = http::Request::get(format!("https://{host}/stream?chunks=20&ms=200"))
+        .body(())
+        .expect("request");
+    let mut s = send.send_request(req).await.expect("send request");
+    s.finish().await.expect("finish");
+    let started = std::time::Instant::now();
+    assert_eq!(s.recv_response().await.expect("head").status(), 200);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.recv_data().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within 5 s");
+    assert!(
+        outcome.is_err(),
+        "the body was cut by a reset, not completed"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(rejections(&env, "http3_request_timeout"), 1);
+    drive.abort();
+}
+
+#[tokio::test]
+async fn request_body_limit_applies_over_http3() {
+    let env = start(|c| c.max_request_body_bytes = 1000).await;
+    let ep = client(&env);
+    let host = format!("demo.{BASE}");
+    let conn = connect(&ep, &env, &host).await.expect("handshake");
+    let (mut driver, mut send) = ::h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .expect("h3 client");
+    let drive = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    // Declared too large: refused before anything reaches the backend.
+    let req = http::Request::post(format!("https://{host}/"))
+        .header("content-length", "5000")
+        .body(())
+        .expect("request");
+    let mut s = send.send_request(req).await.expect("send request");
+    s.send_data(bytes::Bytes::from(vec![b'x'; 5000]))
+        .await
+        .expect("body");
+    s.finish().await.expect("finish");
+    assert_eq!(s.recv_response().await.expect("head").status(), 413);
+    // No length, and more bytes than allowed: cut while streaming.
+    let req = http::Request::post(format!("https://{host}/"))
+        .body(())
+        .expect("request");
+    let mut s = send.send_request(req).await.expect("send request");
+    for _ in 0..5 {
+        s.send_data(bytes::Bytes::from(vec![b'x'; 1000]))
+            .await
+            .expect("body");
+    }
+    s.finish().await.expect("finish");
+    assert_eq!(s.recv_response().await.expect("head").status(), 413);
+    drive.abort();
+}
+
+#[tokio::test]
 async fn idle_connection_is_closed() {
     let env = start(|c| c.idle_timeout_ms = 300).await;
     let ep = client(&env);
