@@ -274,7 +274,9 @@ pub struct EdgeConfig {
     pub hsts_max_age_secs: u64,
     /// Idle pooled backend connections are closed after this long. Default 90000.
     pub backend_pool_idle_timeout_ms: u64,
-    /// Idle pooled connections kept per backend address. Default 64.
+    /// Idle pooled connections kept per backend address. Default 512: at least the number of
+    /// requests in flight to one backend, or every burst closes and reopens connections (and
+    /// fills the host with TIME_WAIT sockets).
     pub backend_pool_max_idle: usize,
     /// One structured log line per request (target `portcullis::access`). Default true.
     pub access_log: bool,
@@ -319,7 +321,7 @@ impl Default for EdgeConfig {
             trusted_networks: Vec::new(),
             hsts_max_age_secs: 31_536_000,
             backend_pool_idle_timeout_ms: 90_000,
-            backend_pool_max_idle: 64,
+            backend_pool_max_idle: 512,
             access_log: true,
             http3: true,
             http3_listen: None,
