@@ -6,6 +6,9 @@
 //!   must converge and no acknowledged write may be lost.
 //! - `broken_stale_reads_are_caught`: nodes with the test-only `[debug] unsafe_stale_reads`
 //!   switch; the run passes only if the checker flags a non-linearizable read.
+//! - `wan_latency_scenario_passes`: `scenarios/wan-latency.toml` — inter-region latency and
+//!   loss on the harness's WAN link layer (cluster RPC over TUN devices), then a leader kill;
+//!   the checks must pass and the link layer must have delayed and dropped packets.
 //!
 //! Both drive the `portcullis-chaos` binary, so its CLI, exit codes and JSON report are tested
 //! too. They share namespace names, so they run one at a time.
@@ -61,11 +64,13 @@ fn no_leftovers() {
         .expect("ip netns");
     let ns = String::from_utf8_lossy(&ns.stdout);
     assert!(!ns.contains("pcchaos"), "namespaces left behind: {ns}");
+    // The harness link and any TUN device of the WAN link layer.
     let link = Command::new("ip")
-        .args(["link", "show", "pcchaos0"])
+        .args(["-o", "link", "show"])
         .output()
         .expect("ip link");
-    assert!(!link.status.success(), "harness link left behind");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(!link.contains("pcchaos"), "links left behind: {link}");
 }
 
 #[test]
@@ -112,5 +117,44 @@ fn broken_stale_reads_are_caught() {
     assert!(ok, "the harness did not catch the broken build:\n{text}");
     assert_eq!(r["linearizable"], false, "{text}");
     assert!(text.contains("NOT linearizable"), "{text}");
+    no_leftovers();
+}
+
+#[test]
+fn wan_latency_scenario_passes() {
+    if skip_unless_root() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    phase("scenarios/wan-latency.toml: latency and loss between regions, then a leader kill");
+    let (ok, r, text) = run("wan-latency.toml", 42);
+    assert!(ok, "chaos run failed:\n{text}");
+    assert_eq!(r["linearizable"], true, "{text}");
+    assert_eq!(r["converged"], true, "{text}");
+    assert_eq!(r["final_state_ok"], true, "{text}");
+    assert!(
+        r["ok"].as_u64().unwrap_or(0) > 100,
+        "too few operations: {text}"
+    );
+    // Raft really went over the link layer, and the loss fault really dropped packets.
+    assert!(
+        r["wan"]["forwarded"].as_u64().unwrap_or(0) > 1000,
+        "cluster RPC did not cross the WAN: {text}"
+    );
+    assert!(
+        r["wan"]["lost"].as_u64().unwrap_or(0) > 0,
+        "the loss fault dropped nothing: {text}"
+    );
+    let faults = r["faults"].as_array().cloned().unwrap_or_default();
+    let kinds: Vec<&str> = faults.iter().filter_map(|f| f["kind"].as_str()).collect();
+    assert_eq!(kinds, ["latency", "loss", "kill"], "{text}");
+    for f in &faults {
+        if f["leader_affected"] == true {
+            assert!(
+                f["election_ms"].as_u64().is_some(),
+                "no new leader after {f}:\n{text}"
+            );
+        }
+    }
     no_leftovers();
 }

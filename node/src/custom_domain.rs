@@ -68,7 +68,7 @@ pub fn normalize_domain(input: &str, bases: &[String]) -> Result<String, DomainN
             return bad("wildcards cannot be claimed; claim each name");
         }
         if !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return bad("only letters, digits, '-' and '.' are allowed");
+            return bad("only letters, digits, '-' and '.' are allowed (international names in punycode, xn--...)");
         }
         if l.starts_with('-') || l.ends_with('-') {
             return bad("a label starts or ends with '-'");
@@ -403,6 +403,46 @@ mod tests {
         Ok(Arc::from(
             records.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         ))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normalizing_never_panics_and_is_idempotent(input in ".{0,80}") {
+            if let Ok(n) = normalize_domain(&input, &bases()) {
+                proptest::prop_assert_eq!(normalize_domain(&n, &bases()), Ok(n.clone()));
+                // Whatever is accepted is a name the routing grammar calls custom.
+                let custom = matches!(
+                    grammar::parse_host(&n, &bases()),
+                    Ok(ParsedHost::Custom { .. })
+                );
+                proptest::prop_assert!(custom);
+            }
+        }
+
+        #[test]
+        fn dns_like_names_normalize_to_lowercase_without_the_dot(
+            input in "[A-Za-z0-9-]{1,10}(\\.[A-Za-z0-9-]{1,10}){1,3}\\.?"
+        ) {
+            if let Ok(n) = normalize_domain(&input, &bases()) {
+                proptest::prop_assert_eq!(&n, &input.trim_end_matches('.').to_ascii_lowercase());
+                proptest::prop_assert_eq!(normalize_domain(&n, &bases()), Ok(n.clone()));
+            }
+        }
+
+        #[test]
+        fn dns_like_names_under_a_base_are_refused(label in "[a-z0-9]{1,20}") {
+            let name = format!("{label}.apps.example.com");
+            let inside = matches!(
+                normalize_domain(&name, &bases()),
+                Err(DomainNameError::InsideBase { .. })
+            );
+            proptest::prop_assert!(inside);
+        }
+
+        #[test]
+        fn app_address_parsing_never_panics(s in ".{0,80}") {
+            let _ = parse_app_address(&s);
+        }
     }
 
     /// A nameserver that answers every name with fixed records.

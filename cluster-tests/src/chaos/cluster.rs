@@ -17,7 +17,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use super::scenario::Scenario;
-use super::topology::{node_ip, node_ns};
+use super::topology::{node_ip, node_ns, wan_ip};
 
 pub const RPC_PORT: u16 = 7000;
 pub const ADMIN_PORT: u16 = 9080;
@@ -86,7 +86,8 @@ impl Node {
             id: self.id,
             region: self.region.clone(),
             voter: true,
-            rpc_addr: format!("{}:{RPC_PORT}", node_ip(self.id)),
+            // Raft traffic crosses the emulated WAN (link.rs); admin stays on the LAN.
+            rpc_addr: format!("{}:{RPC_PORT}", wan_ip(self.id)),
             admin_addr: format!("{}:{ADMIN_PORT}", node_ip(self.id)),
         }
     }
@@ -134,6 +135,7 @@ impl Cluster {
             let ndir = dir.join(format!("node-{id}"));
             std::fs::create_dir_all(&ndir)?;
             let ip = node_ip(id);
+            let wan = wan_ip(id);
             let t = &sc.timing;
             let config = format!(
                 r#"# Written by portcullis-chaos.
@@ -142,8 +144,9 @@ region = "{region}"
 data_dir = "data"
 
 [cluster]
-listen = "{ip}:{RPC_PORT}"
-advertise = "{ip}:{RPC_PORT}"
+# The WAN address (a TUN device the harness forwards with delay/loss, see link.rs).
+listen = "{wan}:{RPC_PORT}"
+advertise = "{wan}:{RPC_PORT}"
 ca_cert = "../pki/ca.pem"
 cert = "../pki/node-{id}/cert.pem"
 key = "../pki/node-{id}/key.pem"

@@ -91,6 +91,11 @@ pub struct LinkStats {
     pub write_errors: u64,
 }
 
+/// A queued packet: when it is due, and its bytes.
+type Queued = (Instant, Vec<u8>);
+/// Per destination index, the queue of the link to it (`None` for the device itself).
+type LinkQueues = Vec<Option<mpsc::Sender<Queued>>>;
+
 /// The parameter table: directed (src id, dst id) -> params. Absent pairs have no delay/loss.
 type Table = HashMap<(u64, u64), LinkParams>;
 
@@ -145,7 +150,7 @@ impl LinkLayer {
         let counters: Arc<Counters> = Arc::default();
         let mut tasks = Vec::new();
         // One queue and writer per directed link, so a slow link never delays another.
-        let mut senders: Vec<Vec<Option<mpsc::Sender<(Instant, Vec<u8>)>>>> = Vec::new();
+        let mut senders: Vec<LinkQueues> = Vec::new();
         for (si, _) in specs.iter().enumerate() {
             let mut row = Vec::new();
             for (di, _) in specs.iter().enumerate() {
@@ -173,7 +178,9 @@ impl LinkLayer {
                 table.clone(),
                 counters.clone(),
                 // Distinct, reproducible streams per device.
-                StdRng::seed_from_u64(seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(si as u64 + 1))),
+                StdRng::seed_from_u64(
+                    seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(si as u64 + 1)),
+                ),
             )));
         }
         Ok(LinkLayer {
@@ -259,7 +266,7 @@ async fn reader(
     si: usize,
     ids: Vec<u64>,
     dev: Arc<tun_rs::AsyncDevice>,
-    links: Vec<Option<mpsc::Sender<(Instant, Vec<u8>)>>>,
+    links: LinkQueues,
     by_ip: Arc<HashMap<Ipv4Addr, usize>>,
     table: Arc<Mutex<Table>>,
     counters: Arc<Counters>,
@@ -310,7 +317,7 @@ async fn reader(
 
 /// Delivers one directed link's packets in order, each no earlier than its due time.
 async fn link_writer(
-    mut rx: mpsc::Receiver<(Instant, Vec<u8>)>,
+    mut rx: mpsc::Receiver<Queued>,
     dev: Arc<tun_rs::AsyncDevice>,
     counters: Arc<Counters>,
 ) {

@@ -1,9 +1,11 @@
 //! The data-plane probe: the demo app behind every gateway, and HTTPS GETs through each gateway
 //! every 100 ms while faults run, to measure error rate and the longest outage per gateway.
 //!
-//! The demo app runs inside the hub namespace (10.77.0.2), registered as a plain-TCP backend,
-//! so node partitions (which only cut node-to-node traffic) leave the data path intact and
-//! `portcullis-chaos cleanup` finds it with the namespace's other processes.
+//! The demo app runs inside the CVM namespace (10.77.0.4), registered as a plain-TCP backend,
+//! and the probe's HTTPS clients run on a thread inside the client namespace (10.77.0.3), so
+//! every probe crosses the bridge: client -> gateway -> CVM. Node partitions (which only cut
+//! node-to-node traffic) leave that path intact, and `portcullis-chaos cleanup` finds the demo
+//! app with the namespace's other processes.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -18,10 +20,11 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cluster::Cluster;
-use super::topology::{node_ip, HUB};
+use super::link::run_in_netns;
+use super::topology::{node_ip, CLIENT_NS, CVM_IP, CVM_NS};
 
 pub const BASE: &str = "chaos.portcullis.test";
-pub const DEMO_IP: &str = "10.77.0.2";
+pub const DEMO_IP: &str = CVM_IP;
 pub const DEMO_PORT: u16 = 18080;
 pub const GATEWAY_HTTPS_PORT: u16 = 8443;
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -94,7 +97,7 @@ impl DataPlane {
         .map_err(|s| anyhow::anyhow!("create app demo: {}", s.message()))?;
         let log = std::fs::File::create(dir.join("demo-app.log"))?;
         let demo = Command::new("ip")
-            .args(["netns", "exec", HUB])
+            .args(["netns", "exec", CVM_NS])
             .arg(bin)
             .args(["demo-app", "--listen", &format!("{DEMO_IP}:{DEMO_PORT}")])
             .args(["--name", "demo", "--region", &cluster.nodes[0].region])
@@ -128,67 +131,91 @@ impl DataPlane {
         }))
         .await
         .map_err(|s| anyhow::anyhow!("register demo instance: {}", s.message()))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for id in cluster.ids() {
-            loop {
-                match probe(&dp.client, id).await {
-                    Ok(200) => break,
-                    r if Instant::now() > deadline => {
-                        bail!("gateway {id} does not serve https://demo.{BASE}/: {r:?}")
+        let ids = cluster.ids();
+        let client = dp.client.clone();
+        run_in_netns(CLIENT_NS, move || async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for id in ids {
+                loop {
+                    match probe(&client, id).await {
+                        Ok(200) => break,
+                        r if Instant::now() > deadline => {
+                            bail!("gateway {id} does not serve https://demo.{BASE}/: {r:?}")
+                        }
+                        _ => tokio::time::sleep(INTERVAL).await,
                     }
-                    _ => tokio::time::sleep(INTERVAL).await,
                 }
             }
-        }
+            Ok(())
+        })
+        .await??;
         Ok(dp)
     }
 
-    /// Probes every gateway every 100 ms until `deadline`; returns stats per gateway.
+    /// Probes every gateway every 100 ms until `deadline` from the client namespace; returns
+    /// stats per gateway (empty if the client-namespace thread could not start).
     pub async fn run(
         &self,
         ids: Vec<u64>,
         start: Instant,
         deadline: Instant,
     ) -> BTreeMap<u64, GatewayStats> {
-        let results: Arc<Mutex<BTreeMap<u64, GatewayStats>>> = Arc::default();
-        let mut tasks = Vec::new();
-        for id in ids {
-            let client = self.client.clone();
-            let results = results.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut st = GatewayStats::default();
-                let mut last_ok = start;
-                let mut tick = tokio::time::interval(INTERVAL);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                while Instant::now() < deadline {
-                    tick.tick().await;
-                    st.requests += 1;
-                    match probe(&client, id).await {
-                        Ok(200) => {
-                            let now = Instant::now();
-                            st.longest_outage_ms =
-                                st.longest_outage_ms.max((now - last_ok).as_millis() as u64);
-                            last_ok = now;
-                        }
-                        _ => st.errors += 1,
-                    }
-                }
-                st.longest_outage_ms = st
-                    .longest_outage_ms
-                    .max((Instant::now() - last_ok).as_millis() as u64);
-                st.error_rate = st.errors as f64 / st.requests.max(1) as f64;
-                results
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, st);
-            }));
+        let client = self.client.clone();
+        match run_in_netns(CLIENT_NS, move || probe_all(client, ids, start, deadline)).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("--- data-plane probe failed: {e:#}");
+                BTreeMap::new()
+            }
         }
-        for t in tasks {
-            let _ = t.await;
-        }
-        let r = results.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        r
     }
+}
+
+/// The probe loops, one task per gateway; runs on the client-namespace thread's runtime.
+async fn probe_all(
+    client: Arc<rustls::ClientConfig>,
+    ids: Vec<u64>,
+    start: Instant,
+    deadline: Instant,
+) -> BTreeMap<u64, GatewayStats> {
+    let results: Arc<Mutex<BTreeMap<u64, GatewayStats>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for id in ids {
+        let client = client.clone();
+        let results = results.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut st = GatewayStats::default();
+            let mut last_ok = start;
+            let mut tick = tokio::time::interval(INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while Instant::now() < deadline {
+                tick.tick().await;
+                st.requests += 1;
+                match probe(&client, id).await {
+                    Ok(200) => {
+                        let now = Instant::now();
+                        st.longest_outage_ms =
+                            st.longest_outage_ms.max((now - last_ok).as_millis() as u64);
+                        last_ok = now;
+                    }
+                    _ => st.errors += 1,
+                }
+            }
+            st.longest_outage_ms = st
+                .longest_outage_ms
+                .max((Instant::now() - last_ok).as_millis() as u64);
+            st.error_rate = st.errors as f64 / st.requests.max(1) as f64;
+            results
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, st);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let r = results.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    r
 }
 
 /// One HTTPS GET of `https://demo.<base>/` through gateway `id` on a fresh connection;

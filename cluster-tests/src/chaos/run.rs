@@ -12,9 +12,10 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::cluster::{Cluster, Membership};
+use super::link::{DeviceSpec, LinkLayer, LinkParams, LinkStats};
 use super::probe::{DataPlane, GatewayStats};
 use super::scenario::{Expect, FaultKind, Scenario, Target};
-use super::topology::{is_root, Topology};
+use super::topology::{is_root, node_ns, wan_dev, wan_ip, Topology};
 use super::workload::{self, History};
 use crate::wgl::{self, CheckOptions, Event, Outcome};
 
@@ -62,6 +63,8 @@ pub struct Report {
     pub data_plane_probe: String,
     /// Per gateway: HTTPS GETs of the demo app every 100 ms during the run.
     pub data_plane: BTreeMap<u64, GatewayStats>,
+    /// What the WAN link layer forwarded and dropped.
+    pub wan: LinkStats,
     pub linearizable: bool,
     pub check_report: String,
     /// All nodes returned the same value for every key after healing.
@@ -124,6 +127,7 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
         .keep();
     eprintln!("--- run dir {} (node logs)", run_dir.display());
     let topo = Topology::create(sc.nodes)?;
+    let wan = start_wan(&sc)?;
     let mut cluster = Cluster::start(&run_dir, &bin, &sc)?;
     let leader = cluster.bootstrap(Duration::from_secs(60)).await?;
     eprintln!("--- cluster of {} formed, leader {leader}", sc.nodes);
@@ -167,7 +171,7 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
         for i in order {
             let f = sc.faults[i].clone();
             sleep_until(t0 + Duration::from_secs_f64(f.at_secs)).await;
-            let r = run_fault(i, &f, &mut cluster, &topo, &mut rng, t0).await?;
+            let r = run_fault(i, &f, &mut cluster, &topo, &wan, &mut rng, t0).await?;
             eprintln!(
                 "--- fault {i} {} on node {}: leader before {:?}, new leader {:?} after {:?} ms ({})",
                 r.kind, r.target, r.leader_before, r.new_leader, r.election_ms, r.detail
@@ -236,6 +240,8 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
     drop(data_plane);
     cluster.stop_all();
     drop(cluster);
+    let wan_stats = wan.stats();
+    drop(wan);
     drop(topo);
     let run_dir_s = run_dir.display().to_string();
     if passed && !o.keep {
@@ -261,6 +267,7 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
         longest_admin_outage_ms: longest,
         data_plane_probe,
         data_plane: data_plane_stats.unwrap_or_default(),
+        wan: wan_stats,
         linearizable,
         check_report,
         converged,
@@ -272,6 +279,41 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
         run_dir: run_dir_s,
         elapsed_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Starts the WAN link layer (one TUN per node) with the scenario's `[links]` baseline.
+fn start_wan(sc: &Scenario) -> anyhow::Result<LinkLayer> {
+    let specs = (1..=sc.nodes)
+        .map(|id| DeviceSpec {
+            id,
+            region: sc.regions[((id - 1) as usize) % sc.regions.len()].clone(),
+            ns: node_ns(id),
+            dev: wan_dev(id),
+            ip: wan_ip(id),
+        })
+        .collect();
+    let wan = LinkLayer::start(specs, sc.seed).context("start the WAN link layer")?;
+    let l = &sc.links;
+    wan.set_inter_region(LinkParams {
+        delay_ms: l.delay_ms,
+        jitter_ms: l.jitter_ms,
+        loss: l.loss_percent / 100.0,
+    });
+    for p in &l.pair {
+        // Validated: exactly two regions.
+        if let [a, b] = p.between.as_slice() {
+            wan.set_regions(
+                a,
+                b,
+                LinkParams {
+                    delay_ms: p.delay_ms,
+                    jitter_ms: p.jitter_ms,
+                    loss: p.loss_percent / 100.0,
+                },
+            );
+        }
+    }
+    Ok(wan)
 }
 
 async fn sleep_until(t: Instant) {
@@ -361,9 +403,12 @@ async fn run_fault(
     f: &super::scenario::Fault,
     cluster: &mut Cluster,
     topo: &Topology,
+    wan: &LinkLayer,
     rng: &mut StdRng,
     t0: Instant,
 ) -> anyhow::Result<FaultReport> {
+    // Link faults change the WAN table; the baseline comes back when they heal.
+    let wan_before = wan.snapshot();
     let before = cluster.current_leader().await;
     let leader = before.map(|(l, _)| l);
     let ids = cluster.ids();
@@ -437,6 +482,51 @@ async fn run_fault(
             cluster.membership(Membership::Remove, target).await?;
             (vec![target], "removed".into())
         }
+        FaultKind::Latency | FaultKind::Loss => {
+            let (a, b) = match f.between.as_deref() {
+                Some([a, b]) => (a.as_str(), b.as_str()),
+                _ => bail!("faults[{index}]: between needs two regions"),
+            };
+            // Keep the other parameter of the pair at its baseline.
+            let base = cluster
+                .nodes
+                .iter()
+                .filter(|x| x.region == a)
+                .flat_map(|x| {
+                    cluster
+                        .nodes
+                        .iter()
+                        .filter(move |y| y.region == b && y.id != x.id)
+                        .map(move |y| (x.id, y.id))
+                })
+                .next()
+                .map(|(x, y)| wan.params(x, y))
+                .unwrap_or_default();
+            let p = if f.kind == FaultKind::Latency {
+                LinkParams {
+                    delay_ms: f.delay_ms.unwrap_or(0),
+                    jitter_ms: f.jitter_ms.unwrap_or(0),
+                    loss: base.loss,
+                }
+            } else {
+                LinkParams {
+                    loss: f.percent.unwrap_or(0.0) / 100.0,
+                    ..base
+                }
+            };
+            wan.set_regions(a, b, p);
+            // Nobody is cut off; an election may still happen (a slow link to the leader), and
+            // the report shows it through the admin-plane outages and the workload.
+            (
+                Vec::new(),
+                format!(
+                    "{a} <-> {b}: delay {} ms, jitter {} ms, loss {}%",
+                    p.delay_ms,
+                    p.jitter_ms,
+                    p.loss * 100.0
+                ),
+            )
+        }
         FaultKind::DiskFull => {
             let n = cluster.fill_disk(target)?;
             // The node keeps running (or crashes, which the report shows); whether it keeps
@@ -470,6 +560,21 @@ async fn run_fault(
         | FaultKind::Bridge => topo.heal()?,
         FaultKind::LinkDown => topo.set_link(target, true)?,
         FaultKind::DiskFull => cluster.free_disk(target)?,
+        FaultKind::Latency | FaultKind::Loss => {
+            wan.restore(wan_before);
+            // No node was cut off, so no election is expected; report one if it happened.
+            match (before, cluster.current_leader().await) {
+                (Some((l0, term0)), Some((l1, term1))) if term1 != term0 => {
+                    detail.push_str(&format!(
+                        "; leadership changed: leader {l0} term {term0} -> leader {l1} term {term1}"
+                    ))
+                }
+                (Some((l0, term0)), Some(_)) => {
+                    detail.push_str(&format!("; no election (leader {l0}, term {term0})"))
+                }
+                _ => detail.push_str("; leader unknown at start or end"),
+            }
+        }
         FaultKind::Membership => {
             cluster.membership(Membership::AddLearner, target).await?;
             cluster.membership(Membership::Promote, target).await?;
@@ -561,6 +666,9 @@ pub fn summary(r: &Report) -> String {
             },
             f.new_leader.map(|l| l.to_string()).unwrap_or("-".into()),
         ));
+        if matches!(f.kind.as_str(), "latency" | "loss") {
+            s.push_str(&format!("        {}\n", f.detail));
+        }
     }
     s.push_str("  longest admin-plane outage per node (ms): ");
     let o: Vec<String> = r
@@ -570,6 +678,10 @@ pub fn summary(r: &Report) -> String {
         .collect();
     s.push_str(&o.join(" "));
     s.push('\n');
+    s.push_str(&format!(
+        "  WAN link layer: {} forwarded, {} lost (loss), {} queue-full, {} write errors\n",
+        r.wan.forwarded, r.wan.lost, r.wan.queue_full, r.wan.write_errors
+    ));
     s.push_str(&format!("  data-plane probe: {}\n", r.data_plane_probe));
     for (id, g) in &r.data_plane {
         s.push_str(&format!(

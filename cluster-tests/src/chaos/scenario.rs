@@ -424,12 +424,18 @@ impl Scenario {
                 let Some(between) = &f.between else {
                     return bad(
                         &field("between"),
-                        format!("{} needs between = [\"region-a\", \"region-b\"]", f.kind.name()),
+                        format!(
+                            "{} needs between = [\"region-a\", \"region-b\"]",
+                            f.kind.name()
+                        ),
                     );
                 };
                 region_pair(field("between"), between)?;
             } else if f.between.is_some() {
-                return bad(&field("between"), "only latency and loss faults take it".into());
+                return bad(
+                    &field("between"),
+                    "only latency and loss faults take it".into(),
+                );
             }
             match f.kind {
                 FaultKind::Latency => {
@@ -543,16 +549,16 @@ target = { node = 2 }
             ),
             (GOOD.replace("\"kill\"", "\"disk-full\""), "faults[0].kind"),
             (GOOD.replace("count = 4", "count = 0"), "clients.count"),
-            (
-                GOOD.replace("\"kill\"", "\"latency\""),
-                "faults[0].between",
-            ),
+            (GOOD.replace("\"kill\"", "\"latency\""), "faults[0].between"),
             (
                 GOOD.replace("\"kill\"", "\"latency\"\nbetween = [\"eu-west\", \"mars\"]"),
                 "faults[0].between",
             ),
             (
-                GOOD.replace("\"kill\"", "\"latency\"\nbetween = [\"eu-west\", \"us-east\"]"),
+                GOOD.replace(
+                    "\"kill\"",
+                    "\"latency\"\nbetween = [\"eu-west\", \"us-east\"]",
+                ),
                 "faults[0].delay_ms",
             ),
             (

@@ -154,7 +154,10 @@ impl Topology {
             )?;
             in_ns(HUB, &["ip", "link", "set", hub_end, "master", "br0"])?;
             in_ns(HUB, &["ip", "link", "set", hub_end, "up"])?;
-            in_ns(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            in_ns(
+                ns,
+                &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            )?;
             in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
         }
         for id in 1..=nodes {

@@ -263,3 +263,26 @@ fn alt_svc_port_follows_the_public_port_unless_http3_has_its_own_address() {
     c.http3_listen = Some("0.0.0.0:9443".parse().expect("addr"));
     assert_eq!(super::public_port(&c, 9443), 9443);
 }
+
+#[tokio::test]
+async fn a_taken_udp_port_fails_the_bind_with_a_clear_error() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let mut cfg = crate::config::EdgeConfig {
+        https_listen: udp.local_addr().expect("addr"),
+        http_listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    };
+    match super::super::EdgeListeners::bind(&cfg).await {
+        Ok(_) => panic!("bind succeeded although udp {} is taken", cfg.https_listen),
+        Err(e) if e.to_string().contains("edge.http3") => {
+            assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}")
+        }
+        // Someone else holds the TCP port of that number: nothing to learn from this run.
+        Err(_) => return,
+    }
+    cfg.http3 = false;
+    // Without HTTP/3 the same ports bind.
+    super::super::EdgeListeners::bind(&cfg)
+        .await
+        .expect("tcp only");
+}

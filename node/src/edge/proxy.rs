@@ -548,10 +548,12 @@ impl Proxy {
                     });
                 }
                 Ok(Err(e)) => {
-                    // A body over the limit surfaces as a body error while sending.
-                    if std::error::Error::source(&e)
-                        .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                    {
+                    // A body over the limit surfaces as a body error while sending, one or
+                    // two causes down (hyper's error may sit in between).
+                    let over_limit =
+                        std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                            .any(|s| s.is::<http_body_util::LengthLimitError>());
+                    if over_limit {
                         return Err(ProxyError::BodyTooLarge(self.settings.max_body));
                     }
                     return Err(ProxyError::Upstream {
