@@ -760,7 +760,10 @@ impl Admin for AdminService {
         let (log_index, resp) = self
             .state
             .cluster
-            .write(Command::VerifyDomain { name })
+            .write(Command::VerifyDomainClaim {
+                name,
+                token: claim.token.clone(),
+            })
             .await
             .map_err(status)?;
         outcome(resp)?;

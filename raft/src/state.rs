@@ -241,6 +241,9 @@ pub enum Command {
     /// stamp it saw: an instance that re-registered since (a newer stamp) is kept, so a
     /// re-registration racing the expiry always wins.
     ExpireInstances(Vec<StaleInstance>),
+    /// Marks a custom-domain claim verified, but only the claim whose token the DNS check saw:
+    /// if the claim was removed and added again meanwhile (a new token), nothing changes.
+    VerifyDomainClaim { name: String, token: String },
 }
 
 /// One registration an [`Command::ExpireInstances`] proposer considered stale.
@@ -434,6 +437,13 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::VerifyDomainClaim { name, token } => {
+                validate_domain_name(name)?;
+                if token.is_empty() || token.len() > 128 {
+                    return Err(field("token", token.clone(), "must be 1-128 bytes"));
+                }
+                Ok(())
+            }
             Command::VerifyDomain { name } | Command::RemoveDomain { name } => {
                 validate_domain_name(name)
             }
@@ -562,6 +572,16 @@ impl ClusterState {
                 );
                 Response::Ok
             }
+            Command::VerifyDomainClaim { name, token } => match self.domains.get_mut(name) {
+                Some(d) if &d.token == token => {
+                    d.verified = true;
+                    Response::Ok
+                }
+                Some(_) => Response::Rejected(format!(
+                    "domain {name:?} was claimed again since the check; run verify again"
+                )),
+                None => Response::Rejected(format!("domain {name:?} not found")),
+            },
             Command::VerifyDomain { name } => match self.domains.get_mut(name) {
                 Some(d) => {
                     d.verified = true;

@@ -361,7 +361,7 @@ where
     M: FnOnce() -> Fut + Send + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let _thread = spawn_in_netns(ns, move || {
+    let thread = spawn_in_netns(ns, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -371,8 +371,18 @@ where
         let _ = tx.send(out);
         Ok(())
     });
-    rx.await
-        .map_err(|_| anyhow::anyhow!("the thread in namespace {ns} failed before finishing"))
+    match rx.await {
+        Ok(out) => Ok(out),
+        // The sender was dropped without a result: the thread failed (setns, runtime) or
+        // panicked; its join result says which. It has ended, so joining does not block long.
+        Err(_) => {
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            match joined {
+                Ok(Ok(Err(e))) => Err(e.context(format!("thread in namespace {ns}"))),
+                _ => Err(anyhow::anyhow!("the thread in namespace {ns} panicked")),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

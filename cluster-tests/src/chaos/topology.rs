@@ -124,7 +124,8 @@ impl Topology {
         in_ns(HUB, &["ip", "link", "set", "lo", "up"])?;
         in_ns(HUB, &["ip", "link", "add", "br0", "type", "bridge"])?;
         in_ns(HUB, &["ip", "link", "set", "br0", "up"])?;
-        // The demo backend of the data-plane probe listens on the bridge itself.
+        // The hub's own address: not used by the run (the demo app lives in the CVM namespace),
+        // but it lets one ping every namespace from the hub when debugging a topology.
         in_ns(HUB, &["ip", "addr", "add", "10.77.0.2/24", "dev", "br0"])?;
         // Harness side: veth from the root namespace into the hub.
         sh(&[

@@ -350,3 +350,46 @@ fn cas_register() {
     ));
     assert_eq!(s.registers["k"].value, "2");
 }
+
+#[test]
+fn domain_verification_is_bound_to_the_claim_it_checked() {
+    let mut s = ClusterState::default();
+    s.apply(
+        1,
+        &Command::CreateApp {
+            name: "web".into(),
+            ports: vec![80],
+            lb: "round-robin".into(),
+        },
+    );
+    let claim = |token: &str| {
+        Command::AddDomain(Domain {
+            name: "api.example.org".into(),
+            app: "web".into(),
+            port: 80,
+            token: token.into(),
+            ..Default::default()
+        })
+    };
+    s.apply(2, &claim("t-old"));
+    // The claim is removed and made again while a verify for the old one is in flight.
+    s.apply(
+        3,
+        &Command::RemoveDomain {
+            name: "api.example.org".into(),
+        },
+    );
+    s.apply(4, &claim("t-new"));
+    let stale = Command::VerifyDomainClaim {
+        name: "api.example.org".into(),
+        token: "t-old".into(),
+    };
+    assert!(matches!(s.apply(5, &stale), Response::Rejected(_)));
+    assert!(!s.domains["api.example.org"].verified);
+    let fresh = Command::VerifyDomainClaim {
+        name: "api.example.org".into(),
+        token: "t-new".into(),
+    };
+    assert_eq!(s.apply(6, &fresh), Response::Ok);
+    assert!(s.domains["api.example.org"].verified);
+}
