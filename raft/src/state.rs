@@ -243,7 +243,10 @@ pub enum Command {
     ExpireInstances(Vec<StaleInstance>),
     /// Marks a custom-domain claim verified, but only the claim whose token the DNS check saw:
     /// if the claim was removed and added again meanwhile (a new token), nothing changes.
-    VerifyDomainClaim { name: String, token: String },
+    VerifyDomainClaim {
+        name: String,
+        token: String,
+    },
 }
 
 /// One registration an [`Command::ExpireInstances`] proposer considered stale.
