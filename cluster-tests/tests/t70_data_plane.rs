@@ -560,6 +560,53 @@ fn t61_https_routing_limits_and_live_updates() {
         "every chunk arrived over the same connection:\n{body}"
     );
 
+    phase("<cvm-id>.internal: refused on the public HTTP port, served on the admin port with the token");
+    let token = std::fs::read_to_string(&dp.tc.info.token_file).expect("token");
+    let internal = |addr: &str, auth: Option<&str>| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args([
+            "-s",
+            "-m",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Host: demo-us-east.internal",
+        ]);
+        if let Some(t) = auth {
+            cmd.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
+        }
+        let out = cmd
+            .arg(format!("http://{addr}/who"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    let (code, _) = internal(&dp.tc.node(1).http_addr, None);
+    assert_eq!(
+        code, 403,
+        "untrusted client reached .internal on the HTTP port"
+    );
+    let (code, _) = internal(&dp.tc.node(1).admin_addr, None);
+    assert_eq!(code, 401, ".internal on the admin port without the token");
+    let (code, _) = internal(&dp.tc.node(1).admin_addr, Some("wrong-token-wrong-token"));
+    assert_eq!(code, 401, ".internal on the admin port with a wrong token");
+    for node in dp.tc.ids() {
+        let (code, body) = internal(&dp.tc.node(node).admin_addr, Some(&token));
+        assert_eq!(code, 200, "node {node}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("demo JSON");
+        assert_eq!(
+            v["instance_id"], "demo-us-east",
+            "node {node}: only that instance"
+        );
+        assert!(
+            v["headers"].get("authorization").is_none(),
+            "the admin token leaked to the CVM: {body}"
+        );
+    }
+
     phase("metrics");
     let metrics = |node: u64| {
         let admin = dp.tc.node(node).admin_addr.clone();

@@ -36,12 +36,25 @@ pub struct AdminState {
     pub dns: crate::dns::TxtResolver,
     /// `edge.base_domains`: custom domains may not be claimed inside them.
     pub base_domains: Vec<String>,
+    /// The data plane, once it runs: `<cvm-id>.internal` requests on this port go to it.
+    pub edge: EdgeSlot,
 }
+
+/// Filled in when the data plane starts (after the admin listener, which must answer first).
+pub type EdgeSlot = Arc<std::sync::OnceLock<Arc<crate::edge::Edge>>>;
+
+/// Largest request body relayed to a `.internal` name through the admin port: operators'
+/// debugging requests, buffered whole.
+const MAX_INTERNAL_BODY: usize = 1024 * 1024;
 
 /// Builds the router for the admin port. gRPC calls must carry `authorization: Bearer <token>`;
 /// the probe and metrics paths are unauthenticated because the listener is local-only.
 pub fn router(state: AdminState, token: String) -> axum::Router {
     let token = Arc::new(token);
+    let internal = InternalRoute {
+        edge: state.edge.clone(),
+        token: token.clone(),
+    };
     let svc = AdminServer::with_interceptor(
         AdminService {
             state: state.clone(),
@@ -59,7 +72,83 @@ pub fn router(state: AdminState, token: String) -> axum::Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    grpc.merge(http)
+    grpc.merge(http).layer(axum::middleware::from_fn_with_state(
+        internal,
+        internal_names,
+    ))
+}
+
+#[derive(Clone)]
+struct InternalRoute {
+    edge: EdgeSlot,
+    token: Arc<String>,
+}
+
+/// `<cvm-id>.internal` on the admin port (ARCHITECTURE.md §1): an operator with the admin token
+/// reaches one instance directly, e.g. `curl -H 'Host: web-1.internal' -H 'Authorization:
+/// Bearer …' http://127.0.0.1:9080/`. Every other request goes on to the admin routes.
+async fn internal_names(
+    State(s): State<InternalRoute>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        // HTTP/2 carries the name in :authority instead.
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .map(|h| {
+            crate::edge::route::split_host_port(h)
+                .0
+                .trim_end_matches('.')
+                .to_ascii_lowercase()
+        });
+    if !host.is_some_and(|h| h.ends_with(".internal")) {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !bool::from(presented.as_bytes().ct_eq(s.token.as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "`.internal` names on the admin port need the admin bearer token\n",
+        )
+            .into_response();
+    }
+    let Some(edge) = s.edge.get().cloned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the data plane does not run on this node\n",
+        )
+            .into_response();
+    };
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0)
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let (mut parts, body) = req.into_parts();
+    // The admin token is for this node, never for the CVM behind it.
+    parts.headers.remove(axum::http::header::AUTHORIZATION);
+    let body = match axum::body::to_bytes(body, MAX_INTERNAL_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body over 1 MiB (or unreadable)\n",
+            )
+                .into_response()
+        }
+    };
+    let req = axum::http::Request::from_parts(parts, http_body_util::Full::new(body));
+    edge.serve_internal(client, req)
+        .await
+        .map(axum::body::Body::new)
 }
 
 pub async fn serve(
@@ -67,9 +156,12 @@ pub async fn serve(
     router: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 fn check_token(req: &Request<()>, token: &str) -> Result<(), Status> {

@@ -185,6 +185,7 @@ pub async fn run(
         .context("dns resolver")?;
 
     let admin_addr = listeners.admin.local_addr()?;
+    let edge_slot = crate::admin::EdgeSlot::default();
     let state = AdminState {
         cluster: cluster.clone(),
         region: cfg.region.clone(),
@@ -193,6 +194,7 @@ pub async fn run(
         unsafe_stale_reads: cfg.debug.unsafe_stale_reads,
         dns: dns.clone(),
         base_domains: cfg.edge.base_domains.clone(),
+        edge: edge_slot.clone(),
     };
     let router = admin::router(state, token);
     let sd = shutdown.clone();
@@ -226,6 +228,7 @@ pub async fn run(
         )
         .context("start the data plane")?;
         edge.set_custom_domains(crate::custom_domain::CustomDomains::new(dns.clone()));
+        let _ = edge_slot.set(edge.clone());
         edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
         tracker.spawn(crate::edge::balance::announce_region(
             cluster.clone(),

@@ -562,14 +562,23 @@ async fn run_fault(
         FaultKind::DiskFull => cluster.free_disk(target)?,
         FaultKind::Latency | FaultKind::Loss => {
             wan.restore(wan_before);
-            // No node was cut off, so no election is expected; report one if it happened.
-            match (before, cluster.current_leader().await) {
-                (Some((l0, term0)), Some((l1, term1))) if term1 != term0 => {
-                    detail.push_str(&format!(
-                        "; leadership changed: leader {l0} term {term0} -> leader {l1} term {term1}"
-                    ))
-                }
-                (Some((l0, term0)), Some(_)) => {
+            // No node was cut off, so no election is expected; report one if it happened. A
+            // follower that missed heartbeats may still be a leaderless candidate in a higher
+            // term at this point and only disrupt the leader once its votes get through, so
+            // wait (bounded) until all nodes agree on a leader, and compare the highest term
+            // any node reports, candidates included.
+            let settle = Instant::now() + Duration::from_secs(3);
+            while cluster.agreed_leader(&ids).await.is_none() && Instant::now() < settle {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let after = cluster.current_leader().await;
+            let term_after = max_term(cluster).await;
+            match (before, after, term_after) {
+                (Some((l0, term0)), Some((l1, _)), Some(term1)) if term1 != term0 => detail
+                    .push_str(&format!(
+                        "; elections: term {term0} -> {term1}, leader {l0} -> {l1}"
+                    )),
+                (Some((l0, term0)), Some(_), Some(_)) => {
                     detail.push_str(&format!("; no election (leader {l0}, term {term0})"))
                 }
                 _ => detail.push_str("; leader unknown at start or end"),
@@ -593,6 +602,20 @@ async fn run_fault(
         new_leader,
         detail,
     })
+}
+
+/// The highest term any running node reports (a candidate's too), or `None` if none answers.
+async fn max_term(cluster: &Cluster) -> Option<u64> {
+    let mut best = None;
+    for n in &cluster.nodes {
+        if n.paused || n.child.is_none() {
+            continue;
+        }
+        if let Some(s) = n.admin.status(Duration::from_millis(300)).await {
+            best = best.max(Some(s.term));
+        }
+    }
+    best
 }
 
 /// Every pair (a, b) and (b, a): `a` and `b` cannot talk at all.

@@ -661,6 +661,28 @@ impl Edge {
         proxy::relay(stream, up, Duration::from_millis(self.cfg.idle_timeout_ms)).await;
     }
 
+    /// `<cvm-id>.internal` requests that arrived on the admin listener, whose bearer token the
+    /// admin layer has checked: served as from a trusted network, to that one instance.
+    pub async fn serve_internal<B>(
+        &self,
+        client: SocketAddr,
+        req: http::Request<B>,
+    ) -> http::Response<proxy::ProxyBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<proxy::BoxError>,
+    {
+        let ctx = ConnCtx {
+            client,
+            scheme: "http",
+            sni: None,
+            sni_route: None,
+            trusted: true,
+            inflight: AtomicUsize::new(0),
+        };
+        self.proxy.handle(&self.snapshot, &ctx, req).await
+    }
+
     /// The plain HTTP port: redirects, ACME, and `.internal` for trusted clients.
     async fn serve_plain(
         self: Arc<Self>,
