@@ -19,13 +19,16 @@ fn terraform_dir() -> PathBuf {
 
 /// `terraform <args>` in `dir`, non-interactive, with no user CLI configuration.
 fn terraform(dir: &Path, args: &[&str]) -> std::process::Output {
-    run(Command::new("terraform")
+    let start = std::time::Instant::now();
+    let out = run(Command::new("terraform")
         .current_dir(dir)
         .env("TF_IN_AUTOMATION", "1")
         .env("TF_INPUT", "0")
         .env("TF_CLI_CONFIG_FILE", "/dev/null")
         .env("CHECKPOINT_DISABLE", "1")
-        .args(args))
+        .args(args));
+    eprintln!("terraform {}: {:?}", args.join(" "), start.elapsed());
+    out
 }
 
 fn ok(out: std::process::Output, what: &str) -> std::process::Output {
