@@ -298,6 +298,49 @@ impl TestCluster {
         }
     }
 
+    /// A certificate for `names` (CN `cn`) from the cluster's development CA, made with the
+    /// openssl CLI: `<stem>.pem` and `<stem>.key` in the cluster directory. Returns (cert, key).
+    pub fn issue_dev_cert(&self, cn: &str, names: &[&str], stem: &str) -> (PathBuf, PathBuf) {
+        let dir = self.path();
+        let key = dir.join(format!("{stem}.key"));
+        let csr = dir.join(format!("{stem}.csr"));
+        let crt = dir.join(format!("{stem}.pem"));
+        let ext = dir.join(format!("{stem}.ext"));
+        let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
+                san.join(",")
+            ),
+        )
+        .expect("write openssl extensions");
+        let out = run(Command::new("openssl")
+            .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-subj"])
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr));
+        assert!(out.status.success(), "openssl req: {}", show(&out));
+        let pki = dir.join("pki");
+        let out = run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "30", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(pki.join("dev-ca.pem"))
+            .arg("-CAkey")
+            .arg(pki.join("dev-ca.key"))
+            .arg("-CAcreateserial")
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&crt));
+        assert!(out.status.success(), "openssl x509: {}", show(&out));
+        (crt, key)
+    }
+
     /// Node `id`'s `/metrics` text (empty if it does not answer).
     pub fn metrics(&self, id: u64) -> String {
         let token = std::fs::read_to_string(&self.info.token_file).unwrap_or_default();

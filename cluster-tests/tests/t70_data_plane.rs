@@ -135,54 +135,10 @@ impl DataPlane {
             .to_string()
     }
 
-    /// A certificate for `names` from the cluster's development CA, made with the openssl CLI.
+    /// A certificate for `names` from the cluster's development CA.
     fn issue_cert(&self, cn: &str, names: &[String], stem: &str) -> (PathBuf, PathBuf) {
-        let dir = self.tc.path();
-        let key = dir.join(format!("{stem}.key"));
-        let csr = dir.join(format!("{stem}.csr"));
-        let crt = dir.join(format!("{stem}.pem"));
-        let ext = dir.join(format!("{stem}.ext"));
-        let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
-        std::fs::write(
-            &ext,
-            format!(
-                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
-                san.join(",")
-            ),
-        )
-        .expect("ext");
-        let out = run(Command::new("openssl")
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-            ])
-            .arg(format!("/CN={cn}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr));
-        assert!(out.status.success(), "openssl req: {}", show(&out));
-        let pki = dir.join("pki");
-        let out = run(Command::new("openssl")
-            .args(["x509", "-req", "-days", "30", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(pki.join("dev-ca.pem"))
-            .arg("-CAkey")
-            .arg(pki.join("dev-ca.key"))
-            .arg("-CAcreateserial")
-            .arg("-extfile")
-            .arg(&ext)
-            .arg("-out")
-            .arg(&crt));
-        assert!(out.status.success(), "openssl x509: {}", show(&out));
-        (crt, key)
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.tc.issue_dev_cert(cn, &names, stem)
     }
 }
 

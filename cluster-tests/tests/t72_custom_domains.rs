@@ -280,44 +280,9 @@ impl Env {
         }
     }
 
-    /// A certificate for `name` from the cluster's development CA (openssl CLI).
+    /// A certificate for `name` from the cluster's development CA.
     fn issue_cert(&self, name: &str) -> (PathBuf, PathBuf) {
-        let dir = self.tc.path();
-        let (key, csr, crt, ext) = (
-            dir.join(format!("{name}.key")),
-            dir.join(format!("{name}.csr")),
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.ext")),
-        );
-        std::fs::write(
-            &ext,
-            format!("subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n"),
-        )
-        .expect("ext");
-        let out = run(Command::new("openssl")
-            .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:P-256", "-nodes", "-subj"])
-            .arg(format!("/CN={name}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr));
-        assert!(out.status.success(), "openssl req: {}", show(&out));
-        let pki = dir.join("pki");
-        let out = run(Command::new("openssl")
-            .args(["x509", "-req", "-days", "30", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(pki.join("dev-ca.pem"))
-            .arg("-CAkey")
-            .arg(pki.join("dev-ca.key"))
-            .arg("-CAcreateserial")
-            .arg("-extfile")
-            .arg(&ext)
-            .arg("-out")
-            .arg(&crt));
-        assert!(out.status.success(), "openssl x509: {}", show(&out));
-        (crt, key)
+        self.tc.issue_dev_cert(name, &[name], name)
     }
 
     /// [`Env::issue_cert`], imported into the cluster for the data plane to serve.

@@ -93,44 +93,9 @@ impl Cluster {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("not json ({e}): {body}"))
     }
 
-    /// A certificate for `name` from the cluster's development CA (openssl CLI).
+    /// A certificate for `name` from the cluster's development CA.
     fn issue_cert(&self, cn: &str, name: &str) -> (PathBuf, PathBuf) {
-        let dir = self.tc.path();
-        let (key, csr, crt, ext) = (
-            dir.join("h3-live.key"),
-            dir.join("h3-live.csr"),
-            dir.join("h3-live.pem"),
-            dir.join("h3-live.ext"),
-        );
-        std::fs::write(
-            &ext,
-            format!("subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n"),
-        )
-        .expect("ext");
-        let out = run(Command::new("openssl")
-            .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:P-256", "-nodes", "-subj"])
-            .arg(format!("/CN={cn}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr));
-        assert!(out.status.success(), "openssl req: {}", show(&out));
-        let pki = dir.join("pki");
-        let out = run(Command::new("openssl")
-            .args(["x509", "-req", "-days", "30", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(pki.join("dev-ca.pem"))
-            .arg("-CAkey")
-            .arg(pki.join("dev-ca.key"))
-            .arg("-CAcreateserial")
-            .arg("-extfile")
-            .arg(&ext)
-            .arg("-out")
-            .arg(&crt));
-        assert!(out.status.success(), "openssl x509: {}", show(&out));
-        (crt, key)
+        self.tc.issue_dev_cert(cn, &[name], "h3-live")
     }
 
     fn curl_headers(&self, node: u64, flag: &str) -> String {

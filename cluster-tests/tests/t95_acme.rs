@@ -12,13 +12,14 @@
 //!
 //! Skips (with a printed reason) when Pebble or curl is not installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod acme_env;
+
+use std::process::Command;
 use std::time::Duration;
 
-use portcullis_cluster_tests::harness::{
-    free_port, phase, portcullis_bin, run, show, wait_for, TestCluster,
-};
+use acme_env::Env;
+
+use portcullis_cluster_tests::harness::{free_port, phase, run, show, wait_for};
 
 const NAME: &str = "www.shop.test";
 const SECOND: &str = "api.shop.test";
@@ -28,278 +29,54 @@ const BAD: &str = "bad.shop.test";
 /// of the lifetime left) happens during the test.
 const LIFETIME_SECS: u64 = 45;
 
-fn installed(bin: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// Pebble, its challenge test server, and the cluster; all stopped on drop.
-struct Env {
-    tc: TestCluster,
-    dir: tempfile::TempDir,
-    children: Vec<Child>,
-    pebble_port: u16,
-    pebble_mgmt: u16,
-    dns_port: u16,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+/// Pebble's DNS (`pebble-challtestsrv`: every name is 127.0.0.1, BAD is 127.0.0.2) and the
+/// common ACME test environment, with `[acme]` enabled for NAME, SECOND and BAD.
+fn start() -> Option<Env> {
+    if !acme_env::require(
+        "t95_acme",
+        &["pebble", "pebble-challtestsrv", "curl"],
+        "pebble curl",
+    ) {
+        return None;
     }
-}
-
-/// A CA and a `localhost`/127.0.0.1 leaf for Pebble's HTTPS listeners. Returns the CA path.
-fn pebble_tls(dir: &Path) -> PathBuf {
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "t95 pebble https ca");
-    let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("leaf params")
-        .signed_by(&key, &issuer)
-        .expect("leaf cert");
-    std::fs::write(dir.join("pebble-https-ca.pem"), ca_cert.pem()).expect("write");
-    std::fs::write(dir.join("pebble-https.pem"), leaf.pem()).expect("write");
-    std::fs::write(dir.join("pebble-https.key"), key.serialize_pem()).expect("write");
-    dir.join("pebble-https-ca.pem")
-}
-
-impl Env {
-    fn start() -> Option<Env> {
-        for bin in ["pebble", "pebble-challtestsrv", "curl"] {
-            if !installed(bin) {
-                eprintln!(
-                    "SKIP t95_acme: `{bin}` is not installed (Debian: apt-get install pebble curl)"
-                );
-                return None;
-            }
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("t95-pebble-")
-            .tempdir()
-            .expect("tempdir");
-        let ca = pebble_tls(dir.path());
-        let dns_port = free_port();
-        let challtest_mgmt = free_port();
-
-        phase("start pebble-challtestsrv (DNS: every name is 127.0.0.1)");
-        let log = std::fs::File::create(dir.path().join("challtestsrv.log")).expect("log");
-        let challtestsrv = Command::new("pebble-challtestsrv")
-            .args([
-                "-management",
-                &format!("127.0.0.1:{challtest_mgmt}"),
-                "-dns01",
-                &format!("127.0.0.1:{dns_port}"),
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start pebble-challtestsrv");
-
-        phase("start a 3-node cluster and enable [acme] on every node (rolling restart)");
-        let tc = TestCluster::up(3);
-        let mut env = Env {
-            tc,
-            dir,
-            children: vec![challtestsrv],
-            pebble_port: free_port(),
-            pebble_mgmt: free_port(),
-            dns_port,
-        };
-        let directory = format!("https://127.0.0.1:{}/dir", env.pebble_port);
-        for id in env.tc.ids() {
-            let path = env.tc.node(id).config.clone();
-            let text = std::fs::read_to_string(&path).expect("read config");
-            let mut cfg: toml::Table = toml::from_str(&text).expect("parse config");
-            let mut acme = toml::Table::new();
-            acme.insert("enabled".into(), true.into());
-            acme.insert("directory".into(), directory.clone().into());
-            acme.insert("extra_root".into(), ca.display().to_string().into());
-            acme.insert(
-                "domains".into(),
-                toml::Value::Array(vec![NAME.into(), SECOND.into(), BAD.into()]),
-            );
-            acme.insert("include_base_domains".into(), false.into());
-            acme.insert("lease_secs".into(), 6.into());
-            acme.insert("retry_max_secs".into(), 2.into());
-            acme.insert("check_interval_secs".into(), 2.into());
-            acme.insert("request_timeout_secs".into(), 30.into());
-            cfg.insert("acme".into(), acme.into());
-            std::fs::write(&path, toml::to_string(&cfg).expect("toml")).expect("write config");
-            let t = std::time::Instant::now();
-            env.tc.stop(id);
-            env.tc.start_node(id);
-            eprintln!("restarted node {id} in {:.1}s", t.elapsed().as_secs_f64());
-        }
-        // The failing name: an A record nobody answers on.
-        let out = run(Command::new("curl")
-            .args(["-sS", "--max-time", "5", "-X", "POST", "-d"])
-            .arg(format!(r#"{{"host":"{BAD}","addresses":["127.0.0.2"]}}"#))
-            .arg(format!("http://127.0.0.1:{challtest_mgmt}/add-a")));
-        assert!(out.status.success(), "challtestsrv add-a: {}", show(&out));
-        Some(env)
-    }
-
-    fn metric(&self, id: u64, name: &str) -> Option<i64> {
-        let out = run(Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{}/metrics", self.tc.node(id).admin_addr),
-        ]));
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-    }
-
-    fn holder(&self, among: &[u64]) -> Option<u64> {
-        let held: Vec<u64> = among
-            .iter()
-            .copied()
-            .filter(|id| self.metric(*id, "portcullis_acme_lease_held") == Some(1))
-            .collect();
-        (held.len() == 1).then(|| held[0])
-    }
-
-    fn start_pebble(&mut self, http_port: u16) {
-        let cfg = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("127.0.0.1:{}", self.pebble_port),
-                "managementListenAddress": format!("127.0.0.1:{}", self.pebble_mgmt),
-                "certificate": self.dir.path().join("pebble-https.pem"),
-                "privateKey": self.dir.path().join("pebble-https.key"),
-                "httpPort": http_port,
-                "tlsPort": free_port(),
-                "ocspResponderURL": "",
-                "certificateValidityPeriod": LIFETIME_SECS,
-                "externalAccountBindingRequired": false
-            }
-        });
-        let path = self.dir.path().join("pebble.json");
-        std::fs::write(&path, cfg.to_string()).expect("write pebble config");
-        let log = std::fs::File::create(self.dir.path().join("pebble.log")).expect("log");
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(&path)
-            .args(["-dnsserver", &format!("127.0.0.1:{}", self.dns_port)])
-            // No random validation delay, no deliberate nonce rejections: the test measures
-            // the cluster, not Pebble's chaos switches.
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            // Every order needs a fresh validation, so the orderer crash lands mid-order.
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start pebble");
-        self.children.push(child);
-        let ca = self.dir.path().join("pebble-https-ca.pem");
-        let url = format!("https://127.0.0.1:{}/dir", self.pebble_port);
-        wait_for("pebble's directory", Duration::from_secs(20), || {
-            let out = run(Command::new("curl")
-                .args(["-sS", "--max-time", "2", "--cacert"])
-                .arg(&ca)
-                .arg(&url));
-            out.status.success().then_some(())
-        });
-    }
-
-    /// Pebble's issuing root (changes every Pebble start), from its management endpoint.
-    fn pebble_root(&self) -> PathBuf {
-        let out = run(Command::new("curl")
-            .args(["-sS", "--max-time", "5", "--cacert"])
-            .arg(self.dir.path().join("pebble-https-ca.pem"))
-            .arg(format!("https://127.0.0.1:{}/roots/0", self.pebble_mgmt)));
-        assert!(out.status.success(), "fetch pebble root: {}", show(&out));
-        let path = self.dir.path().join("pebble-root.pem");
-        std::fs::write(&path, &out.stdout).expect("write root");
-        path
-    }
-
-    fn pebble_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
-    }
-
-    /// `cert list --json` entries for `name`, from node `id`.
-    fn certs_named(&self, id: u64, name: &str) -> Option<Vec<serde_json::Value>> {
-        let out = self.tc.cli_at(id, &["cert", "list", "--json"]);
-        if !out.status.success() {
-            return None;
-        }
-        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-        Some(
-            v.into_iter()
-                .filter(|c| c["name"].as_str() == Some(name))
-                .collect(),
-        )
-    }
-
-    /// The serial of the certificate node `id` serves for `name`, if curl verifies it against
-    /// `root`.
-    fn served_serial(&self, id: u64, name: &str, root: &Path) -> Option<String> {
-        let https = &self.tc.node(id).https_addr;
-        let port = https.rsplit_once(':').map(|(_, p)| p).unwrap_or("443");
-        let out = run(Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "5",
-                "-w",
-                "%{certs}",
-            ])
-            .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
-            .arg("--cacert")
-            .arg(root)
-            .arg(format!("https://{name}:{port}/")));
-        if !out.status.success() {
-            return None;
-        }
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        // curl >= 7.88 prints the chain with `-w %{certs}`; older versions print nothing, in
-        // which case a verified handshake is all we can assert.
-        let serial = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("Serial Number:")
-                    .map(|s| s.trim().to_string())
-            })
-            .unwrap_or_else(|| "verified".into());
-        Some(serial)
-    }
+    let dns_port = free_port();
+    let challtest_mgmt = free_port();
+    let mut env = Env::new("t95-pebble-", dns_port);
+    phase("start pebble-challtestsrv (DNS: every name is 127.0.0.1)");
+    let mgmt = format!("127.0.0.1:{challtest_mgmt}");
+    let dns = format!("127.0.0.1:{dns_port}");
+    env.spawn(
+        "challtestsrv.log",
+        Command::new("pebble-challtestsrv").args([
+            "-management",
+            &mgmt,
+            "-dns01",
+            &dns,
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+        ]),
+    );
+    env.enable_acme(&[NAME, SECOND, BAD], toml::Table::new());
+    // The failing name: an A record nobody answers on.
+    let out = run(Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-X", "POST", "-d"])
+        .arg(format!(r#"{{"host":"{BAD}","addresses":["127.0.0.2"]}}"#))
+        .arg(format!("http://{mgmt}/add-a")));
+    assert!(out.status.success(), "challtestsrv add-a: {}", show(&out));
+    Some(env)
 }
 
 #[test]
 fn acme_http01_through_a_non_orderer_node_renewal_and_orderer_crash() {
-    let Some(mut env) = Env::start() else {
+    let Some(mut env) = start() else {
         return;
     };
     let ids = env.tc.ids();
@@ -321,7 +98,7 @@ fn acme_http01_through_a_non_orderer_node_renewal_and_orderer_crash() {
     );
 
     phase("start pebble: HTTP-01 validation goes to the non-orderer node");
-    env.start_pebble(other_http);
+    env.start_pebble_with(other_http, free_port(), Some(LIFETIME_SECS));
     let started = std::time::Instant::now();
 
     phase("wait for the certificate in the replicated state");
@@ -540,7 +317,7 @@ fn acme_http01_through_a_non_orderer_node_renewal_and_orderer_crash() {
         );
     }
     let issued = env
-        .pebble_log()
+        .log("pebble.log")
         .matches("Issued certificate serial")
         .count();
     eprintln!("pebble issued {issued} certificates in total");

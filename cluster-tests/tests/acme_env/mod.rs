@@ -183,6 +183,12 @@ impl Env {
     /// Starts Pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`, resolving
     /// names through `dns_port`.
     pub fn start_pebble(&mut self, http_port: u16, tls_port: u16) {
+        self.start_pebble_with(http_port, tls_port, None);
+    }
+
+    /// [`Env::start_pebble`], with Pebble's certificate lifetime set to `validity_secs` (short
+    /// lifetimes make renewal happen during a test).
+    pub fn start_pebble_with(&mut self, http_port: u16, tls_port: u16, validity_secs: Option<u64>) {
         phase(&format!(
             "start pebble (httpPort {http_port}, tlsPort {tls_port}, DNS 127.0.0.1:{})",
             self.dns_port
@@ -199,6 +205,10 @@ impl Env {
                 "externalAccountBindingRequired": false
             }
         });
+        let mut cfg = cfg;
+        if let Some(secs) = validity_secs {
+            cfg["pebble"]["certificateValidityPeriod"] = secs.into();
+        }
         let path = self.dir.path().join("pebble.json");
         std::fs::write(&path, cfg.to_string()).expect("write pebble config");
         let dns = format!("127.0.0.1:{}", self.dns_port);
