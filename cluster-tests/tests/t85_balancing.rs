@@ -457,3 +457,56 @@ fn t87_health_fall_and_rise_without_failed_requests() {
     }
     eprintln!("back in rotation after {:?}", restarted.elapsed());
 }
+
+#[test]
+fn t88_weighted_round_robin_and_drain() {
+    let mut lb = Lb::up();
+    phase("app wt --lb round-robin with 2 instances, weights 3 and 1");
+    lb.cli_ok(&["app", "create", "wt", "--port", "8080"]);
+    lb.add_instance("wt-1", "wt", "us-east");
+    lb.add_instance("wt-2", "wt", "us-east");
+    lb.wait_registered("wt", 2);
+    lb.cli_ok(&["cvm", "weight", "wt-1", "3"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&lb.cli_ok(&["--json", "cvm", "show", "wt-1"])).expect("json");
+    assert_eq!(shown["weight"], 3, "{shown}");
+
+    // Every node applies the weight; count a full cycle's worth of picks through each.
+    for node in [1, 2, 3] {
+        wait_for(
+            &format!("node {node} splits 3:1"),
+            Duration::from_secs(10),
+            || {
+                let mut n: HashMap<String, u32> = HashMap::new();
+                for _ in 0..16 {
+                    *n.entry(lb.instance(node, "wt", None)).or_default() += 1;
+                }
+                let (a, b) = (n.get("wt-1").copied()?, n.get("wt-2").copied()?);
+                (a == 12 && b == 4).then_some(())
+            },
+        );
+    }
+
+    phase("weight 0 drains wt-1: every request goes to wt-2");
+    lb.cli_ok(&["cvm", "weight", "wt-1", "0"]);
+    for node in [1, 2, 3] {
+        wait_for(
+            &format!("node {node} drained wt-1"),
+            Duration::from_secs(10),
+            || {
+                (0..8)
+                    .all(|_| lb.instance(node, "wt", None) == "wt-2")
+                    .then_some(())
+            },
+        );
+    }
+
+    phase("an out-of-range weight and an unknown instance are refused");
+    for args in [
+        ["cvm", "weight", "wt-1", "10001"],
+        ["cvm", "weight", "nope", "2"],
+    ] {
+        let out = lb.tc.cli(&args);
+        assert!(!out.status.success(), "{args:?} accepted: {}", show(&out));
+    }
+}

@@ -256,8 +256,13 @@ fn app_pb(a: &App, instances: Vec<pb::Instance>) -> pb::App {
     }
 }
 
-pub fn instance_pb(i: &Instance) -> pb::Instance {
+/// An instance as the API shows it; `weights` is the state's weight table.
+pub fn instance_pb(
+    i: &Instance,
+    weights: &std::collections::BTreeMap<String, u32>,
+) -> pb::Instance {
     pb::Instance {
+        weight: weights.get(&i.instance_id).copied().unwrap_or(1),
         instance_id: i.instance_id.clone(),
         app: i.app.clone(),
         region: i.region.clone(),
@@ -514,7 +519,12 @@ impl Admin for AdminService {
         let Some(app) = applied.state.apps.get(&name) else {
             return Err(Status::not_found(format!("app {name:?} not found")));
         };
-        let instances = applied.state.instances_of(&name).map(instance_pb).collect();
+        let weights = &applied.state.instance_weights;
+        let instances = applied
+            .state
+            .instances_of(&name)
+            .map(|i| instance_pb(i, weights))
+            .collect();
         Ok(tonic::Response::new(app_pb(app, instances)))
     }
 
@@ -701,7 +711,17 @@ impl Admin for AdminService {
             .await
             .map_err(status)?;
         match outcome(resp)? {
-            Response::Instance(i) => Ok(tonic::Response::new(instance_pb(&i))),
+            Response::Instance(i) => {
+                let weights = self
+                    .state
+                    .cluster
+                    .shared
+                    .read()
+                    .state
+                    .instance_weights
+                    .clone();
+                Ok(tonic::Response::new(instance_pb(&i, &weights)))
+            }
             other => Err(Status::internal(format!("unexpected answer {other:?}"))),
         }
     }
@@ -722,7 +742,7 @@ impl Admin for AdminService {
             .instances
             .values()
             .filter(|i| app.is_empty() || i.app == app)
-            .map(instance_pb)
+            .map(|i| instance_pb(i, &applied.state.instance_weights))
             .collect();
         Ok(tonic::Response::new(ListInstancesReply { instances }))
     }
@@ -739,9 +759,30 @@ impl Admin for AdminService {
             .map_err(status)?;
         let applied = self.state.cluster.shared.read();
         match applied.state.instances.get(&id) {
-            Some(i) => Ok(tonic::Response::new(instance_pb(i))),
+            Some(i) => Ok(tonic::Response::new(instance_pb(
+                i,
+                &applied.state.instance_weights,
+            ))),
             None => Err(Status::not_found(format!("instance {id:?} not found"))),
         }
+    }
+
+    async fn set_instance_weight(
+        &self,
+        req: Request<pb::InstanceWeightRequest>,
+    ) -> Result<tonic::Response<WriteReply>, Status> {
+        let r = req.into_inner();
+        let (log_index, resp) = self
+            .state
+            .cluster
+            .write(Command::SetInstanceWeight {
+                instance_id: r.instance_id,
+                weight: r.weight,
+            })
+            .await
+            .map_err(status)?;
+        outcome(resp)?;
+        Ok(tonic::Response::new(WriteReply { log_index }))
     }
 
     async fn remove_instance(

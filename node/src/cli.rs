@@ -187,6 +187,12 @@ pub enum CvmCmd {
     Remove {
         instance_id: String,
     },
+    /// Set an instance's load-balancing weight: relative share of new requests (round robin,
+    /// least-conn, hash); 0 drains it, 1 is the default.
+    Weight {
+        instance_id: String,
+        weight: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -296,6 +302,7 @@ struct InstanceOut {
     tunnel_ip: String,
     wg_public_key: String,
     backend_addr: String,
+    weight: u32,
 }
 
 fn instance_out(i: pb::Instance) -> InstanceOut {
@@ -306,6 +313,7 @@ fn instance_out(i: pb::Instance) -> InstanceOut {
         tunnel_ip: i.tunnel_ip,
         wg_public_key: i.wg_public_key,
         backend_addr: i.backend_addr,
+        weight: i.weight,
     }
 }
 
@@ -812,6 +820,23 @@ pub async fn cvm(g: &Global, cmd: CvmCmd) -> anyhow::Result<()> {
                 );
             }
             println!("removed {instance_id}");
+        }
+        CvmCmd::Weight {
+            instance_id,
+            weight,
+        } => {
+            let r = rpc(c
+                .set_instance_weight(pb::InstanceWeightRequest {
+                    instance_id: instance_id.clone(),
+                    weight,
+                })
+                .await)?;
+            if g.json {
+                return print_json(&serde_json::json!({
+                    "instance_id": instance_id, "weight": weight, "log_index": r.log_index
+                }));
+            }
+            println!("{instance_id}: weight {weight}");
         }
     }
     Ok(())

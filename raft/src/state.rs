@@ -182,7 +182,14 @@ pub struct ClusterState {
     pub registers: BTreeMap<String, Register>,
     /// ACME account, challenge answers and orderer lease (issue 6). Appended last.
     pub acme: AcmeState,
+    /// Load-balancing weights by instance id, for those not at the default of 1 (0 drains).
+    /// A map beside `instances` rather than a field of `Instance`, so registration entries
+    /// already in logs keep their encoding.
+    pub instance_weights: BTreeMap<String, u32>,
 }
+
+/// Largest instance weight (the same bound the balancer enforces).
+pub const MAX_INSTANCE_WEIGHT: u32 = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Register {
@@ -246,6 +253,11 @@ pub enum Command {
     VerifyDomainClaim {
         name: String,
         token: String,
+    },
+    /// Sets an instance's load-balancing weight (1 is the default, 0 drains it).
+    SetInstanceWeight {
+        instance_id: String,
+        weight: u32,
     },
 }
 
@@ -440,6 +452,16 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::SetInstanceWeight {
+                instance_id,
+                weight,
+            } => {
+                validate_name("instance_id", instance_id)?;
+                if *weight > MAX_INSTANCE_WEIGHT {
+                    return Err(field("weight", weight.to_string(), "must be 0-10000"));
+                }
+                Ok(())
+            }
             Command::VerifyDomainClaim { name, token } => {
                 validate_domain_name(name)?;
                 if token.is_empty() || token.len() > 128 {
@@ -575,6 +597,20 @@ impl ClusterState {
                 );
                 Response::Ok
             }
+            Command::SetInstanceWeight {
+                instance_id,
+                weight,
+            } => {
+                if !self.instances.contains_key(instance_id) {
+                    return Response::Rejected(format!("instance {instance_id:?} not found"));
+                }
+                if *weight == 1 {
+                    self.instance_weights.remove(instance_id);
+                } else {
+                    self.instance_weights.insert(instance_id.clone(), *weight);
+                }
+                Response::Ok
+            }
             Command::VerifyDomainClaim { name, token } => match self.domains.get_mut(name) {
                 Some(d) if &d.token == token => {
                     d.verified = true;
@@ -687,6 +723,7 @@ impl ClusterState {
     fn remove_instance(&mut self, id: &str) -> bool {
         match self.instances.remove(id) {
             Some(inst) => {
+                self.instance_weights.remove(id);
                 if let Some(ip) = inst.tunnel_ip {
                     self.tunnel_pool.release(ip);
                 }

@@ -2,7 +2,7 @@
 //!
 //! Durability: sled 0.34's `flush()` ends in `sync_file_range`, which does not persist file
 //! metadata and is not a real fsync. Every I/O that openraft must see as durable (log append,
-//! vote, truncate, purge, committed index, snapshot) is followed by `sync_all()` on the database
+//! vote, truncate, purge, committed index, snapshot) is followed by `sync_data()` (fdatasync) on the database
 //! file before it is reported done. Appends are group-committed: a flusher task collects the
 //! completion callbacks of every append that arrived while the previous fsync ran, syncs once,
 //! then completes them in order.
@@ -65,10 +65,14 @@ struct Durable {
 }
 
 impl Durable {
-    /// sled flush, then a real fsync. Blocking: call from `spawn_blocking`.
+    /// sled flush, then a real fdatasync. Blocking: call from `spawn_blocking`.
+    ///
+    /// `sync_data` persists the file's data and the metadata needed to read it back (its size
+    /// when it grew), which is all recovery needs; skipping the timestamp-only inode update
+    /// `sync_all` would also journal saves a journal commit per write on ext4/xfs.
     fn sync_blocking(&self) -> io::Result<()> {
         self.db.flush().map_err(io::Error::other)?;
-        self.file.sync_all()
+        self.file.sync_data()
     }
 
     async fn sync(&self) -> io::Result<()> {

@@ -306,10 +306,17 @@ impl Balancer {
             let load = loads.entry(i.instance_id.clone()).or_default().clone();
             let h = healths.entry(i.instance_id.clone()).or_default().clone();
             health.insert(i.instance_id.clone(), h);
-            per_app
-                .entry(i.app.as_str())
-                .or_default()
-                .push(GeoBackend::new(i.instance_id.clone(), i.region.clone()).with_load(load));
+            per_app.entry(i.app.as_str()).or_default().push(
+                GeoBackend::new(i.instance_id.clone(), i.region.clone())
+                    .with_load(load)
+                    .with_weight(
+                        state
+                            .instance_weights
+                            .get(&i.instance_id)
+                            .copied()
+                            .unwrap_or(1),
+                    ),
+            );
         }
         drop((loads, healths));
         let mut apps = HashMap::new();

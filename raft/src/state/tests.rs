@@ -393,3 +393,52 @@ fn domain_verification_is_bound_to_the_claim_it_checked() {
     assert_eq!(s.apply(6, &fresh), Response::Ok);
     assert!(s.domains["api.example.org"].verified);
 }
+
+#[test]
+fn instance_weights_follow_their_instance() {
+    let mut s = ClusterState::default();
+    s.apply(
+        1,
+        &Command::CreateApp {
+            name: "web".into(),
+            ports: vec![80],
+            lb: "round-robin".into(),
+        },
+    );
+    s.apply(
+        2,
+        &Command::RegisterInstance(Instance {
+            instance_id: "a".into(),
+            app: "web".into(),
+            region: "r".into(),
+            backend_addr: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        }),
+    );
+    let set = |weight| Command::SetInstanceWeight {
+        instance_id: "a".into(),
+        weight,
+    };
+    assert_eq!(s.apply(3, &set(5)), Response::Ok);
+    assert_eq!(s.instance_weights.get("a"), Some(&5));
+    // Back to the default: nothing stored.
+    assert_eq!(s.apply(4, &set(1)), Response::Ok);
+    assert!(s.instance_weights.is_empty());
+    assert!(matches!(s.apply(5, &set(10_001)), Response::Rejected(_)));
+    let unknown = Command::SetInstanceWeight {
+        instance_id: "b".into(),
+        weight: 2,
+    };
+    assert!(matches!(s.apply(6, &unknown), Response::Rejected(_)));
+    s.apply(7, &set(0));
+    s.apply(
+        8,
+        &Command::RemoveInstance {
+            instance_id: "a".into(),
+        },
+    );
+    assert!(
+        s.instance_weights.is_empty(),
+        "a removed instance leaves no weight"
+    );
+}
