@@ -159,7 +159,18 @@ pub async fn run(
         .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
         .client_ca_root(Certificate::from_pem(&tls.ca_pem));
     let cluster_addr = listeners.cluster.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.cluster);
+    // Raft replies are small and latency-bound: Nagle would hold them for the peer's delayed
+    // ACK. tonic sets TCP_NODELAY only on listeners it binds itself, not on an incoming stream.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listeners.cluster),
+        |conn| {
+            conn.inspect(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cluster rpc: TCP_NODELAY not set");
+                }
+            })
+        },
+    );
     let rpc = Server::builder()
         .tls_config(server_tls)
         .context("cluster TLS config")?
