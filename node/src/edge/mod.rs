@@ -418,12 +418,29 @@ impl Edge {
     }
 
     async fn watch(self: Arc<Self>, shared: SharedState, shutdown: CancellationToken) {
+        // A rebuild costs O(apps + instances + certificates). Under a burst of writes (hundreds
+        // per second) rebuilding after every entry would spend the node's CPU on tables that
+        // are replaced a millisecond later, and slow the writes themselves; at most one rebuild
+        // per interval lets the watch channel coalesce a burst into one. Routes still change
+        // within this interval plus one rebuild, far inside the 1 s promise.
+        const MIN_REBUILD_INTERVAL: Duration = Duration::from_millis(25);
         let mut rx = shared.subscribe();
+        let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },
             }
+            let wait = MIN_REBUILD_INTERVAL.saturating_sub(last.elapsed());
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                // Whatever arrived meanwhile is in this rebuild.
+                rx.borrow_and_update();
+            }
+            last = tokio::time::Instant::now();
             // Parsing certificates is CPU work; keep it off the async workers.
             let edge = self.clone();
             let s = shared.clone();
