@@ -334,6 +334,15 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// Proposes `cmd` through the leader: (log index, the state machine's answer), with a
+    /// refusal or a failed write turned into the matching gRPC status.
+    async fn commit(&self, cmd: Command) -> Result<(u64, Response), Status> {
+        let (index, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
+        Ok((index, outcome(resp)?))
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn cluster_status(
@@ -604,13 +613,7 @@ impl Admin for AdminService {
         req: Request<AppName>,
     ) -> Result<tonic::Response<WriteReply>, Status> {
         let name = req.into_inner().name;
-        let (log_index, resp) = self
-            .state
-            .cluster
-            .write(Command::DeleteApp { name })
-            .await
-            .map_err(status)?;
-        outcome(resp)?;
+        let (log_index, _) = self.commit(Command::DeleteApp { name }).await?;
         Ok(tonic::Response::new(WriteReply { log_index }))
     }
 
@@ -634,13 +637,7 @@ impl Admin for AdminService {
             issuer: meta.issuer,
         };
         let info = cert_pb(&cert);
-        let (_, resp) = self
-            .state
-            .cluster
-            .write(Command::PutCertificate(cert))
-            .await
-            .map_err(status)?;
-        outcome(resp)?;
+        self.commit(Command::PutCertificate(cert)).await?;
         Ok(tonic::Response::new(info))
     }
 
@@ -780,16 +777,12 @@ impl Admin for AdminService {
         req: Request<pb::InstanceWeightRequest>,
     ) -> Result<tonic::Response<WriteReply>, Status> {
         let r = req.into_inner();
-        let (log_index, resp) = self
-            .state
-            .cluster
-            .write(Command::SetInstanceWeight {
+        let (log_index, _) = self
+            .commit(Command::SetInstanceWeight {
                 instance_id: r.instance_id,
                 weight: r.weight,
             })
-            .await
-            .map_err(status)?;
-        outcome(resp)?;
+            .await?;
         Ok(tonic::Response::new(WriteReply { log_index }))
     }
 
@@ -798,13 +791,7 @@ impl Admin for AdminService {
         req: Request<InstanceId>,
     ) -> Result<tonic::Response<WriteReply>, Status> {
         let instance_id = req.into_inner().instance_id;
-        let (log_index, resp) = self
-            .state
-            .cluster
-            .write(Command::RemoveInstance { instance_id })
-            .await
-            .map_err(status)?;
-        outcome(resp)?;
+        let (log_index, _) = self.commit(Command::RemoveInstance { instance_id }).await?;
         Ok(tonic::Response::new(WriteReply { log_index }))
     }
 
@@ -849,13 +836,7 @@ impl Admin for AdminService {
             passthrough: r.passthrough,
         };
         let reply = domain_pb(&domain);
-        let (_, resp) = self
-            .state
-            .cluster
-            .write(Command::AddDomain(domain))
-            .await
-            .map_err(status)?;
-        outcome(resp)?;
+        self.commit(Command::AddDomain(domain)).await?;
         Ok(tonic::Response::new(reply))
     }
 
@@ -898,16 +879,12 @@ impl Admin for AdminService {
         )
         .await
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let (log_index, resp) = self
-            .state
-            .cluster
-            .write(Command::VerifyDomainClaim {
+        let (log_index, _) = self
+            .commit(Command::VerifyDomainClaim {
                 name,
                 token: claim.token.clone(),
             })
-            .await
-            .map_err(status)?;
-        outcome(resp)?;
+            .await?;
         Ok(tonic::Response::new(pb::DomainVerifyReply {
             domain: Some(domain_pb(&portcullis_raft::state::Domain {
                 verified: true,
@@ -939,13 +916,7 @@ impl Admin for AdminService {
         // No base-domain check: a claim made before the bases changed must stay removable.
         let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (log_index, resp) = self
-            .state
-            .cluster
-            .write(Command::RemoveDomain { name })
-            .await
-            .map_err(status)?;
-        outcome(resp)?;
+        let (log_index, _) = self.commit(Command::RemoveDomain { name }).await?;
         Ok(tonic::Response::new(WriteReply { log_index }))
     }
 }
