@@ -251,16 +251,22 @@ fn acme_dns01_wildcard_through_the_cluster() {
         cert["issuer"].as_str().unwrap_or("").contains("Pebble"),
         "issuer {cert}"
     );
-    let holder_log = env.tc.node_log(holder);
+    // The record is removed after the order completes, which can be just after the certificate
+    // is stored: wait for the line rather than read the log once.
     for expected in [
         "dns-01 TXT record added and visible",
         "dns-01 TXT record removed",
     ] {
-        assert!(
-            holder_log
-                .lines()
-                .any(|l| l.contains(expected) && l.contains(ZONE)),
-            "orderer log should say {expected:?}"
+        wait_for(
+            &format!("orderer log line {expected:?}"),
+            Duration::from_secs(15),
+            || {
+                env.tc
+                    .node_log(holder)
+                    .lines()
+                    .any(|l| l.contains(expected) && l.contains(ZONE))
+                    .then_some(())
+            },
         );
     }
     for id in ids.iter().filter(|id| **id != holder) {

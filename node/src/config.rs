@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub acme: crate::acme::AcmeConfig,
     /// `[dns]`: TXT lookups for custom domains (docs/custom-domains.md).
     pub dns: crate::dns::DnsConfig,
+    /// `[secrets]`: the cluster data key that seals private keys at rest (docs/keys-at-rest.md).
+    pub secrets: crate::secrets::SecretsConfig,
     /// Test-only switches that deliberately break guarantees, so the chaos harness can prove it
     /// catches the breakage (docs/chaos.md). Never set these in production.
     pub debug: DebugConfig,
@@ -82,6 +84,7 @@ impl Default for NodeConfig {
             wg: WgConfig::default(),
             acme: crate::acme::AcmeConfig::default(),
             dns: crate::dns::DnsConfig::default(),
+            secrets: Default::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -456,7 +459,11 @@ impl NodeConfig {
             &mut cfg.cluster.cert,
             &mut cfg.cluster.key,
             &mut cfg.admin.token_file,
-        ] {
+            &mut cfg.secrets.data_key_file,
+        ]
+        .into_iter()
+        .chain(cfg.secrets.previous_data_key_files.iter_mut())
+        {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -14,6 +14,7 @@
 //! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend.
 //! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
 //! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
+//! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ pub mod launcher;
 pub mod metrics;
 pub mod pki;
 pub mod ports;
+pub mod secrets;
 pub mod server;
 pub mod tunnel;
 

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod link;
+pub mod outage;
 pub mod probe;
 pub mod run;
 pub mod scenario;

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cluster::Cluster;
 use super::link::run_in_netns;
+use super::outage::window_stats;
 use super::topology::{node_ip, CLIENT_NS, CVM_IP, CVM_NS};
 
 pub const BASE: &str = "chaos.portcullis.test";
@@ -53,6 +54,20 @@ pub struct GatewayStats {
     pub error_rate: f64,
     /// Longest time without a successful probe (ms).
     pub longest_outage_ms: u64,
+    /// When the probe of this gateway stopped (ms since the workload started).
+    pub probed_until_ms: u64,
+    /// Every request's outcome, in order: the majority-side check (outage.rs) cuts the
+    /// partition windows out of it. Not in the JSON report (about 10 per second per gateway).
+    #[serde(skip)]
+    pub samples: Vec<ProbeSample>,
+}
+
+/// One probe request: when it completed (ms since the workload started) and whether the
+/// gateway answered 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSample {
+    pub at_ms: u64,
+    pub ok: bool,
 }
 
 fn make_cert() -> anyhow::Result<(String, String, String)> {
@@ -184,27 +199,30 @@ async fn probe_all(
         let client = client.clone();
         let results = results.clone();
         tasks.push(tokio::spawn(async move {
-            let mut st = GatewayStats::default();
-            let mut last_ok = start;
+            let ms = |t: Instant| t.saturating_duration_since(start).as_millis() as u64;
+            let mut samples = Vec::new();
             let mut tick = tokio::time::interval(INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while Instant::now() < deadline {
                 tick.tick().await;
-                st.requests += 1;
-                match probe(&client, id).await {
-                    Ok(200) => {
-                        let now = Instant::now();
-                        st.longest_outage_ms =
-                            st.longest_outage_ms.max((now - last_ok).as_millis() as u64);
-                        last_ok = now;
-                    }
-                    _ => st.errors += 1,
-                }
+                let ok = matches!(probe(&client, id).await, Ok(200));
+                samples.push(ProbeSample {
+                    at_ms: ms(Instant::now()),
+                    ok,
+                });
             }
-            st.longest_outage_ms = st
-                .longest_outage_ms
-                .max((Instant::now() - last_ok).as_millis() as u64);
-            st.error_rate = st.errors as f64 / st.requests.max(1) as f64;
+            let until = ms(Instant::now());
+            // The whole run is just the widest window: one definition of an outage for the
+            // per-gateway figure and the partition windows.
+            let whole = window_stats(&samples, until, 0, until);
+            let st = GatewayStats {
+                requests: whole.requests,
+                errors: whole.errors,
+                error_rate: whole.errors as f64 / whole.requests.max(1) as f64,
+                longest_outage_ms: whole.longest_outage_ms,
+                probed_until_ms: until,
+                samples,
+            };
             results
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::cluster::{Cluster, Membership};
 use super::link::{DeviceSpec, LinkLayer, LinkParams, LinkStats};
+use super::outage::{self, MajorityDataPlane, Span};
 use super::probe::{DataPlane, GatewayStats};
 use super::scenario::{Expect, FaultKind, Scenario, Target};
 use super::topology::{is_root, node_ns, wan_dev, wan_ip, Topology};
@@ -34,6 +35,9 @@ pub struct FaultReport {
     /// Time from the fault until the rest of the cluster reported a new leader.
     pub election_ms: Option<u64>,
     pub new_leader: Option<u64>,
+    /// Partition faults: the gateways that had to keep serving HTTPS meanwhile (outage.rs);
+    /// `None` for other kinds.
+    pub majority_side: Option<Vec<u64>>,
     pub detail: String,
 }
 
@@ -63,6 +67,9 @@ pub struct Report {
     pub data_plane_probe: String,
     /// Per gateway: HTTPS GETs of the demo app every 100 ms during the run.
     pub data_plane: BTreeMap<u64, GatewayStats>,
+    /// The majority side's data plane during each partition fault, against the scenario's
+    /// `max_majority_outage_ms`; `ok = false` fails the run.
+    pub majority_data_plane: MajorityDataPlane,
     /// What the WAN link layer forwarded and dropped.
     pub wan: LinkStats,
     pub linearizable: bool,
@@ -171,7 +178,8 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
         for i in order {
             let f = sc.faults[i].clone();
             sleep_until(t0 + Duration::from_secs_f64(f.at_secs)).await;
-            let r = run_fault(i, &f, &mut cluster, &topo, &wan, &mut rng, t0).await?;
+            let drop_https = sc.debug.drop_majority_https;
+            let r = run_fault(i, &f, &mut cluster, &topo, &wan, &mut rng, t0, drop_https).await?;
             eprintln!(
                 "--- fault {i} {} on node {}: leader before {:?}, new leader {:?} after {:?} ms ({})",
                 r.kind, r.target, r.leader_before, r.new_leader, r.election_ms, r.detail
@@ -216,12 +224,29 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
     for id in &ids {
         longest.insert(*id, history.longest_gap_ms(*id, 0, end_ns));
     }
+    let spans: Vec<Span> = faults
+        .iter()
+        .filter_map(|f| {
+            Some(Span {
+                fault: f.index,
+                kind: f.kind.clone(),
+                from_ms: f.at_ms,
+                to_ms: f.healed_at_ms,
+                majority: f.majority_side.clone()?,
+            })
+        })
+        .collect();
+    let majority_data_plane =
+        outage::check(&spans, data_plane_stats.as_ref(), sc.max_majority_outage_ms);
     let linearizable = check.ok;
     let final_state_ok = converged && final_check.ok;
     let healthy = linearizable && final_state_ok && node_crashes.is_empty();
     let passed = match sc.expect {
-        Expect::Linearizable => healthy,
-        Expect::Violation => !linearizable,
+        Expect::Linearizable => healthy && majority_data_plane.ok,
+        // The majority side must keep serving whatever the register checker finds.
+        Expect::Violation => !linearizable && majority_data_plane.ok,
+        // A measured outage, not merely a window the probe could not check.
+        Expect::MajorityOutage => majority_data_plane.outage_seen(),
     };
     let mut check_report = check.report();
     if !converged {
@@ -267,6 +292,7 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
         longest_admin_outage_ms: longest,
         data_plane_probe,
         data_plane: data_plane_stats.unwrap_or_default(),
+        majority_data_plane,
         wan: wan_stats,
         linearizable,
         check_report,
@@ -398,6 +424,8 @@ async fn read_everywhere(
 }
 
 /// Applies fault `f`, measures the election it causes, waits out its duration and heals it.
+/// `drop_https`: the test-only `[debug] drop_majority_https` switch.
+#[allow(clippy::too_many_arguments)]
 async fn run_fault(
     index: usize,
     f: &super::scenario::Fault,
@@ -406,6 +434,7 @@ async fn run_fault(
     wan: &LinkLayer,
     rng: &mut StdRng,
     t0: Instant,
+    drop_https: bool,
 ) -> anyhow::Result<FaultReport> {
     // Link faults change the WAN table; the baseline comes back when they heal.
     let wan_before = wan.snapshot();
@@ -540,6 +569,21 @@ async fn run_fault(
         .copied()
         .filter(|i| !cut_off.contains(i))
         .collect();
+    let majority_side = outage::majority_side(f.kind, &cut_off, &ids);
+    let mut detail = detail;
+    // The test-only switch: make one majority-side gateway stop serving, so the data-plane
+    // check has something to catch.
+    let https_dropped = match (&majority_side, drop_https) {
+        (Some(side), true) => match side.first() {
+            Some(victim) => {
+                topo.drop_https(*victim)?;
+                detail.push_str(&format!("; TEST: HTTPS to gateway {victim} dropped"));
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    };
     let heal_at = at + Duration::from_secs_f64(f.duration_secs);
     let (election_ms, new_leader) = if let (true, Some((old, term))) = (leader_affected, before) {
         match wait_new_leader(cluster, &majority, old, term, heal_at).await {
@@ -550,7 +594,9 @@ async fn run_fault(
         (None, None)
     };
     sleep_until(heal_at).await;
-    let mut detail = detail;
+    if https_dropped {
+        topo.undrop_https()?;
+    }
     match f.kind {
         FaultKind::Kill => cluster.spawn(target)?,
         FaultKind::Pause => cluster.resume(target)?,
@@ -600,6 +646,7 @@ async fn run_fault(
         leader_affected,
         election_ms,
         new_leader,
+        majority_side,
         detail,
     })
 }
@@ -715,6 +762,7 @@ pub fn summary(r: &Report) -> String {
             g.longest_outage_ms
         ));
     }
+    s.push_str(&majority_summary(&r.majority_data_plane));
     s.push_str(&format!(
         "  linearizable: {}\n  converged: {} ({})\n  no acknowledged write lost: {}\n",
         r.linearizable,
@@ -736,6 +784,63 @@ pub fn summary(r: &Report) -> String {
         "  expected: {:?} -> {}\n",
         r.expect,
         if r.passed { "PASS" } else { "FAIL" }
+    ));
+    s
+}
+
+/// The majority-side data-plane lines of the summary: one per partition window, the worst per
+/// gateway, and every broken limit.
+fn majority_summary(m: &MajorityDataPlane) -> String {
+    let mut s = format!(
+        "  majority-side data plane during partitions (limit {} ms, max_majority_outage_ms):\n",
+        m.max_outage_ms
+    );
+    if m.windows.is_empty() {
+        s.push_str("    no partition faults\n");
+    }
+    for w in &m.windows {
+        let g: Vec<String> = w
+            .gateways
+            .iter()
+            .map(|(id, g)| {
+                format!(
+                    "n{id}={} ms ({}/{} errors)",
+                    g.longest_outage_ms, g.errors, g.requests
+                )
+            })
+            .collect();
+        s.push_str(&format!(
+            "    fault {:>2} {:<18} {:>6}..{:<6} ms majority {:?}: {} {}\n",
+            w.fault,
+            w.kind,
+            w.from_ms,
+            w.to_ms,
+            w.majority,
+            if g.is_empty() {
+                "not probed".to_string()
+            } else {
+                g.join(" ")
+            },
+            if w.ok { "ok" } else { "OUTAGE" }
+        ));
+    }
+    if !m.longest_outage_ms.is_empty() {
+        let o: Vec<String> = m
+            .longest_outage_ms
+            .iter()
+            .map(|(n, ms)| format!("n{n}={ms}"))
+            .collect();
+        s.push_str(&format!(
+            "    longest majority-side outage per gateway during partitions (ms): {}\n",
+            o.join(" ")
+        ));
+    }
+    for v in &m.violations {
+        s.push_str(&format!("  MAJORITY-SIDE DATA-PLANE OUTAGE: {v}\n"));
+    }
+    s.push_str(&format!(
+        "  majority side kept serving: {}\n",
+        if m.ok { "yes" } else { "NO" }
     ));
     s
 }

@@ -35,24 +35,49 @@ pub struct Scenario {
     #[serde(default)]
     pub links: Links,
     /// What the run must show: `linearizable` (the default), or `violation` for scenarios that
-    /// run a deliberately broken build and pass only if the checker catches it.
+    /// run a deliberately broken build and pass only if the checker catches it, or
+    /// `majority-outage` for scenarios that break the majority side's data plane on purpose
+    /// (`[debug] drop_majority_https`) and pass only if the data-plane check catches it.
     #[serde(default)]
     pub expect: Expect,
+    /// Longest a gateway on the majority side of a partition may go without a successful HTTPS
+    /// probe while the partition is in force (ms); above it the run fails (outage.rs).
+    #[serde(default = "default_max_majority_outage_ms")]
+    pub max_majority_outage_ms: u64,
     #[serde(default)]
     pub faults: Vec<Fault>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Expect {
     #[default]
     Linearizable,
     Violation,
+    MajorityOutage,
 }
 
 fn default_seed() -> u64 {
     1
 }
+
+/// The data plane serves from each node's local replicated state and needs no leader or
+/// quorum, so a majority-side gateway should see no outage at all during a partition. What a
+/// healthy gateway still shows is the probe's own granularity: one probe every 100 ms on a
+/// fresh TLS connection, so consecutive successes are 100-250 ms apart, and up to ~370 ms
+/// measured on unaffected gateways of a debug build sharing 2 cores with 5 nodes and the
+/// harness (docs/chaos.md). 1000 ms leaves room for that jitter while still failing on any
+/// real interruption: a single timed-out probe (1 s timeout) already exceeds it.
+pub const DEFAULT_MAX_MAJORITY_OUTAGE_MS: u64 = 1000;
+
+fn default_max_majority_outage_ms() -> u64 {
+    DEFAULT_MAX_MAJORITY_OUTAGE_MS
+}
+
+/// Bounds of `max_majority_outage_ms`: below two probe periods even a healthy gateway fails
+/// (successes are at least one period apart, plus jitter); above a minute the check means
+/// nothing for faults that last seconds.
+pub const MAX_MAJORITY_OUTAGE_RANGE: std::ops::RangeInclusive<u64> = 200..=60_000;
 
 fn default_regions() -> Vec<String> {
     vec!["eu-west".into(), "us-east".into(), "ap-south".into()]
@@ -151,6 +176,10 @@ pub const MAX_LINK_DELAY_MS: u64 = 10_000;
 pub struct Debug {
     /// Sets `[debug] unsafe_stale_reads` on every node: `KvGet` skips the linearizable barrier.
     pub unsafe_stale_reads: bool,
+    /// Harness-side: during every partition fault, also drop client HTTPS (an nftables input
+    /// drop of TCP 8443) on one majority-side gateway, the lowest id, as if its edge stopped
+    /// serving. Only for `expect = "majority-outage"`, to show that the check can fail.
+    pub drop_majority_https: bool,
 }
 
 /// Which node a fault hits, resolved when the fault starts.
@@ -229,6 +258,19 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    /// Network faults that cut some nodes off from the others; while they are in force the
+    /// majority side's data plane must keep serving (outage.rs).
+    pub fn is_partition(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Isolate
+                | FaultKind::MajorityMinority
+                | FaultKind::OneWay
+                | FaultKind::Bridge
+                | FaultKind::LinkDown
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Kill => "kill",
@@ -330,6 +372,36 @@ impl Scenario {
             return bad(
                 "clients.op_timeout_ms",
                 format!("{} is not in 50..=60000", c.op_timeout_ms),
+            );
+        }
+        if !MAX_MAJORITY_OUTAGE_RANGE.contains(&self.max_majority_outage_ms) {
+            return bad(
+                "max_majority_outage_ms",
+                format!(
+                    "{} is not in {}..={} (below two 100 ms probe periods even a healthy \
+                     gateway fails)",
+                    self.max_majority_outage_ms,
+                    MAX_MAJORITY_OUTAGE_RANGE.start(),
+                    MAX_MAJORITY_OUTAGE_RANGE.end()
+                ),
+            );
+        }
+        if self.debug.drop_majority_https != (self.expect == Expect::MajorityOutage) {
+            return bad(
+                "debug.drop_majority_https",
+                "drop_majority_https and expect = \"majority-outage\" go together: the switch \
+                 breaks the data plane on purpose, the expectation says the check must catch it"
+                    .into(),
+            );
+        }
+        if self.expect == Expect::MajorityOutage
+            && !self.faults.iter().any(|f| f.kind.is_partition())
+        {
+            return bad(
+                "expect",
+                "majority-outage needs a partition fault (isolate, majority-minority, one-way, \
+                 bridge or link-down)"
+                    .into(),
             );
         }
         let t = &self.timing;
@@ -517,6 +589,23 @@ target = { node = 2 }
         assert_eq!(s.faults.len(), 2);
         assert_eq!(s.faults[1].target, Target::Node(2));
         assert_eq!(s.clients.keys, 3);
+        assert_eq!(s.max_majority_outage_ms, DEFAULT_MAX_MAJORITY_OUTAGE_MS);
+        assert_eq!(s.expect, Expect::Linearizable);
+        let s = Scenario::parse(
+            &GOOD.replace(
+                "duration_secs = 30",
+                "duration_secs = 30\nmax_majority_outage_ms = 250",
+            ),
+            "good.toml",
+        )
+        .expect("valid");
+        assert_eq!(s.max_majority_outage_ms, 250);
+        let broken = GOOD.replace(
+            "duration_secs = 30",
+            "duration_secs = 30\nexpect = \"majority-outage\"\n[debug]\ndrop_majority_https = true",
+        );
+        let s = Scenario::parse(&broken, "broken.toml").expect("valid");
+        assert_eq!(s.expect, Expect::MajorityOutage);
     }
 
     #[test]
@@ -575,6 +664,46 @@ target = { node = 2 }
             (
                 format!("{GOOD}\n[links]\ndelay_ms = 99999\n"),
                 "links.delay_ms",
+            ),
+            (
+                GOOD.replace("duration_secs = 30", "duration_secs = 30\nmax_majority_outage_ms = 0"),
+                "max_majority_outage_ms",
+            ),
+            (
+                GOOD.replace(
+                    "duration_secs = 30",
+                    "duration_secs = 30\nmax_majority_outage_ms = 100",
+                ),
+                "max_majority_outage_ms",
+            ),
+            (
+                GOOD.replace(
+                    "duration_secs = 30",
+                    "duration_secs = 30\nmax_majority_outage_ms = 600000",
+                ),
+                "max_majority_outage_ms",
+            ),
+            (
+                GOOD.replace(
+                    "duration_secs = 30",
+                    "duration_secs = 30\nmax_majority_outage_ms = \"1s\"",
+                ),
+                "max_majority_outage_ms",
+            ),
+            (
+                GOOD.replace("duration_secs = 30", "duration_secs = 30\nexpect = \"majority-outage\""),
+                "debug.drop_majority_https",
+            ),
+            (
+                format!("{GOOD}\n[debug]\ndrop_majority_https = true\n"),
+                "debug.drop_majority_https",
+            ),
+            (
+                GOOD.replace("\"isolate\"", "\"pause\"").replace(
+                    "duration_secs = 30",
+                    "duration_secs = 30\nexpect = \"majority-outage\"\n[debug]\ndrop_majority_https = true",
+                ),
+                "`expect`",
             ),
         ];
         for (text, needle) in cases {

@@ -22,6 +22,11 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 
+use super::probe::GATEWAY_HTTPS_PORT;
+
+/// The nftables table of [`Topology::drop_https`] (no `-`: nft identifiers).
+const DROP_HTTPS_TABLE: &str = "pcchaos_https";
+
 /// Prefix of every namespace and root-namespace link the harness creates.
 pub const PREFIX: &str = "pcchaos";
 pub const HUB: &str = "pcchaos-hub";
@@ -222,6 +227,28 @@ impl Topology {
             let _ = in_ns(
                 &node_ns(*id),
                 &["nft", "delete", "table", "inet", "pcchaos"],
+            );
+        }
+        Ok(())
+    }
+
+    /// Test-only (`[debug] drop_majority_https`): gateway `id` drops incoming client HTTPS
+    /// (TCP to the edge port), as if its edge stopped serving. Its own nftables table, so
+    /// installing and healing partitions leaves it alone.
+    pub fn drop_https(&self, id: u64) -> anyhow::Result<()> {
+        let rules = format!(
+            "table inet {DROP_HTTPS_TABLE} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp dport {GATEWAY_HTTPS_PORT} drop\n }}\n}}\n"
+        );
+        sh_in_with_input(&node_ns(id), &["nft", "-f", "-"], &rules)
+    }
+
+    /// Undoes [`Topology::drop_https`] on every node.
+    pub fn undrop_https(&self) -> anyhow::Result<()> {
+        for id in &self.nodes {
+            // Absent table: that node was not the one.
+            let _ = in_ns(
+                &node_ns(*id),
+                &["nft", "delete", "table", "inet", DROP_HTTPS_TABLE],
             );
         }
         Ok(())
