@@ -423,6 +423,7 @@ impl TestCluster {
              cert = \"../pki/node-{id}/cert.pem\"\nkey = \"../pki/node-{id}/key.pem\"\n\
              heartbeat_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\n\
              [admin]\nlisten = \"{admin}\"\ntoken_file = \"../pki/admin.token\"\n\
+             [secrets]\ndata_key_file = \"../pki/data.key\"\n\
              [edge]\nenabled = false\n[wg]\nenabled = false\n"
         );
         std::fs::write(dir.join("config.toml"), config).expect("write config");

@@ -212,6 +212,11 @@ fn terraform_modules_apply_for_real() {
         let key = std::fs::read_to_string(pki.join(format!("node-{id}/key.pem"))).expect("key");
         let key_line = key.lines().nth(1).expect("a key line");
         assert!(user_data.contains(key_line), "node {id} key missing");
+        let data_key = std::fs::read_to_string(pki.join("data.key")).expect("data.key");
+        assert!(
+            user_data.contains(data_key.trim()) && config.contains("data_key_file = "),
+            "node {id} lacks the cluster data key"
+        );
         assert!(
             !user_data.contains(ca_key_body),
             "node {id} user data ships the CA key"

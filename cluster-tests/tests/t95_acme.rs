@@ -113,6 +113,14 @@ fn acme_http01_through_a_non_orderer_node_renewal_and_orderer_crash() {
         cert["issuer"].as_str().unwrap_or("").contains("Pebble"),
         "issuer {cert}"
     );
+    // The orderer seals the new key with the cluster data key before it enters Raft.
+    assert!(
+        cert["key_encryption"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("aes-256-gcm:"),
+        "key stored unsealed: {cert}"
+    );
     assert!(
         env.tc
             .node_log(other)

@@ -14,7 +14,7 @@ use portcullis_proto::admin::{
     ListInstancesReply, ListInstancesRequest, MembershipReply, NodeIdRequest,
     PutCertificateRequest, RegisterInstanceRequest, WriteReply,
 };
-use portcullis_raft::state::{App, Certificate, Instance};
+use portcullis_raft::state::{App, Certificate, Instance, Rewrap, RewrapTarget};
 use portcullis_raft::{Cluster, ClusterError, Command, NodeInfo, Response};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,8 @@ pub struct AdminState {
     pub base_domains: Vec<String>,
     /// The data plane, once it runs: `<cvm-id>.internal` requests on this port go to it.
     pub edge: EdgeSlot,
+    /// Seals imported private keys before they are proposed; `KeyStatus` and `RewrapKeys`.
+    pub keyring: Arc<crate::secrets::Keyring>,
 }
 
 /// Filled in when the data plane starts (after the admin listener, which must answer first).
@@ -278,6 +280,53 @@ pub fn instance_pb(
         wg_public_key: i.wg_public_key.clone(),
         backend_addr: i.backend_addr.clone().unwrap_or_default(),
     }
+}
+
+/// One private key in the replicated state, as `KeyStatus` and `RewrapKeys` see it.
+struct StoredKey {
+    target: RewrapTarget,
+    /// Certificate name or ACME directory.
+    name: String,
+    scheme: String,
+    /// The sealed secret (the account's base64 decoded).
+    stored: Vec<u8>,
+    /// The value exactly as stored, which a rewrap names as the one it replaces.
+    stored_raw: Vec<u8>,
+}
+
+impl StoredKey {
+    fn kind(&self) -> &'static str {
+        match self.target {
+            RewrapTarget::Certificate(_) => "certificate",
+            RewrapTarget::AcmeAccount => "ACME account",
+        }
+    }
+}
+
+fn stored_keys(cluster: &Cluster) -> Vec<StoredKey> {
+    let applied = cluster.shared.read();
+    let mut keys: Vec<StoredKey> = applied
+        .state
+        .certificates
+        .values()
+        .map(|c| StoredKey {
+            target: RewrapTarget::Certificate(c.name.clone()),
+            name: c.name.clone(),
+            scheme: c.key_encryption.clone(),
+            stored: c.key.clone(),
+            stored_raw: c.key.clone(),
+        })
+        .collect();
+    if let Some(a) = &applied.state.acme.account {
+        keys.push(StoredKey {
+            target: RewrapTarget::AcmeAccount,
+            name: a.directory.clone(),
+            scheme: a.encryption.clone(),
+            stored: crate::acme::decode_sealed(&a.encryption, &a.credentials),
+            stored_raw: a.credentials.clone().into_bytes(),
+        });
+    }
+    keys
 }
 
 fn cert_pb(c: &Certificate) -> pb::CertificateInfo {
@@ -626,13 +675,18 @@ impl Admin for AdminService {
         // Parse and check before proposing: a bad certificate never enters the log.
         let meta = crate::edge::tls::inspect(&name, &r.chain_pem, r.key_pem.as_bytes())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key_pem = zeroize::Zeroizing::new(r.key_pem);
+        let (key, key_encryption) = self
+            .state
+            .keyring
+            .seal(&crate::secrets::cert_aad(&name), key_pem.as_bytes())
+            .map_err(|e| Status::internal(e.to_string()))?;
         let cert = Certificate {
             name,
             names: meta.names,
             chain_pem: r.chain_pem,
-            // key encryption: issue 6 — stored as PEM until the cluster data key exists.
-            key: r.key_pem.into_bytes(),
-            key_encryption: "none".into(),
+            key,
+            key_encryption,
             not_after: meta.not_after,
             issuer: meta.issuer,
         };
@@ -784,6 +838,94 @@ impl Admin for AdminService {
             })
             .await?;
         Ok(tonic::Response::new(WriteReply { log_index }))
+    }
+
+    async fn key_status(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<tonic::Response<pb::KeyStatusReply>, Status> {
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        let ring = &self.state.keyring;
+        let keys = stored_keys(&self.state.cluster)
+            .into_iter()
+            .map(|k| pb::StoredKey {
+                protection: format!("{:?}", ring.classify(&k.scheme)).to_lowercase(),
+                kind: match k.target {
+                    RewrapTarget::Certificate(_) => "certificate".into(),
+                    RewrapTarget::AcmeAccount => "acme-account".into(),
+                },
+                name: k.name,
+                key_encryption: k.scheme,
+            })
+            .collect();
+        Ok(tonic::Response::new(pb::KeyStatusReply {
+            current_key_id: ring.current_id().unwrap_or_default().to_string(),
+            previous_key_ids: ring.previous_ids().into_iter().map(String::from).collect(),
+            keys,
+        }))
+    }
+
+    async fn rewrap_keys(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<tonic::Response<pb::RewrapReply>, Status> {
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)?;
+        let ring = &self.state.keyring;
+        let mut reply = pb::RewrapReply::default();
+        let mut list = Vec::new();
+        for k in stored_keys(&self.state.cluster) {
+            if ring.classify(&k.scheme) == crate::secrets::Protection::Current {
+                reply.already_current += 1;
+                continue;
+            }
+            let aad = match &k.target {
+                RewrapTarget::Certificate(name) => crate::secrets::cert_aad(name),
+                RewrapTarget::AcmeAccount => crate::secrets::account_aad(&k.name),
+            };
+            // A key this node cannot open stops the whole rewrap: re-sealing the others and
+            // reporting success would leave the operator deleting a key that is still needed.
+            let secret = ring.open(&k.scheme, &aad, &k.stored).map_err(|e| {
+                Status::failed_precondition(format!("{} {}: {e}", k.kind(), k.name))
+            })?;
+            let (sealed, scheme) = ring
+                .seal(&aad, &secret)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let new = match k.target {
+                RewrapTarget::Certificate(_) => sealed,
+                RewrapTarget::AcmeAccount => crate::acme::encode_sealed(&sealed).into_bytes(),
+            };
+            list.push(Rewrap {
+                target: k.target,
+                old: k.stored_raw,
+                new,
+                scheme,
+            });
+        }
+        let wanted = list.len() as u64;
+        for chunk in list.chunks(portcullis_raft::state::MAX_REWRAP_BATCH) {
+            let (index, resp) = self.commit(Command::RewrapKeys(chunk.to_vec())).await?;
+            reply.log_index = index;
+            if let Response::Rewrapped(n) = resp {
+                reply.rewrapped += n;
+            }
+        }
+        reply.changed_meanwhile = wanted - reply.rewrapped;
+        tracing::info!(
+            rewrapped = reply.rewrapped,
+            already_current = reply.already_current,
+            changed_meanwhile = reply.changed_meanwhile,
+            key_id = ring.current_id().unwrap_or_default(),
+            "private keys re-sealed"
+        );
+        Ok(tonic::Response::new(reply))
     }
 
     async fn remove_instance(

@@ -195,6 +195,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         cfg.admin.listen = p.admin;
         cfg.admin.token_file = "../pki/admin.token".into();
+        cfg.secrets.data_key_file = format!("../pki/{}", crate::pki::DATA_KEY_FILE).into();
         cfg.edge.https_listen = p.https;
         cfg.edge.http_listen = p.http;
         cfg.wg.listen = p.wg;

@@ -75,6 +75,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::App(c) => cli::app(&cli.global, c).await.map(|_| 0),
         Cmd::Cert(c) => cli::cert(&cli.global, c).await.map(|_| 0),
         Cmd::Domain(c) => cli::domain(&cli.global, c).await.map(|_| 0),
+        Cmd::Secrets(c) => cli::secrets(&cli.global, c).await.map(|_| 0),
         Cmd::Cvm(c) => cli::cvm(&cli.global, c).await.map(|_| 0),
         Cmd::DemoApp(args) => portcullis_node::demo::run(args).await.map(|_| 0),
         Cmd::CvmAgent(args) => {

@@ -1,7 +1,8 @@
 //! Files on disk for the cluster's credentials: the CA, node certificates, the admin token.
 //!
 //! Layout of a PKI directory:
-//! `ca.pem`, `ca.key` (keep offline), `admin.token`, and `node-<id>/{cert.pem,key.pem}`.
+//! `ca.pem`, `ca.key` (keep offline), `admin.token`, `data.key` (the cluster data key that
+//! seals private keys at rest), and `node-<id>/{cert.pem,key.pem}`.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -32,7 +33,10 @@ pub fn random_token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Creates a new CA, an admin token, and certificates for `node_ids`.
+/// The cluster data key's file name in a PKI directory.
+pub const DATA_KEY_FILE: &str = "data.key";
+
+/// Creates a new CA, an admin token, a data key, and certificates for `node_ids`.
 pub fn init(dir: &Path, node_ids: &[u64]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     if dir.join("ca.key").exists() {
@@ -45,6 +49,11 @@ pub fn init(dir: &Path, node_ids: &[u64]) -> anyhow::Result<()> {
     std::fs::write(dir.join("ca.pem"), &ca.cert_pem).context("write ca.pem")?;
     write_private(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
     write_private(&dir.join("admin.token"), random_token().as_bytes())?;
+    let data_key = zeroize::Zeroizing::new(crate::secrets::generate_key()?);
+    write_private(
+        &dir.join(DATA_KEY_FILE),
+        format!("{}\n", data_key.as_str()).as_bytes(),
+    )?;
     for id in node_ids {
         issue(dir, *id)?;
     }

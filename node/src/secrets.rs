@@ -36,7 +36,11 @@ pub fn cert_aad(name: &str) -> Vec<u8> {
 
 /// Associated data of the ACME account credentials.
 pub fn account_aad(directory: &str) -> Vec<u8> {
-    [b"portcullis acme account\0".as_slice(), directory.as_bytes()].concat()
+    [
+        b"portcullis acme account\0".as_slice(),
+        directory.as_bytes(),
+    ]
+    .concat()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,12 +147,13 @@ fn read_key_file(path: &Path) -> Result<DataKey, SecretsError> {
     if mode & 0o077 != 0 {
         return Err(SecretsError::Permissions { origin, mode });
     }
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-        SecretsError::Read {
-            origin: origin.clone(),
-            source,
-        }
-    })?);
+    let text =
+        Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|source| SecretsError::Read {
+                origin: origin.clone(),
+                source,
+            })?,
+        );
     DataKey::from_base64(&text, &origin)
 }
 
@@ -367,7 +372,9 @@ mod tests {
     fn rotation_opens_old_values_and_seals_with_the_new_key() {
         let (k1, k2) = (key(), key());
         let old = Keyring::from_base64(&k1, &[]).expect("old");
-        let (sealed, scheme) = old.seal(&account_aad("https://ca/dir"), b"acct").expect("seal");
+        let (sealed, scheme) = old
+            .seal(&account_aad("https://ca/dir"), b"acct")
+            .expect("seal");
         let rotated = Keyring::from_base64(&k2, &[&k1]).expect("rotated");
         assert_eq!(rotated.classify(&scheme), Protection::Previous);
         let opened = rotated
@@ -418,6 +425,9 @@ mod tests {
             Err(SecretsError::NoDataKey)
         ));
         let msg = SecretsError::NoDataKey.to_string();
-        assert!(msg.contains("data_key_file") && msg.contains(ENV_DATA_KEY), "{msg}");
+        assert!(
+            msg.contains("data_key_file") && msg.contains(ENV_DATA_KEY),
+            "{msg}"
+        );
     }
 }

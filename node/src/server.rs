@@ -86,6 +86,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let token = read_token(&cfg)?;
+    // Paths in the config are already absolute (NodeConfig::load resolves them).
+    let keyring = Arc::new(
+        crate::secrets::Keyring::load(&cfg.secrets, std::path::Path::new(""))
+            .context("cluster data key")?,
+    );
+    tracing::info!(
+        key_id = keyring.current_id().unwrap_or_default(),
+        previous = ?keyring.previous_ids(),
+        "data key loaded"
+    );
     let tls = TlsMaterial::load(&cfg.cluster.ca_cert, &cfg.cluster.cert, &cfg.cluster.key)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data_dir {}", cfg.data_dir.display()))?;
@@ -206,6 +216,7 @@ pub async fn run(
         dns: dns.clone(),
         base_domains: cfg.edge.base_domains.clone(),
         edge: edge_slot.clone(),
+        keyring: keyring.clone(),
     };
     let router = admin::router(state, token);
     let sd = shutdown.clone();
@@ -236,6 +247,7 @@ pub async fn run(
             metrics.edge.clone(),
             Arc::new(crate::acme::ReplicatedResponder::new(shared.clone())),
             Arc::new(balancer),
+            keyring.clone(),
         )
         .context("start the data plane")?;
         edge.set_custom_domains(crate::custom_domain::CustomDomains::new(dns.clone()));
@@ -261,6 +273,7 @@ pub async fn run(
         cfg.edge.base_domains.clone(),
         cluster.clone(),
         metrics.acme.clone(),
+        keyring,
         &tracker,
         shutdown.clone(),
     );

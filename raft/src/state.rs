@@ -259,7 +259,32 @@ pub enum Command {
         instance_id: String,
         weight: u32,
     },
+    /// Replaces sealed private keys with the same keys sealed under another data key
+    /// (`portcullis secrets rewrap`). Each entry names the stored value it replaces: a key that
+    /// changed since the proposer read it (a renewal) is left alone, so a rewrap never undoes a
+    /// newer write.
+    RewrapKeys(Vec<Rewrap>),
 }
+
+/// One private key re-sealed by [`Command::RewrapKeys`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rewrap {
+    pub target: RewrapTarget,
+    /// The stored value as the proposer saw it (certificate key bytes, account credentials).
+    pub old: Vec<u8>,
+    /// The same secret sealed under `scheme`.
+    pub new: Vec<u8>,
+    pub scheme: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RewrapTarget {
+    Certificate(String),
+    AcmeAccount,
+}
+
+/// At most this many keys per rewrap entry.
+pub const MAX_REWRAP_BATCH: usize = 4096;
 
 /// One registration an [`Command::ExpireInstances`] proposer considered stale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,6 +313,8 @@ pub enum Response {
     Lease(OrdererLease),
     /// How many registrations an [`Command::ExpireInstances`] removed.
     Expired(u64),
+    /// How many keys a [`Command::RewrapKeys`] replaced (the others had changed meanwhile).
+    Rewrapped(u64),
 }
 
 /// Why a command was refused before it was proposed.
@@ -512,6 +539,34 @@ impl Command {
                 list.iter()
                     .try_for_each(|s| validate_name("instance_id", &s.instance_id))
             }
+            Command::RewrapKeys(list) => {
+                if list.len() > MAX_REWRAP_BATCH {
+                    return Err(field(
+                        "keys",
+                        list.len().to_string(),
+                        "more than 4096 in one rewrap",
+                    ));
+                }
+                for r in list {
+                    if let RewrapTarget::Certificate(name) = &r.target {
+                        validate_domain_name(name)?;
+                    }
+                    if r.old.len() > MAX_CERT_BYTES
+                        || r.new.is_empty()
+                        || r.new.len() > MAX_CERT_BYTES
+                    {
+                        return Err(field("key", "(redacted)", "must be 1 byte to 64 KiB"));
+                    }
+                    if r.scheme.is_empty() || r.scheme.len() > 64 {
+                        return Err(field(
+                            "key_encryption",
+                            r.scheme.clone(),
+                            "must be 1-64 bytes",
+                        ));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -673,7 +728,36 @@ impl ClusterState {
                 }
                 Response::Expired(expired)
             }
+            Command::RewrapKeys(list) => Response::Rewrapped(self.rewrap(list)),
         }
+    }
+
+    fn rewrap(&mut self, list: &[Rewrap]) -> u64 {
+        let mut replaced = 0;
+        for r in list {
+            match &r.target {
+                RewrapTarget::Certificate(name) => {
+                    if let Some(c) = self.certificates.get_mut(name).filter(|c| c.key == r.old) {
+                        c.key = r.new.clone();
+                        c.key_encryption = r.scheme.clone();
+                        replaced += 1;
+                    }
+                }
+                RewrapTarget::AcmeAccount => {
+                    let account = self.acme.account.as_mut();
+                    // Credentials are text: a sealed value travels as base64.
+                    let new = String::from_utf8(r.new.clone()).ok();
+                    if let (Some(a), Some(new)) = (account, new) {
+                        if a.credentials.as_bytes() == r.old.as_slice() {
+                            a.credentials = new;
+                            a.encryption = r.scheme.clone();
+                            replaced += 1;
+                        }
+                    }
+                }
+            }
+        }
+        replaced
     }
 
     fn register_instance(&mut self, new: &Instance) -> Response {

@@ -159,6 +159,9 @@ connect_timeout_ms = 500
 listen = "{ip}:{ADMIN_PORT}"
 token_file = "../pki/admin.token"
 
+[secrets]
+data_key_file = "../pki/data.key"
+
 [edge]
 https_listen = "{ip}:8443"
 http_listen = "{ip}:8080"

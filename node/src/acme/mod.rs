@@ -24,6 +24,24 @@ pub use metrics::AcmeMetrics;
 pub use responder::ReplicatedResponder;
 
 /// Unix seconds from the local clock.
+/// Sealed account credentials travel as base64 text: the replicated field is a string.
+pub(crate) fn encode_sealed(sealed: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(sealed)
+}
+
+/// The sealed bytes of stored account credentials (plaintext ones as they are). Undecodable
+/// text yields nothing, which then fails to open with the data key's error.
+pub(crate) fn decode_sealed(scheme: &str, credentials: &str) -> Vec<u8> {
+    use base64::Engine;
+    if scheme == crate::secrets::PLAINTEXT {
+        return credentials.as_bytes().to_vec();
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .unwrap_or_default()
+}
+
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use super::config::{in_zone, ChallengeChoice};
 use super::dns01::{Dns01Client, Dns01Error};
 use super::{unix_now, unix_now_ms, AcmeConfig, AcmeMetrics};
+use crate::secrets::Keyring;
 
 /// First retry delay after a failed order; doubles up to `retry_max_secs`.
 const RETRY_MIN: Duration = Duration::from_secs(5);
@@ -78,6 +79,8 @@ pub enum AcmeError {
     BadCertificate(String),
     #[error("lost the orderer lease")]
     LeaseLost,
+    #[error("private key at rest: {0}")]
+    Secrets(#[from] crate::secrets::SecretsError),
 }
 
 /// An answer published for one authorization, to be withdrawn when the order is decided.
@@ -103,6 +106,7 @@ pub fn spawn(
     base_domains: Vec<String>,
     cluster: Cluster,
     metrics: Arc<AcmeMetrics>,
+    keyring: Arc<Keyring>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -128,6 +132,7 @@ pub fn spawn(
         base_domains,
         cluster,
         metrics,
+        keyring,
         account: None,
         backoff: HashMap::new(),
         renew_seen: HashMap::new(),
@@ -141,6 +146,8 @@ struct Orderer {
     base_domains: Vec<String>,
     cluster: Cluster,
     metrics: Arc<AcmeMetrics>,
+    /// Seals the account and certificate keys before they enter Raft; opens the account.
+    keyring: Arc<Keyring>,
     lease_ttl: Duration,
     /// The account built from the stored credentials (which are the cache key).
     account: Option<(String, Account)>,
@@ -415,7 +422,13 @@ impl Orderer {
                     return Ok(acc.clone());
                 }
             }
-            let creds: AccountCredentials = serde_json::from_str(&a.credentials)?;
+            let sealed = super::decode_sealed(&a.encryption, &a.credentials);
+            let json = self.keyring.open(
+                &a.encryption,
+                &crate::secrets::account_aad(&a.directory),
+                &sealed,
+            )?;
+            let creds: AccountCredentials = serde_json::from_slice(&json)?;
             let acc = self.ca(self.builder()?.from_credentials(creds)).await?;
             self.account = Some((a.credentials, acc.clone()));
             return Ok(acc);
@@ -431,15 +444,17 @@ impl Orderer {
                 .builder()?
                 .create(&new, self.cfg.directory.clone(), None))
             .await?;
-        let credentials = serde_json::to_string(&creds)?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&creds)?);
+        let (sealed, encryption) = self
+            .keyring
+            .seal(&crate::secrets::account_aad(&self.cfg.directory), &json)?;
+        let credentials = super::encode_sealed(&sealed);
         self.write(AcmeCommand::PutAccount {
             fencing,
             account: AcmeAccount {
                 directory: self.cfg.directory.clone(),
                 credentials: credentials.clone(),
-                // Cluster data-key encryption is issue 6 part 6; until then the key is stored
-                // like imported certificate keys.
-                encryption: "none".into(),
+                encryption,
             },
         })
         .await?;
@@ -707,20 +722,21 @@ impl Orderer {
         let csr = params.serialize_request(&key)?;
         self.ca(order.finalize_csr(csr.der())).await?;
         let chain_pem = self.ca(order.poll_certificate(&retry)).await?;
-        let key_pem = key.serialize_pem();
+        let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
         let meta = crate::edge::tls::inspect(name, &chain_pem, key_pem.as_bytes())
             .map_err(|e| AcmeError::BadCertificate(e.to_string()))?;
         let not_after = meta.not_after;
+        let (sealed_key, key_encryption) = self
+            .keyring
+            .seal(&crate::secrets::cert_aad(name), key_pem.as_bytes())?;
         self.write(AcmeCommand::PutCertificate {
             fencing,
             cert: Certificate {
                 name: name.to_string(),
                 names: meta.names,
                 chain_pem,
-                // Cluster data-key encryption is issue 6 part 6; until then keys are stored as
-                // PEM, like imported ones.
-                key: key_pem.into_bytes(),
-                key_encryption: "none".into(),
+                key: sealed_key,
+                key_encryption,
                 not_after,
                 issuer: meta.issuer,
             },

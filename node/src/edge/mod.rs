@@ -235,11 +235,13 @@ pub struct Edge {
     https_port: std::sync::atomic::AtomicU16,
     /// `Alt-Svc` for TLS responses, set once HTTP/3 listens.
     alt_svc: arc_swap::ArcSwapOption<HeaderValue>,
+    /// Opens the sealed certificate keys of the replicated state.
+    keyring: Arc<crate::secrets::Keyring>,
 }
 
 impl Edge {
     /// Builds the edge and its first snapshot from `shared`, with the bundled geo database
-    /// and default health settings.
+    /// and default health settings, serving only unsealed (plaintext) certificate keys.
     pub fn new(
         cfg: EdgeConfig,
         shared: &SharedState,
@@ -254,7 +256,15 @@ impl Edge {
             0.0,
             0.0,
         )?;
-        Self::with_balancer(cfg, shared, upstream, metrics, acme, Arc::new(balancer))
+        Self::with_balancer(
+            cfg,
+            shared,
+            upstream,
+            metrics,
+            acme,
+            Arc::new(balancer),
+            Default::default(),
+        )
     }
 
     /// Builds the edge and its first snapshot from `shared`.
@@ -265,6 +275,7 @@ impl Edge {
         metrics: Arc<EdgeMetrics>,
         acme: Arc<dyn AcmeResponder>,
         balancer: Arc<balance::Balancer>,
+        keyring: Arc<crate::secrets::Keyring>,
     ) -> Result<Arc<Edge>, EdgeError> {
         let empty = Snapshot {
             routes: RouteTable::build(&Default::default(), &cfg.base_domains, 0),
@@ -324,6 +335,7 @@ impl Edge {
             balancer,
             https_port,
             alt_svc: Default::default(),
+            keyring,
         });
         edge.rebuild(shared);
         Ok(edge)
@@ -352,7 +364,7 @@ impl Edge {
             )
         };
         let prev = self.snapshot.load_full();
-        let (certs, errors) = CertTable::build(&certs, Some(&prev.certs));
+        let (certs, errors) = CertTable::build(&certs, Some(&prev.certs), &self.keyring);
         for e in errors {
             tracing::warn!(error = %e, "certificate not served");
         }

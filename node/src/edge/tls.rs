@@ -16,6 +16,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::Snapshot;
+use crate::secrets::{cert_aad, Keyring};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -23,8 +24,19 @@ pub enum CertError {
     Chain { name: String, reason: String },
     #[error("private key for {name:?}: {reason}")]
     Key { name: String, reason: String },
-    #[error("private key for {name:?} is stored with encryption {scheme:?}, which this node cannot decrypt yet")]
-    Encrypted { name: String, scheme: String },
+    #[error("private key for {name:?} does not open: {reason}")]
+    Sealed { name: String, reason: String },
+}
+
+/// Opens a stored certificate's key and parses both.
+fn load(c: &Certificate, keyring: &Keyring) -> Result<CertifiedKey, CertError> {
+    let key_pem = keyring
+        .open(&c.key_encryption, &cert_aad(&c.name), &c.key)
+        .map_err(|e| CertError::Sealed {
+            name: c.name.clone(),
+            reason: e.to_string(),
+        })?;
+    certified_key(&c.name, &c.chain_pem, &key_pem)
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -116,6 +128,8 @@ pub fn inspect(name: &str, chain_pem: &str, key_pem: &[u8]) -> Result<CertMeta, 
 struct Parsed {
     chain_pem: String,
     key: Vec<u8>,
+    names: Vec<String>,
+    not_after: u64,
     ck: Arc<CertifiedKey>,
 }
 
@@ -127,65 +141,85 @@ pub struct CertTable {
     /// Parsed entries by stored name, reused by the next build when unchanged (parsing keys on
     /// every state tick would cost a lot with many certificates).
     parsed: HashMap<String, Parsed>,
+    /// Stored (chain, key) that failed to load, by name: not retried or reported again until
+    /// the stored value changes.
+    rejected: HashMap<String, (String, Vec<u8>)>,
 }
 
 impl CertTable {
-    /// Builds the table from the replicated certificates, reusing `previous` parses. Entries that
-    /// fail to parse are skipped and returned so the caller can log them once.
+    /// Builds the table from the replicated certificates, reusing `previous` parses and opening
+    /// sealed keys with `keyring`. An entry that fails to load is returned as an error (once per
+    /// stored value); if an earlier version of it loaded, that one keeps serving, so a corrupt
+    /// or unopenable update never takes a working certificate away.
     pub fn build(
         certs: &BTreeMap<String, Certificate>,
         previous: Option<&CertTable>,
+        keyring: &Keyring,
     ) -> (CertTable, Vec<CertError>) {
         let mut t = CertTable::default();
         let mut errors = Vec::new();
         for c in certs.values() {
-            let reused = previous
-                .and_then(|p| p.parsed.get(&c.name))
-                .filter(|p| p.chain_pem == c.chain_pem && p.key == c.key)
-                .map(|p| p.ck.clone());
-            let ck = match reused {
-                Some(ck) => ck,
+            let prev_parsed = previous.and_then(|p| p.parsed.get(&c.name));
+            let same = |chain: &str, key: &[u8]| chain == c.chain_pem && key == c.key.as_slice();
+            let loaded = match prev_parsed.filter(|p| same(&p.chain_pem, &p.key)) {
+                Some(p) => Some(p.ck.clone()),
                 None => {
-                    // key encryption: issue 6 — keys are stored with key_encryption "none" (PEM)
-                    // until the cluster data key exists; anything else is skipped, not guessed at.
-                    if c.key_encryption != "none" {
-                        errors.push(CertError::Encrypted {
-                            name: c.name.clone(),
-                            scheme: c.key_encryption.clone(),
-                        });
-                        continue;
-                    }
-                    match certified_key(&c.name, &c.chain_pem, &c.key) {
-                        Ok(ck) => Arc::new(ck),
-                        Err(e) => {
-                            errors.push(e);
-                            continue;
+                    let known_bad = previous
+                        .and_then(|p| p.rejected.get(&c.name))
+                        .is_some_and(|(chain, key)| same(chain, key));
+                    if known_bad {
+                        None
+                    } else {
+                        match load(c, keyring) {
+                            Ok(ck) => Some(Arc::new(ck)),
+                            Err(e) => {
+                                errors.push(e);
+                                None
+                            }
                         }
                     }
                 }
             };
-            t.parsed.insert(
-                c.name.clone(),
-                Parsed {
-                    chain_pem: c.chain_pem.clone(),
-                    key: c.key.clone(),
-                    ck: ck.clone(),
-                },
-            );
-            let mut names = c.names.clone();
-            names.push(c.name.clone());
-            for n in names {
+            let entry = match loaded {
+                Some(ck) => {
+                    let mut names = c.names.clone();
+                    names.push(c.name.clone());
+                    Parsed {
+                        chain_pem: c.chain_pem.clone(),
+                        key: c.key.clone(),
+                        names,
+                        not_after: c.not_after,
+                        ck,
+                    }
+                }
+                None => {
+                    t.rejected
+                        .insert(c.name.clone(), (c.chain_pem.clone(), c.key.clone()));
+                    match prev_parsed {
+                        Some(p) => Parsed {
+                            chain_pem: p.chain_pem.clone(),
+                            key: p.key.clone(),
+                            names: p.names.clone(),
+                            not_after: p.not_after,
+                            ck: p.ck.clone(),
+                        },
+                        None => continue,
+                    }
+                }
+            };
+            for n in &entry.names {
                 let n = n.to_ascii_lowercase();
                 let (map, key) = match n.strip_prefix("*.") {
                     Some(suffix) => (&mut t.wildcard, suffix.to_string()),
                     None => (&mut t.exact, n),
                 };
                 // Two certificates for one name: serve the one that expires last.
-                let newer = map.get(&key).is_none_or(|(na, _)| *na < c.not_after);
+                let newer = map.get(&key).is_none_or(|(na, _)| *na < entry.not_after);
                 if newer {
-                    map.insert(key, (c.not_after, ck.clone()));
+                    map.insert(key, (entry.not_after, entry.ck.clone()));
                 }
             }
+            t.parsed.insert(c.name.clone(), entry);
         }
         (t, errors)
     }
@@ -273,7 +307,7 @@ mod tests {
             "web.apps.test".into(),
             entry("web.apps.test", &["web.apps.test"], 10),
         );
-        let (t, errors) = CertTable::build(&certs, None);
+        let (t, errors) = CertTable::build(&certs, None, &Keyring::default());
         assert!(errors.is_empty(), "{errors:?}");
         let exact = t.lookup("web.apps.test").expect("exact");
         let wild = t.lookup("api.apps.test").expect("wildcard");
@@ -302,17 +336,22 @@ mod tests {
 
     #[test]
     fn rebuild_reuses_unchanged_and_skips_bad() {
+        let none = Keyring::default();
         let mut certs = BTreeMap::new();
         certs.insert("a.test".into(), entry("a.test", &["a.test"], 10));
         let mut bad = entry("b.test", &["b.test"], 10);
         bad.key = entry("x.test", &["x.test"], 1).key; // someone else's key
         certs.insert("b.test".into(), bad);
         let mut enc = entry("c.test", &["c.test"], 10);
-        enc.key_encryption = "aes-256-gcm".into();
+        enc.key_encryption = "aes-256-gcm:0011223344556677".into();
         certs.insert("c.test".into(), enc);
-        let (t1, errors) = CertTable::build(&certs, None);
+        let (t1, errors) = CertTable::build(&certs, None, &none);
         assert_eq!(errors.len(), 2, "{errors:?}");
-        let (t2, _) = CertTable::build(&certs, Some(&t1));
+        let (t2, errors) = CertTable::build(&certs, Some(&t1), &none);
+        assert!(
+            errors.is_empty(),
+            "a known-bad entry is reported once: {errors:?}"
+        );
         let (a1, a2) = (
             t1.lookup("a.test").expect("a1"),
             t2.lookup("a.test").expect("a2"),
@@ -322,5 +361,50 @@ mod tests {
             "unchanged certificate is not re-parsed"
         );
         assert!(t2.lookup("b.test").is_none());
+        assert!(t2.lookup("c.test").is_none());
+    }
+
+    #[test]
+    fn sealed_keys_open_and_a_bad_update_keeps_the_old_certificate() {
+        let ring =
+            Keyring::from_base64(&crate::secrets::generate_key().expect("key"), &[]).expect("ring");
+        let seal = |mut c: Certificate| {
+            let (key, scheme) = ring.seal(&cert_aad(&c.name), &c.key).expect("seal");
+            c.key = key;
+            c.key_encryption = scheme;
+            c
+        };
+        let mut certs = BTreeMap::new();
+        certs.insert("a.test".into(), seal(entry("a.test", &["a.test"], 10)));
+        let (t1, errors) = CertTable::build(&certs, None, &ring);
+        assert!(errors.is_empty(), "{errors:?}");
+        let served = t1.lookup("a.test").expect("sealed key opens and serves");
+        // Without the data key the same entry does not load.
+        let (t0, errors) = CertTable::build(&certs, None, &Keyring::default());
+        assert!(
+            matches!(errors.as_slice(), [CertError::Sealed { .. }]),
+            "{errors:?}"
+        );
+        assert!(t0.lookup("a.test").is_none());
+        // A renewal whose sealed key was corrupted: reported, and the old one keeps serving.
+        let mut renewed = seal(entry("a.test", &["a.test"], 20));
+        let last = renewed.key.len() - 1;
+        renewed.key[last] ^= 1;
+        certs.insert("a.test".into(), renewed);
+        let (t2, errors) = CertTable::build(&certs, Some(&t1), &ring);
+        assert!(
+            matches!(errors.as_slice(), [CertError::Sealed { .. }]),
+            "{errors:?}"
+        );
+        let still = t2.lookup("a.test").expect("old certificate still served");
+        assert!(Arc::ptr_eq(&served, &still));
+        // A good renewal then replaces it.
+        certs.insert("a.test".into(), seal(entry("a.test", &["a.test"], 30)));
+        let (t3, errors) = CertTable::build(&certs, Some(&t2), &ring);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!Arc::ptr_eq(
+            &served,
+            &t3.lookup("a.test").expect("renewed")
+        ));
     }
 }

@@ -113,6 +113,23 @@ fn command() -> impl Strategy<Value = Command> {
                 },
             })
         }),
+        (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..3),
+            proptest::collection::vec(any::<u8>(), 0..3)
+        )
+            .prop_map(|(cert, old, new)| {
+                Command::RewrapKeys(vec![Rewrap {
+                    target: if cert {
+                        RewrapTarget::Certificate("a.example.com".into())
+                    } else {
+                        RewrapTarget::AcmeAccount
+                    },
+                    old,
+                    new,
+                    scheme: "aes-256-gcm:00".into(),
+                }])
+            }),
     ];
     prop_oneof![4 => leaf.clone(), 1 => proptest::collection::vec(leaf, 0..4).prop_map(Command::Batch)]
 }
@@ -441,4 +458,63 @@ fn instance_weights_follow_their_instance() {
         s.instance_weights.is_empty(),
         "a removed instance leaves no weight"
     );
+}
+
+#[test]
+fn rewrap_replaces_only_the_value_the_proposer_saw() {
+    let mut s = ClusterState::default();
+    let cert = |name: &str, key: &[u8]| Certificate {
+        name: name.into(),
+        key: key.to_vec(),
+        key_encryption: "aes-256-gcm:old".into(),
+        ..Default::default()
+    };
+    s.apply(1, &Command::PutCertificate(cert("a.test", b"sealed-a")));
+    s.apply(2, &Command::PutCertificate(cert("b.test", b"sealed-b")));
+    s.acme.account = Some(AcmeAccount {
+        directory: "https://ca/dir".into(),
+        credentials: "sealed-acct".into(),
+        encryption: "aes-256-gcm:old".into(),
+    });
+    let rewrap = |target: RewrapTarget, old: &[u8], new: &[u8]| Rewrap {
+        target,
+        old: old.to_vec(),
+        new: new.to_vec(),
+        scheme: "aes-256-gcm:new".into(),
+    };
+    // b was renewed after the proposer read it: its newer key must survive.
+    s.apply(3, &Command::PutCertificate(cert("b.test", b"renewed-b")));
+    let cmd = Command::RewrapKeys(vec![
+        rewrap(
+            RewrapTarget::Certificate("a.test".into()),
+            b"sealed-a",
+            b"new-a",
+        ),
+        rewrap(
+            RewrapTarget::Certificate("b.test".into()),
+            b"sealed-b",
+            b"new-b",
+        ),
+        rewrap(RewrapTarget::Certificate("gone.test".into()), b"x", b"y"),
+        rewrap(RewrapTarget::AcmeAccount, b"sealed-acct", b"new-acct"),
+    ]);
+    assert_eq!(cmd.validate(), Ok(()));
+    assert_eq!(s.apply(4, &cmd), Response::Rewrapped(2));
+    assert_eq!(s.certificates["a.test"].key, b"new-a");
+    assert_eq!(s.certificates["a.test"].key_encryption, "aes-256-gcm:new");
+    assert_eq!(s.certificates["b.test"].key, b"renewed-b");
+    assert_eq!(s.certificates["b.test"].key_encryption, "aes-256-gcm:old");
+    let acct = s.acme.account.as_ref().expect("account");
+    assert_eq!(
+        (acct.credentials.as_str(), acct.encryption.as_str()),
+        ("new-acct", "aes-256-gcm:new")
+    );
+    // Empty replacement values and oversized batches are refused before proposing.
+    let empty = Command::RewrapKeys(vec![rewrap(RewrapTarget::AcmeAccount, b"a", b"")]);
+    assert!(empty.validate().is_err());
+    let many = Command::RewrapKeys(vec![
+        rewrap(RewrapTarget::AcmeAccount, b"a", b"b");
+        MAX_REWRAP_BATCH + 1
+    ]);
+    assert!(many.validate().is_err());
 }

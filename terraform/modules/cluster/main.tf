@@ -67,6 +67,7 @@ locals {
   members      = join(" ", [for id, m in module.node : "--member ${m.member}"])
   ca_pem       = file("${var.pki_dir}/ca.pem")
   token        = trimspace(file("${var.pki_dir}/admin.token"))
+  data_key     = trimspace(file("${var.pki_dir}/data.key"))
 
   user_data = {
     for id, m in module.node : id => templatefile("${path.module}/cloud-init.yaml.tftpl", {
@@ -76,6 +77,7 @@ locals {
       cert_pem        = file("${var.pki_dir}/node-${id}/cert.pem")
       key_pem         = file("${var.pki_dir}/node-${id}/key.pem")
       token           = local.token
+      data_key        = local.data_key
       install_command = var.install_command
       bootstrap       = id == local.bootstrap_id
       members         = local.members
@@ -84,7 +86,7 @@ locals {
 }
 
 output "user_data" {
-  description = "cloud-init user data per node id (contains the node key and admin token)."
+  description = "cloud-init user data per node id (contains the node key, admin token and data key)."
   value       = local.user_data
   sensitive   = true
 }
