@@ -9,8 +9,15 @@
 //! - `wan_latency_scenario_passes`: `scenarios/wan-latency.toml` — inter-region latency and
 //!   loss on the harness's WAN link layer (cluster RPC over TUN devices), then a leader kill;
 //!   the checks must pass and the link layer must have delayed and dropped packets.
+//! - `majority_outage_is_caught`: `scenarios/broken-majority-data-plane.toml` — the test-only
+//!   harness switch `[debug] drop_majority_https` drops client HTTPS on a majority-side gateway
+//!   while a follower is isolated; the run passes only if the majority-side data-plane check
+//!   flags that gateway.
 //!
-//! Both drive the `portcullis-chaos` binary, so its CLI, exit codes and JSON report are tested
+//! Every run also checks the majority-side data plane: during each partition fault, every
+//! gateway on the majority side must keep serving HTTPS (scenario `max_majority_outage_ms`).
+//!
+//! All drive the `portcullis-chaos` binary, so its CLI, exit codes and JSON report are tested
 //! too. They share namespace names, so they run one at a time.
 
 use std::path::{Path, PathBuf};
@@ -103,6 +110,61 @@ fn ci_scenario_passes() {
             );
         }
     }
+    // The majority side kept serving HTTPS through isolate, one-way, bridge and link-down, and
+    // the summary says so per gateway.
+    let m = &r["majority_data_plane"];
+    assert_eq!(m["ok"], true, "{text}");
+    let windows = m["windows"].as_array().cloned().unwrap_or_default();
+    let kinds: Vec<&str> = windows.iter().filter_map(|w| w["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["isolate", "one-way", "bridge", "link-down"],
+        "{text}"
+    );
+    for w in &windows {
+        let majority = w["majority"].as_array().map(Vec::len).unwrap_or(0);
+        let probed = w["gateways"].as_object().map(|g| g.len()).unwrap_or(0);
+        assert!(majority >= 2 && probed == majority, "{w}:\n{text}");
+    }
+    assert!(
+        text.contains("longest majority-side outage per gateway during partitions"),
+        "{text}"
+    );
+    assert!(text.contains("majority side kept serving: yes"), "{text}");
+    no_leftovers();
+}
+
+#[test]
+fn majority_outage_is_caught() {
+    if skip_unless_root() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    phase("scenarios/broken-majority-data-plane.toml: the data-plane check must fail");
+    let (ok, r, text) = run("broken-majority-data-plane.toml", 3);
+    assert!(
+        ok,
+        "the harness did not catch the majority-side outage:\n{text}"
+    );
+    let m = &r["majority_data_plane"];
+    assert_eq!(m["ok"], false, "{text}");
+    // The switch hits the lowest-id majority-side gateway; which nodes that side holds depends
+    // on which node led, so take the victim from the report.
+    let w = &m["windows"][0];
+    let victim = w["majority"][0].as_u64().expect("majority side");
+    let outage = w["gateways"][victim.to_string()]["longest_outage_ms"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        outage > m["max_outage_ms"].as_u64().unwrap_or(u64::MAX),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "MAJORITY-SIDE DATA-PLANE OUTAGE: gateway {victim}:"
+        )),
+        "{text}"
+    );
     no_leftovers();
 }
 

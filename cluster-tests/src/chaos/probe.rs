@@ -1,5 +1,7 @@
 //! The data-plane probe: the demo app behind every gateway, and HTTPS GETs through each gateway
 //! every 100 ms while faults run, to measure error rate and the longest outage per gateway.
+//! Every request's outcome is kept, so outage.rs can also cut the partition windows out of the
+//! same results (the majority-side check).
 //!
 //! The demo app runs inside the CVM namespace (10.77.0.4), registered as a plain-TCP backend,
 //! and the probe's HTTPS clients run on a thread inside the client namespace (10.77.0.3), so

@@ -810,11 +810,10 @@ fn majority_summary(m: &MajorityDataPlane) -> String {
             })
             .collect();
         s.push_str(&format!(
-            "    fault {:>2} {:<18} {:>6}..{:<6} ms majority {:?}: {} {}\n",
+            "    fault {:>2} {:<18} {:<17} majority {:?}: {} {}\n",
             w.fault,
             w.kind,
-            w.from_ms,
-            w.to_ms,
+            format!("{}..{} ms", w.from_ms, w.to_ms),
             w.majority,
             if g.is_empty() {
                 "not probed".to_string()
