@@ -7,6 +7,7 @@
 //! - [`state`]: `ClusterState`, the typed `Command`s that change it, validation, and `apply`.
 //! - [`types`]: openraft type configuration (`TypeConfig`, `NodeInfo`).
 //! - [`store`]: log store and state machine on sled, with real fsyncs and group commit.
+//! - [`snapshot_format`]: the versioned header of snapshot bytes.
 //! - [`network`]: the tonic client side of the transport (mutual TLS, deadlines).
 //! - [`service`]: the tonic server side of the transport.
 //! - `batch`: folds concurrent writes into one log entry on the leader.
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod metrics;
 pub mod network;
 pub mod service;
+pub mod snapshot_format;
 pub mod state;
 pub mod store;
 pub mod tls;

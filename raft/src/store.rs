@@ -388,7 +388,7 @@ impl StateMachine {
         {
             let snap: StoredSnapshot = bincode::deserialize(&bytes)
                 .map_err(|e| StoreError::CorruptSnapshot(e.to_string()))?;
-            applied = bincode::deserialize(&snap.data)
+            applied = crate::snapshot_format::decode(&snap.data)
                 .map_err(|e| StoreError::CorruptSnapshot(e.to_string()))?;
         }
         let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
@@ -433,7 +433,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (data, meta) = {
             let applied = self.shared.read();
-            let data = bincode::serialize(&*applied)
+            let data = crate::snapshot_format::encode(&applied)
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             let last = applied.last_applied;
             let snapshot_id = match last {
@@ -522,8 +522,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let applied: Applied =
-            bincode::deserialize(&data).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+        let applied = crate::snapshot_format::decode(&data)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
         self.persist_snapshot(&StoredSnapshot {
             meta: meta.clone(),
             data,
