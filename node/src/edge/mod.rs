@@ -366,7 +366,7 @@ impl Edge {
         let prev = self.snapshot.load_full();
         let (certs, errors) = CertTable::build(&certs, Some(&prev.certs), &self.keyring);
         for e in errors {
-            tracing::warn!(error = %e, "certificate not served");
+            tracing::warn!(error = %e, "stored certificate not loaded (an earlier version, if any, keeps serving)");
         }
         let index = routes.applied_index;
         self.snapshot.store(Arc::new(Snapshot {
