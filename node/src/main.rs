@@ -20,8 +20,12 @@ fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
         tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn")
     });
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // Colours only on a terminal: logs in files and journald stay plain text (through the
+    // non-blocking writer the subscriber cannot tell by itself).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(writer)
         .init();
     guard

@@ -51,6 +51,9 @@ pub struct Env {
     pub pebble_mgmt: u16,
     /// Pebble's DNS resolver.
     pub dns_port: u16,
+    /// `PEBBLE_WFE_NONCEREJECT` for the next Pebble start: the percentage of valid nonces
+    /// Pebble rejects with `badNonce` (0: none; 100: every signed request fails).
+    pub nonce_reject: u32,
 }
 
 impl Drop for Env {
@@ -108,6 +111,7 @@ impl Env {
             pebble_port: free_port(),
             pebble_mgmt: free_port(),
             dns_port,
+            nonce_reject: 0,
         }
     }
 
@@ -218,9 +222,9 @@ impl Env {
                 .arg("-config")
                 .arg(&path)
                 .args(["-dnsserver", &dns])
-                // No random validation delay, no deliberate nonce rejections.
+                // No random validation delay; deliberate nonce rejections only when asked.
                 .env("PEBBLE_VA_NOSLEEP", "1")
-                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env("PEBBLE_WFE_NONCEREJECT", self.nonce_reject.to_string())
                 .env("PEBBLE_AUTHZREUSE", "0"),
         );
         let ca = self.dir.path().join("pebble-https-ca.pem");
