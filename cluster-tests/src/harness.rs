@@ -342,6 +342,19 @@ impl TestCluster {
     }
 
     /// Node `id`'s `/metrics` text (empty if it does not answer).
+    /// `portcullis cert import --name NAME --cert CRT --key KEY` through any node; asserts it
+    /// succeeded.
+    pub fn import_cert(&self, name: &str, crt: &Path, key: &Path) {
+        let (crt, key) = (
+            crt.to_str().expect("utf-8 path"),
+            key.to_str().expect("utf-8 path"),
+        );
+        let out = self.cli(&[
+            "cert", "import", "--name", name, "--cert", crt, "--key", key,
+        ]);
+        assert!(out.status.success(), "cert import {name}: {}", show(&out));
+    }
+
     pub fn metrics(&self, id: u64) -> String {
         let token = std::fs::read_to_string(&self.info.token_file).unwrap_or_default();
         let out = Command::new("curl")

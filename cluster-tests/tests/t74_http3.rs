@@ -285,17 +285,7 @@ fn t74_http3_end_to_end() {
 
     phase("a certificate imported through Raft is served over QUIC by the next handshake");
     let (crt, key) = c.issue_cert("h3-live", &demo);
-    let out = c.tc.cli(&[
-        "cert",
-        "import",
-        "--name",
-        &demo,
-        "--cert",
-        crt.to_str().expect("utf-8"),
-        "--key",
-        key.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "cert import: {}", show(&out));
+    c.tc.import_cert(&demo, &crt, &key);
     for node in c.tc.ids() {
         wait_for(
             &format!("node {node} shows the new certificate over HTTP/3"),

@@ -165,17 +165,7 @@ fn certificate_keys_are_sealed_served_and_rotated() {
 
     phase("import a certificate; its key is stored sealed with the data key");
     let (crt, key) = c.issue_dev_cert(CN, &[NAME], "vault");
-    let out = c.cli(&[
-        "cert",
-        "import",
-        "--name",
-        NAME,
-        "--cert",
-        crt.to_str().expect("utf8"),
-        "--key",
-        key.to_str().expect("utf8"),
-    ]);
-    assert!(out.status.success(), "{}", show(&out));
+    c.import_cert(NAME, &crt, &key);
     let (id1, entry) = status_at(&c, 1);
     assert_eq!(entry["key_encryption"], format!("aes-256-gcm:{id1}"));
     assert_eq!(entry["protection"], "current");

@@ -61,21 +61,7 @@ fn ca_errors_are_reported_retried_and_the_current_certificate_serves() {
 
     phase("the cluster serves an imported certificate for the name");
     let (crt, key) = env.tc.issue_dev_cert("t99-current", &[NAME], "current");
-    let out = env.tc.cli(&[
-        "cert",
-        "import",
-        "--name",
-        NAME,
-        "--cert",
-        crt.to_str().expect("utf8"),
-        "--key",
-        key.to_str().expect("utf8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        portcullis_cluster_tests::harness::show(&out)
-    );
+    env.tc.import_cert(NAME, &crt, &key);
     let dev_root = env.tc.path().join("pki/dev-ca.pem");
     let serial = wait_for(
         "node 1 serves the imported certificate",

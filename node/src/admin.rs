@@ -386,6 +386,15 @@ impl AdminService {
 impl AdminService {
     /// Proposes `cmd` through the leader: (log index, the state machine's answer), with a
     /// refusal or a failed write turned into the matching gRPC status.
+    /// Reads after this see every write committed before it (see `Cluster::linearizable_barrier`).
+    async fn barrier(&self) -> Result<(), Status> {
+        self.state
+            .cluster
+            .linearizable_barrier()
+            .await
+            .map_err(status)
+    }
+
     async fn commit(&self, cmd: Command) -> Result<(u64, Response), Status> {
         let (index, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
         Ok((index, outcome(resp)?))
@@ -559,11 +568,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<Empty>,
     ) -> Result<tonic::Response<ListAppsReply>, Status> {
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let applied = self.state.cluster.shared.read();
         let apps = applied
             .state
@@ -576,11 +581,7 @@ impl Admin for AdminService {
 
     async fn get_app(&self, req: Request<AppName>) -> Result<tonic::Response<pb::App>, Status> {
         let name = req.into_inner().name;
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let applied = self.state.cluster.shared.read();
         let Some(app) = applied.state.apps.get(&name) else {
             return Err(Status::not_found(format!("app {name:?} not found")));
@@ -633,11 +634,7 @@ impl Admin for AdminService {
         let key = req.into_inner().key;
         // The test-only switch exists so the chaos harness can prove it catches stale reads.
         if !self.state.unsafe_stale_reads {
-            self.state
-                .cluster
-                .linearizable_barrier()
-                .await
-                .map_err(status)?;
+            self.barrier().await?;
         }
         let applied = self.state.cluster.shared.read();
         let reply = match applied.state.registers.get(&key) {
@@ -699,11 +696,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<Empty>,
     ) -> Result<tonic::Response<ListCertificatesReply>, Status> {
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let applied = self.state.cluster.shared.read();
         let certificates = applied.state.certificates.values().map(cert_pb).collect();
         Ok(tonic::Response::new(ListCertificatesReply { certificates }))
@@ -714,11 +707,7 @@ impl Admin for AdminService {
         req: Request<pb::CertificateName>,
     ) -> Result<tonic::Response<WriteReply>, Status> {
         let name = req.into_inner().name.trim().to_ascii_lowercase();
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         if !self
             .state
             .cluster
@@ -790,11 +779,7 @@ impl Admin for AdminService {
         req: Request<ListInstancesRequest>,
     ) -> Result<tonic::Response<ListInstancesReply>, Status> {
         let app = req.into_inner().app;
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let applied = self.state.cluster.shared.read();
         let instances = applied
             .state
@@ -811,11 +796,7 @@ impl Admin for AdminService {
         req: Request<InstanceId>,
     ) -> Result<tonic::Response<pb::Instance>, Status> {
         let id = req.into_inner().instance_id;
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let applied = self.state.cluster.shared.read();
         match applied.state.instances.get(&id) {
             Some(i) => Ok(tonic::Response::new(instance_pb(
@@ -844,11 +825,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<Empty>,
     ) -> Result<tonic::Response<pb::KeyStatusReply>, Status> {
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let ring = &self.state.keyring;
         let keys = stored_keys(&self.state.cluster)
             .into_iter()
@@ -873,11 +850,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<Empty>,
     ) -> Result<tonic::Response<pb::RewrapReply>, Status> {
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let ring = &self.state.keyring;
         let mut reply = pb::RewrapReply::default();
         let mut list = Vec::new();
@@ -952,11 +925,7 @@ impl Admin for AdminService {
                 Status::invalid_argument(format!("invalid port {}: must be 1-65535", r.port))
             })?;
         // Checked here for a precise message; `apply` checks the app again.
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         {
             let applied = self.state.cluster.shared.read();
             let Some(app) = applied.state.apps.get(&r.app) else {
@@ -988,11 +957,7 @@ impl Admin for AdminService {
     ) -> Result<tonic::Response<pb::DomainVerifyReply>, Status> {
         let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         // Copy what the checks need: the state lock must not be held across the lookups.
         let (claim, app_ports) = {
             let applied = self.state.cluster.shared.read();
@@ -1041,11 +1006,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<Empty>,
     ) -> Result<tonic::Response<pb::DomainListReply>, Status> {
-        self.state
-            .cluster
-            .linearizable_barrier()
-            .await
-            .map_err(status)?;
+        self.barrier().await?;
         let applied = self.state.cluster.shared.read();
         let domains = applied.state.domains.values().map(domain_pb).collect();
         Ok(tonic::Response::new(pb::DomainListReply { domains }))

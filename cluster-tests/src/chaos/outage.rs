@@ -94,6 +94,35 @@ pub struct Span {
     pub majority: Vec<u64>,
 }
 
+/// Nodes one fault took down or cut off, from its start until it was healed.
+#[derive(Debug, Clone)]
+pub struct Down {
+    pub fault: usize,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub nodes: Vec<u64>,
+}
+
+/// Removes from each partition's majority side the gateways that another fault overlapping it
+/// in time took down (killed, paused, cut off): with overlapping faults, being outside this
+/// partition's minority does not make a gateway healthy, and its outage is the other fault's
+/// doing. The whole window is dropped for such a gateway, not only the overlap, because a
+/// restarted node needs time before it serves again.
+pub fn exclude_down(spans: Vec<Span>, down: &[Down]) -> Vec<Span> {
+    spans
+        .into_iter()
+        .map(|mut s| {
+            let others: Vec<u64> = down
+                .iter()
+                .filter(|d| d.fault != s.fault && d.from_ms < s.to_ms && s.from_ms < d.to_ms)
+                .flat_map(|d| d.nodes.iter().copied())
+                .collect();
+            s.majority.retain(|id| !others.contains(id));
+            s
+        })
+        .collect()
+}
+
 /// One partition window and what the majority-side gateways did in it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionWindow {
@@ -227,6 +256,40 @@ mod tests {
             probed_until_ms: until_ms,
             samples,
         }
+    }
+
+    #[test]
+    fn overlapping_down_nodes_leave_the_majority_side() {
+        let spans = vec![
+            span(1, 10_000, 20_000, &[2, 3, 4, 5]),
+            span(3, 40_000, 50_000, &[1, 2, 3, 4]),
+        ];
+        let down = [
+            // Its own cut-off node is not in its majority anyway; listed to show it is skipped.
+            Down {
+                fault: 1,
+                from_ms: 10_000,
+                to_ms: 20_000,
+                nodes: vec![1],
+            },
+            // A pause overlapping the first partition's end.
+            Down {
+                fault: 2,
+                from_ms: 18_000,
+                to_ms: 25_000,
+                nodes: vec![4],
+            },
+            // A kill that ended exactly when the second partition began: no overlap.
+            Down {
+                fault: 0,
+                from_ms: 30_000,
+                to_ms: 40_000,
+                nodes: vec![2],
+            },
+        ];
+        let out = exclude_down(spans, &down);
+        assert_eq!(out[0].majority, vec![2, 3, 5]);
+        assert_eq!(out[1].majority, vec![1, 2, 3, 4]);
     }
 
     fn span(fault: usize, from_ms: u64, to_ms: u64, majority: &[u64]) -> Span {

@@ -1,6 +1,6 @@
 //! One chaos run: topology, cluster, workload, the fault schedule, then the checks and the report.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::cluster::{Cluster, Membership};
 use super::link::{DeviceSpec, LinkLayer, LinkParams, LinkStats};
-use super::outage::{self, MajorityDataPlane, Span};
+use super::outage::{self, Down, MajorityDataPlane, Span};
 use super::probe::{DataPlane, GatewayStats};
 use super::scenario::{Expect, FaultKind, Scenario, Target};
 use super::topology::{is_root, node_ns, wan_dev, wan_ip, Topology};
@@ -38,6 +38,8 @@ pub struct FaultReport {
     /// Partition faults: the gateways that had to keep serving HTTPS meanwhile (outage.rs);
     /// `None` for other kinds.
     pub majority_side: Option<Vec<u64>>,
+    /// The nodes this fault took down or cut off from the majority.
+    pub cut_off: Vec<u64>,
     pub detail: String,
 }
 
@@ -172,20 +174,76 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
         }
     };
     let schedule = async {
+        // Faults may overlap in time (scenario.rs checks that overlapping ones cannot undo
+        // each other and leave a quorum), so the schedule is a timeline of starts and heals
+        // rather than one fault after another.
         let mut faults = Vec::new();
         let mut order: Vec<usize> = (0..sc.faults.len()).collect();
         order.sort_by(|a, b| sc.faults[*a].at_secs.total_cmp(&sc.faults[*b].at_secs));
-        for i in order {
+        let mut pending: std::collections::VecDeque<usize> = order.into();
+        let mut active: Vec<ActiveFault> = Vec::new();
+        let start_of = |i: usize| t0 + Duration::from_secs_f64(sc.faults[i].at_secs);
+        loop {
+            let next_start = pending.front().map(|i| start_of(*i));
+            let next_heal = (0..active.len()).min_by_key(|k| active[*k].heal_at);
+            // A heal due at the same moment as a start goes first: the faults do not overlap.
+            let heal_now = match (next_heal, next_start) {
+                (Some(k), Some(s)) => (active[k].heal_at <= s).then_some(k),
+                (Some(k), None) => Some(k),
+                (None, _) => None,
+            };
+            if let Some(k) = heal_now {
+                sleep_until(active[k].heal_at).await;
+                let a = active.swap_remove(k);
+                let next = next_event(&active, pending.front().map(|i| start_of(*i)));
+                let r = heal_fault(a, &mut cluster, &topo, &wan, t0, next).await?;
+                eprintln!(
+                    "--- fault {} {} on node {} healed: leader before {:?}, new leader {:?} \
+                     after {:?} ms ({})",
+                    r.index,
+                    r.kind,
+                    r.target,
+                    r.leader_before,
+                    r.new_leader,
+                    r.election_ms,
+                    r.detail
+                );
+                faults.push(r);
+                continue;
+            }
+            let Some(i) = pending.pop_front() else {
+                break;
+            };
             let f = sc.faults[i].clone();
-            sleep_until(t0 + Duration::from_secs_f64(f.at_secs)).await;
+            sleep_until(start_of(i)).await;
             let drop_https = sc.debug.drop_majority_https;
-            let r = run_fault(i, &f, &mut cluster, &topo, &wan, &mut rng, t0, drop_https).await?;
+            let busy: BTreeSet<u64> = active.iter().flat_map(|a| a.busy.iter().copied()).collect();
+            let mut a = start_fault(
+                i,
+                &f,
+                &mut cluster,
+                &topo,
+                &wan,
+                &mut rng,
+                t0,
+                drop_https,
+                &busy,
+            )
+            .await?;
             eprintln!(
-                "--- fault {i} {} on node {}: leader before {:?}, new leader {:?} after {:?} ms ({})",
-                r.kind, r.target, r.leader_before, r.new_leader, r.election_ms, r.detail
+                "--- fault {i} {} on node {} started ({} other fault(s) in force)",
+                f.kind.name(),
+                a.target,
+                active.len()
             );
-            faults.push(r);
+            // The election is measured until the fault heals or the next scheduled event,
+            // whichever comes first, so that overlapping faults still start on time.
+            let until = next_event(&active, pending.front().map(|i| start_of(*i)))
+                .map_or(a.heal_at, |n| n.min(a.heal_at));
+            measure_election(&cluster, &mut a, until).await;
+            active.push(a);
         }
+        faults.sort_by_key(|r: &FaultReport| (r.at_ms, r.index));
         sleep_until(deadline).await;
         anyhow::Ok(faults)
     };
@@ -236,6 +294,18 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<Report> {
             })
         })
         .collect();
+    // A gateway that another, overlapping fault took down (killed, paused, cut off) cannot be
+    // expected to serve during a partition; it is not part of that partition's majority side.
+    let down: Vec<Down> = faults
+        .iter()
+        .map(|f| Down {
+            fault: f.index,
+            from_ms: f.at_ms,
+            to_ms: f.healed_at_ms,
+            nodes: f.cut_off.clone(),
+        })
+        .collect();
+    let spans = outage::exclude_down(spans, &down);
     let majority_data_plane =
         outage::check(&spans, data_plane_stats.as_ref(), sc.max_majority_outage_ms);
     let linearizable = check.ok;
@@ -423,10 +493,79 @@ async fn read_everywhere(
     (ok, detail, state)
 }
 
-/// Applies fault `f`, measures the election it causes, waits out its duration and heals it.
-/// `drop_https`: the test-only `[debug] drop_majority_https` switch.
+/// A fault in force: what [`heal_fault`] needs to undo it and to finish its report.
+struct ActiveFault {
+    index: usize,
+    kind: FaultKind,
+    target: u64,
+    at_ms: u64,
+    heal_at: Instant,
+    /// The leader and its term when the fault started.
+    before: Option<(u64, u64)>,
+    leader_affected: bool,
+    /// The nodes that keep contact with each other (where a new leader is expected).
+    majority: Vec<u64>,
+    cut_off: Vec<u64>,
+    /// Nodes that later faults must not pick as their target while this one is in force.
+    busy: Vec<u64>,
+    majority_side: Option<Vec<u64>>,
+    https_dropped: bool,
+    /// Link faults: the WAN table entries they changed, as they were before.
+    wan_before: HashMap<(u64, u64), LinkParams>,
+    ids: Vec<u64>,
+    detail: String,
+    election_ms: Option<u64>,
+    new_leader: Option<u64>,
+}
+
+/// The earliest of the other faults' heals and the next scheduled start.
+fn next_event(active: &[ActiveFault], next_start: Option<Instant>) -> Option<Instant> {
+    active.iter().map(|a| a.heal_at).chain(next_start).min()
+}
+
+/// Picks the node fault `index` hits. Nodes in `busy` are already hit by a fault in force: a
+/// second fault on them would be undone by the first one's heal (or undo it), so `follower`
+/// and `random` avoid them and `leader` refuses them.
+fn resolve_target(
+    index: usize,
+    target: &Target,
+    leader: Option<u64>,
+    ids: &[u64],
+    busy: &BTreeSet<u64>,
+    rng: &mut StdRng,
+) -> anyhow::Result<u64> {
+    let free: Vec<u64> = ids.iter().copied().filter(|i| !busy.contains(i)).collect();
+    let t = match target {
+        Target::Node(id) => *id,
+        Target::Leader => leader.unwrap_or(1),
+        // Same draw as before overlaps were allowed, so existing seeds pick the same nodes.
+        Target::Random if !free.is_empty() => free[rng.gen_range(0..free.len())],
+        Target::Random => bail!("faults[{index}]: every node is already hit by another fault"),
+        Target::Follower => {
+            let others: Vec<u64> = free
+                .iter()
+                .copied()
+                .filter(|i| Some(*i) != leader)
+                .collect();
+            match others.choose(rng) {
+                Some(t) => *t,
+                None => bail!("faults[{index}]: no follower is free of other faults"),
+            }
+        }
+    };
+    if busy.contains(&t) {
+        bail!(
+            "faults[{index}]: target node {t} ({target:?}) is already hit by an overlapping \
+             fault; schedule them apart or target another node"
+        );
+    }
+    Ok(t)
+}
+
+/// Applies fault `f` (without waiting for its election or its heal). `drop_https`: the
+/// test-only `[debug] drop_majority_https` switch. `busy`: nodes hit by faults in force.
 #[allow(clippy::too_many_arguments)]
-async fn run_fault(
+async fn start_fault(
     index: usize,
     f: &super::scenario::Fault,
     cluster: &mut Cluster,
@@ -435,22 +574,14 @@ async fn run_fault(
     rng: &mut StdRng,
     t0: Instant,
     drop_https: bool,
-) -> anyhow::Result<FaultReport> {
-    // Link faults change the WAN table; the baseline comes back when they heal.
-    let wan_before = wan.snapshot();
+    busy: &BTreeSet<u64>,
+) -> anyhow::Result<ActiveFault> {
     let before = cluster.current_leader().await;
     let leader = before.map(|(l, _)| l);
     let ids = cluster.ids();
-    let target = match &f.target {
-        Target::Node(id) => *id,
-        Target::Leader => leader.unwrap_or(1),
-        Target::Random => ids[rng.gen_range(0..ids.len())],
-        Target::Follower => {
-            let others: Vec<u64> = ids.iter().copied().filter(|i| Some(*i) != leader).collect();
-            *others.choose(rng).unwrap_or(&1)
-        }
-    };
+    let target = resolve_target(index, &f.target, leader, &ids, busy, rng)?;
     let others: Vec<u64> = ids.iter().copied().filter(|i| *i != target).collect();
+    let mut wan_before = HashMap::new();
     let at = Instant::now();
     let at_ms = (at - t0).as_millis() as u64;
     // `cut_off`: the nodes that lose contact with the majority (the old leader among them
@@ -531,6 +662,17 @@ async fn run_fault(
                 .next()
                 .map(|(x, y)| wan.params(x, y))
                 .unwrap_or_default();
+            // Only this pair's entries come back on heal, so that an overlapping link fault on
+            // another region pair stays in force.
+            let region = |id: u64| cluster.node(id).region.as_str();
+            wan_before = wan
+                .snapshot()
+                .into_iter()
+                .filter(|((x, y), _)| {
+                    let (rx, ry) = (region(*x), region(*y));
+                    (rx == a && ry == b) || (rx == b && ry == a)
+                })
+                .collect();
             let p = if f.kind == FaultKind::Latency {
                 LinkParams {
                     delay_ms: f.delay_ms.unwrap_or(0),
@@ -585,19 +727,79 @@ async fn run_fault(
         _ => false,
     };
     let heal_at = at + Duration::from_secs_f64(f.duration_secs);
-    let (election_ms, new_leader) = if let (true, Some((old, term))) = (leader_affected, before) {
-        match wait_new_leader(cluster, &majority, old, term, heal_at).await {
-            Some((l, d)) => (Some(d.as_millis() as u64), Some(l)),
-            None => (None, None),
+    // Down or cut-off nodes, and the target itself (e.g. a bridge node), are off limits for
+    // overlapping faults.
+    let mut busy_nodes = cut_off.clone();
+    if !busy_nodes.contains(&target) {
+        busy_nodes.push(target);
+    }
+    if matches!(f.kind, FaultKind::Latency | FaultKind::Loss) {
+        // A link fault hits a region pair, not a node.
+        busy_nodes.clear();
+    }
+    Ok(ActiveFault {
+        index,
+        kind: f.kind,
+        target,
+        at_ms,
+        heal_at,
+        before,
+        leader_affected,
+        majority,
+        cut_off,
+        busy: busy_nodes,
+        majority_side,
+        https_dropped,
+        wan_before,
+        ids,
+        detail,
+        election_ms: None,
+        new_leader: None,
+    })
+}
+
+/// Waits (until `until` at the latest) for the election a fault on the leader causes.
+async fn measure_election(cluster: &Cluster, a: &mut ActiveFault, until: Instant) {
+    if let (true, Some((old, term))) = (a.leader_affected, a.before) {
+        if let Some((l, d)) = wait_new_leader(cluster, &a.majority, old, term, until).await {
+            a.election_ms = Some(d.as_millis() as u64);
+            a.new_leader = Some(l);
         }
-    } else {
-        (None, None)
-    };
-    sleep_until(heal_at).await;
+    }
+}
+
+/// Heals fault `a` and finishes its report. `next_event`: when the next scheduled start or
+/// heal is due, bounding how long this waits for the leadership to settle.
+async fn heal_fault(
+    a: ActiveFault,
+    cluster: &mut Cluster,
+    topo: &Topology,
+    wan: &LinkLayer,
+    t0: Instant,
+    next_event: Option<Instant>,
+) -> anyhow::Result<FaultReport> {
+    let ActiveFault {
+        index,
+        kind,
+        target,
+        at_ms,
+        before,
+        leader_affected,
+        cut_off,
+        majority_side,
+        https_dropped,
+        wan_before,
+        ids,
+        mut detail,
+        election_ms,
+        new_leader,
+        ..
+    } = a;
+    let leader = before.map(|(l, _)| l);
     if https_dropped {
         topo.undrop_https()?;
     }
-    match f.kind {
+    match kind {
         FaultKind::Kill => cluster.spawn(target)?,
         FaultKind::Pause => cluster.resume(target)?,
         FaultKind::Isolate
@@ -607,13 +809,16 @@ async fn run_fault(
         FaultKind::LinkDown => topo.set_link(target, true)?,
         FaultKind::DiskFull => cluster.free_disk(target)?,
         FaultKind::Latency | FaultKind::Loss => {
-            wan.restore(wan_before);
+            let mut table = wan.snapshot();
+            table.extend(wan_before);
+            wan.restore(table);
             // No node was cut off, so no election is expected; report one if it happened. A
             // follower that missed heartbeats may still be a leaderless candidate in a higher
             // term at this point and only disrupt the leader once its votes get through, so
-            // wait (bounded) until all nodes agree on a leader, and compare the highest term
-            // any node reports, candidates included.
+            // wait (bounded, and not past the next scheduled event) until all nodes agree on a
+            // leader, and compare the highest term any node reports, candidates included.
             let settle = Instant::now() + Duration::from_secs(3);
+            let settle = next_event.map_or(settle, |n| n.min(settle));
             while cluster.agreed_leader(&ids).await.is_none() && Instant::now() < settle {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -638,7 +843,7 @@ async fn run_fault(
     }
     Ok(FaultReport {
         index,
-        kind: f.kind.name().into(),
+        kind: kind.name().into(),
         target,
         at_ms,
         healed_at_ms: (Instant::now() - t0).as_millis() as u64,
@@ -647,6 +852,7 @@ async fn run_fault(
         election_ms,
         new_leader,
         majority_side,
+        cut_off,
         detail,
     })
 }

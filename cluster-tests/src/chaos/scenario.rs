@@ -272,6 +272,29 @@ impl FaultKind {
         )
     }
 
+    /// Faults installed as the harness's nftables partition table (topology.rs), which is
+    /// replaced as a whole: two of them cannot be in force at once.
+    pub fn uses_partition_rules(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Isolate
+                | FaultKind::MajorityMinority
+                | FaultKind::OneWay
+                | FaultKind::Bridge
+        )
+    }
+
+    /// How many of `nodes` nodes this fault takes out of the quorum at worst (killed, paused,
+    /// removed, cut off, or with a full disk): overlapping faults must leave a majority.
+    pub fn takes_nodes(self, nodes: u64) -> u64 {
+        match self {
+            FaultKind::MajorityMinority => (nodes - 1) / 2,
+            // The bridge node reaches both halves, so every node still reaches a majority.
+            FaultKind::Bridge | FaultKind::Latency | FaultKind::Loss => 0,
+            _ => 1,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Kill => "kill",
@@ -546,17 +569,71 @@ impl Scenario {
                 return bad(&field("kind"), "bridge needs 3 or at least 5 nodes".into());
             }
         }
-        // Faults on the same node must not overlap: undoing one would undo the other.
-        for (i, a) in self.faults.iter().enumerate() {
-            for (j, b) in self.faults.iter().enumerate().skip(i + 1) {
-                let overlap = a.at_secs < b.at_secs + b.duration_secs
-                    && b.at_secs < a.at_secs + a.duration_secs;
-                if overlap {
+        // Faults may overlap in time, as long as healing one cannot undo the other and a
+        // quorum stays possible throughout.
+        let overlaps = |a: &Fault, b: &Fault| {
+            a.at_secs < b.at_secs + b.duration_secs && b.at_secs < a.at_secs + a.duration_secs
+        };
+        for (j, b) in self.faults.iter().enumerate() {
+            let field = format!("faults[{j}].at_secs");
+            for (i, a) in self.faults.iter().enumerate().take(j) {
+                if !overlaps(a, b) {
+                    continue;
+                }
+                if a.kind.uses_partition_rules() && b.kind.uses_partition_rules() {
                     return bad(
-                        &format!("faults[{j}].at_secs"),
-                        format!("overlaps faults[{i}]; schedule faults one after another"),
+                        &field,
+                        format!(
+                            "overlaps faults[{i}]; two partitions ({}, {}) cannot be in force \
+                             at once: installing or healing one replaces the other's rules",
+                            a.kind.name(),
+                            b.kind.name()
+                        ),
                     );
                 }
+                if let (Some(x), Some(y)) = (&a.between, &b.between) {
+                    let same = |p: &[String], q: &[String]| {
+                        (p[0] == q[0] && p[1] == q[1]) || (p[0] == q[1] && p[1] == q[0])
+                    };
+                    if same(x, y) {
+                        return bad(
+                            &field,
+                            format!(
+                                "overlaps faults[{i}] on the same region pair; healing one \
+                                 would restore the links under the other"
+                            ),
+                        );
+                    }
+                }
+                if let (Target::Node(x), Target::Node(y)) = (&a.target, &b.target) {
+                    if x == y && a.kind.takes_nodes(self.nodes) > 0 {
+                        return bad(&field, format!("overlaps faults[{i}] on the same node {x}"));
+                    }
+                }
+            }
+            // Nodes out of the quorum while `b` starts: the faults in force then (those that
+            // started earlier, or at the same time and listed earlier) plus `b` itself.
+            let taken: u64 = self
+                .faults
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| {
+                    *i == j
+                        || (overlaps(a, b)
+                            && (a.at_secs < b.at_secs || (a.at_secs == b.at_secs && *i < j)))
+                })
+                .map(|(_, a)| a.kind.takes_nodes(self.nodes))
+                .sum();
+            let tolerated = (self.nodes - 1) / 2;
+            if taken > tolerated {
+                return bad(
+                    &field,
+                    format!(
+                        "with the faults in force then, {taken} of {} nodes are down or cut off; \
+                         at most {tolerated} may be for a quorum to remain",
+                        self.nodes
+                    ),
+                );
             }
         }
         Ok(())
@@ -620,6 +697,98 @@ target = { node = 2 }
         assert_eq!(s.faults[0].delay_ms, Some(80));
         assert_eq!(s.links.delay_ms, 20);
         assert_eq!(s.links.pair[0].delay_ms, 60);
+    }
+
+    const OVERLAPPING: &str = r#"
+name = "o"
+nodes = 5
+duration_secs = 60
+regions = ["a", "b", "c"]
+[[faults]]
+at_secs = 1
+kind = "latency"
+between = ["a", "b"]
+delay_ms = 50
+duration_secs = 50
+[[faults]]
+at_secs = 5
+kind = "pause"
+target = "follower"
+duration_secs = 10
+[[faults]]
+at_secs = 7
+kind = "kill"
+target = "leader"
+duration_secs = 5
+[[faults]]
+at_secs = 20
+kind = "isolate"
+target = "follower"
+duration_secs = 10
+[[faults]]
+at_secs = 22
+kind = "membership"
+target = "follower"
+duration_secs = 5
+"#;
+
+    #[test]
+    fn overlapping_faults_that_leave_a_quorum_are_accepted() {
+        let s = Scenario::parse(OVERLAPPING, "o.toml").expect("valid");
+        assert_eq!(s.faults.len(), 5);
+        // Another link fault on a different pair may overlap the first.
+        let other_pair = format!(
+            "{OVERLAPPING}[[faults]]\nat_secs = 30\nkind = \"loss\"\nbetween = [\"b\", \"c\"]\npercent = 5\n"
+        );
+        Scenario::parse(&other_pair, "o.toml").expect("valid");
+    }
+
+    #[test]
+    fn overlapping_faults_that_conflict_are_rejected() {
+        let extra = |f: &str| format!("{OVERLAPPING}[[faults]]\n{f}\n");
+        let cases = [
+            // Two partitions: healing one would remove the other's rules.
+            (
+                extra("at_secs = 25\nkind = \"one-way\"\ntarget = \"leader\""),
+                "faults[5].at_secs",
+                "two partitions",
+            ),
+            // Same region pair, reversed.
+            (
+                extra("at_secs = 30\nkind = \"loss\"\nbetween = [\"b\", \"a\"]\npercent = 5"),
+                "faults[5].at_secs",
+                "same region pair",
+            ),
+            // isolate + membership + a kill: 3 of 5 nodes out.
+            (
+                extra("at_secs = 23\nkind = \"kill\"\ntarget = \"leader\""),
+                "faults[5].at_secs",
+                "3 of 5 nodes",
+            ),
+            // pause + kill already take 2 of 5; a majority-minority would take 2 more.
+            (
+                extra("at_secs = 8\nkind = \"majority-minority\"\ntarget = \"leader\"\nduration_secs = 2"),
+                "faults[5].at_secs",
+                "4 of 5 nodes",
+            ),
+        ];
+        for (text, field, reason) in cases {
+            let err = Scenario::parse(&text, "o.toml")
+                .expect_err(field)
+                .to_string();
+            assert!(err.contains(field) && err.contains(reason), "{err:?}");
+        }
+        // The same node twice (on 3 nodes, also 2 of 3 out).
+        let same_node = GOOD
+            .replace("target = \"leader\"", "target = { node = 2 }")
+            .replace("at_secs = 12", "at_secs = 6");
+        let err = Scenario::parse(&same_node, "x.toml")
+            .expect_err("same node")
+            .to_string();
+        assert!(err.contains("faults[1].at_secs"), "{err:?}");
+        // Faults that only touch each other's boundary do not overlap.
+        let back_to_back = GOOD.replace("at_secs = 12", "at_secs = 8");
+        Scenario::parse(&back_to_back, "x.toml").expect("valid");
     }
 
     #[test]
