@@ -60,6 +60,23 @@ pub fn agent_config(tc: &TestCluster, spec: &AgentSpec<'_>) -> PathBuf {
     path
 }
 
+/// The `Address = IP/PREFIX` of a wg-quick configuration from `cvm-agent --print-wg-config`:
+/// the whole value (for `ip addr add`) and the tunnel IP.
+pub fn wg_quick_address(conf: &str) -> (String, std::net::IpAddr) {
+    let address = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("Address = "))
+        .expect("Address line")
+        .trim()
+        .to_string();
+    let ip = address
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("tunnel ip");
+    (address, ip)
+}
+
 /// One registration through the agent (`--print-wg-config`): Ok(wg-quick config) or Err(stderr).
 pub fn register_once(config: &Path) -> Result<String, String> {
     let out = run(Command::new(portcullis_bin())

@@ -9,7 +9,9 @@ mod wggo;
 
 use std::time::Duration;
 
-use portcullis_cluster_tests::cvm::{agent_config, issue_credential, register_once, AgentSpec};
+use portcullis_cluster_tests::cvm::{
+    agent_config, issue_credential, register_once, wg_quick_address, AgentSpec,
+};
 use portcullis_cluster_tests::harness::{phase, run, show, wait_for, TestCluster};
 use wggo::{ns_exec, Netns, WgGo, WgGoSpec};
 
@@ -48,17 +50,7 @@ fn gateways_reach_a_cvm_running_wireguard_go() {
         },
     );
     let conf = register_once(&cfg).expect("registration");
-    let address = conf
-        .lines()
-        .find_map(|l| l.strip_prefix("Address = "))
-        .expect("Address line")
-        .trim()
-        .to_string();
-    let tunnel_ip: std::net::IpAddr = address
-        .split('/')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("tunnel ip");
+    let (address, tunnel_ip) = wg_quick_address(&conf);
 
     phase("wireguard-go in the CVM namespace takes that configuration");
     let sfx = wggo::suffix();

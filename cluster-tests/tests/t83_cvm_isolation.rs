@@ -31,7 +31,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use portcullis_cluster_tests::cvm::{agent_config, issue_credential, register_once, AgentSpec};
+use portcullis_cluster_tests::cvm::{
+    agent_config, issue_credential, register_once, wg_quick_address, AgentSpec,
+};
 use portcullis_cluster_tests::harness::{phase, run, show, wait_for, TestCluster};
 use wggo::{ns_exec, Netns, Proc, WgGo, WgGoSpec};
 
@@ -176,17 +178,10 @@ impl Cvm {
             },
         );
         let conf = register_once(&cfg).expect("registration");
-        let address = conf
-            .lines()
-            .find_map(|l| l.strip_prefix("Address = "))
-            .expect("Address line")
-            .trim()
-            .to_string();
-        let tunnel_ip: Ipv4Addr = address
-            .split('/')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .expect("tunnel ip");
+        let (address, tunnel_ip) = wg_quick_address(&conf);
+        let std::net::IpAddr::V4(tunnel_ip) = tunnel_ip else {
+            panic!("IPv4 tunnel address expected: {address}");
+        };
         let gateways = gateway_peers(&conf);
         assert_eq!(
             gateways.len(),
