@@ -60,6 +60,17 @@ pub fn agent_config(tc: &TestCluster, spec: &AgentSpec<'_>) -> PathBuf {
     path
 }
 
+/// `wg setconf` accepts the wg-quick file minus wg-quick's own keys (what `wg-quick strip` does).
+pub fn strip_wg_quick(conf: &str) -> String {
+    conf.lines()
+        .filter(|l| {
+            let key = l.split('=').next().unwrap_or("").trim();
+            !matches!(key, "Address" | "MTU" | "DNS" | "Table" | "SaveConfig")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// The `Address = IP/PREFIX` of a wg-quick configuration from `cvm-agent --print-wg-config`:
 /// the whole value (for `ip addr add`) and the tunnel IP.
 pub fn wg_quick_address(conf: &str) -> (String, std::net::IpAddr) {

@@ -10,21 +10,10 @@ mod wggo;
 use std::time::Duration;
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, issue_credential, register_once, wg_quick_address, AgentSpec,
+    agent_config, issue_credential, register_once, strip_wg_quick, wg_quick_address, AgentSpec,
 };
 use portcullis_cluster_tests::harness::{phase, run, show, wait_for, TestCluster};
 use wggo::{ns_exec, Netns, WgGo, WgGoSpec};
-
-/// `wg setconf` accepts the wg-quick file minus wg-quick's own keys (what `wg-quick strip` does).
-fn strip_wg_quick(conf: &str) -> String {
-    conf.lines()
-        .filter(|l| {
-            let key = l.split('=').next().unwrap_or("").trim();
-            !matches!(key, "Address" | "MTU" | "DNS" | "Table" | "SaveConfig")
-        })
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
 
 #[test]
 fn gateways_reach_a_cvm_running_wireguard_go() {

@@ -32,7 +32,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, issue_credential, register_once, wg_quick_address, AgentSpec,
+    agent_config, issue_credential, register_once, strip_wg_quick, wg_quick_address, AgentSpec,
 };
 use portcullis_cluster_tests::harness::{phase, run, show, wait_for, TestCluster};
 use wggo::{ns_exec, Netns, Proc, WgGo, WgGoSpec};
@@ -97,17 +97,6 @@ try:
 except OSError as e:
     print("tcp failed %s" % e)
 "#;
-
-/// `wg setconf` accepts the wg-quick file minus wg-quick's own keys (what `wg-quick strip` does).
-fn strip_wg_quick(conf: &str) -> String {
-    conf.lines()
-        .filter(|l| {
-            let key = l.split('=').next().unwrap_or("").trim();
-            !matches!(key, "Address" | "MTU" | "DNS" | "Table" | "SaveConfig")
-        })
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
 
 /// One gateway peer of a CVM's wg-quick configuration.
 #[derive(Clone, Debug)]

@@ -230,6 +230,20 @@ fn lb_grammar() {
     }
 }
 
+/// A state holding app `web` (port 80), created at index 1.
+fn with_web_app() -> ClusterState {
+    let mut s = ClusterState::default();
+    s.apply(
+        1,
+        &Command::CreateApp {
+            name: "web".into(),
+            ports: vec![80],
+            lb: "round-robin".into(),
+        },
+    );
+    s
+}
+
 #[test]
 fn create_twice_is_rejected_and_changes_nothing() {
     let mut s = ClusterState::default();
@@ -246,15 +260,7 @@ fn create_twice_is_rejected_and_changes_nothing() {
 
 #[test]
 fn instance_ip_is_sticky_and_reused() {
-    let mut s = ClusterState::default();
-    s.apply(
-        1,
-        &Command::CreateApp {
-            name: "web".into(),
-            ports: vec![80],
-            lb: "round-robin".into(),
-        },
-    );
+    let mut s = with_web_app();
     let reg = |id: &str, key: &str| {
         Command::RegisterInstance(Instance {
             instance_id: id.into(),
@@ -287,15 +293,7 @@ fn instance_ip_is_sticky_and_reused() {
 
 #[test]
 fn expiry_removes_only_what_was_seen_stale() {
-    let mut s = ClusterState::default();
-    s.apply(
-        1,
-        &Command::CreateApp {
-            name: "web".into(),
-            ports: vec![80],
-            lb: "round-robin".into(),
-        },
-    );
+    let mut s = with_web_app();
     let reg = |id: &str, key: &str, at: u64| {
         Command::RegisterInstance(Instance {
             instance_id: id.into(),
@@ -370,15 +368,7 @@ fn cas_register() {
 
 #[test]
 fn domain_verification_is_bound_to_the_claim_it_checked() {
-    let mut s = ClusterState::default();
-    s.apply(
-        1,
-        &Command::CreateApp {
-            name: "web".into(),
-            ports: vec![80],
-            lb: "round-robin".into(),
-        },
-    );
+    let mut s = with_web_app();
     let claim = |token: &str| {
         Command::AddDomain(Domain {
             name: "api.example.org".into(),
@@ -413,15 +403,7 @@ fn domain_verification_is_bound_to_the_claim_it_checked() {
 
 #[test]
 fn instance_weights_follow_their_instance() {
-    let mut s = ClusterState::default();
-    s.apply(
-        1,
-        &Command::CreateApp {
-            name: "web".into(),
-            ports: vec![80],
-            lb: "round-robin".into(),
-        },
-    );
+    let mut s = with_web_app();
     s.apply(
         2,
         &Command::RegisterInstance(Instance {
