@@ -8,6 +8,7 @@ object on stdout.
 
   httpx     GET with httpx over HTTP/1.1 or HTTP/2 (--http2)
   websocket RFC 6455 handshake and one masked text frame, expecting it echoed
+  websocket-h2  the same WebSocket over HTTP/2 extended CONNECT (RFC 8441), with the h2 library
   slowloris send request headers one byte every --interval seconds; report when the server
             gives up on us
   rapid-reset  HTTP/2: open and immediately reset --streams streams (CVE-2023-44487) and
@@ -128,6 +129,91 @@ def cmd_websocket(args):
     return {"status": status, "accept_ok": accept_ok, "echoes": echoes}
 
 
+def cmd_websocket_h2(args):
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    sock = connect(args, ["h2"])
+    if sock.selected_alpn_protocol() != "h2":
+        return {"error": f"ALPN chose {sock.selected_alpn_protocol()!r}"}
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    # Extended CONNECT may only be sent once the server has announced it (RFC 8441 §3).
+    enabled = None
+    pending = []
+    while enabled is None:
+        data = sock.recv(65536)
+        if not data:
+            return {"error": "connection closed before SETTINGS"}
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.RemoteSettingsChanged):
+                enabled = conn.remote_settings.enable_connect_protocol
+            else:
+                pending.append(ev)
+        sock.sendall(conn.data_to_send())
+    result = {"enable_connect_protocol": enabled, "status": 0, "echoes": []}
+    if enabled != 1:
+        return result
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(
+        sid,
+        [
+            (":method", "CONNECT"),
+            (":protocol", "websocket"),
+            (":scheme", "https"),
+            (":authority", args.host),
+            (":path", args.path),
+            ("sec-websocket-version", "13"),
+        ],
+    )
+    sock.sendall(conn.data_to_send())
+    buf = b""
+    texts = ["hello over HTTP/2", "y" * 300]
+    sent = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(result["echoes"]) < len(texts):
+        data = sock.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                result["status"] = int(dict(ev.headers)[b":status"])
+                result["accept_header"] = b"sec-websocket-accept" in dict(ev.headers)
+                if result["status"] == 200:
+                    conn.send_data(sid, ws_frame(texts[0].encode()))
+                    sent = 1
+            elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                buf += ev.data
+                # One unmasked server frame: 2-byte header, optional 16-bit length, payload.
+                while len(buf) >= 2:
+                    n, off = buf[1] & 0x7F, 2
+                    if n == 126:
+                        if len(buf) < 4:
+                            break
+                        n, off = int.from_bytes(buf[2:4], "big"), 4
+                    if len(buf) < off + n:
+                        break
+                    opcode, reply = buf[0] & 0x0F, buf[off : off + n].decode()
+                    buf = buf[off + n :]
+                    text = texts[len(result["echoes"])]
+                    result["echoes"].append(
+                        {"opcode": opcode, "echoed": reply.endswith(": " + text)}
+                    )
+                    if sent < len(texts):
+                        conn.send_data(sid, ws_frame(texts[sent].encode()))
+                        sent += 1
+            elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                result["reset"] = int(ev.error_code)
+                deadline = 0
+        sock.sendall(conn.data_to_send())
+    sock.close()
+    return result
+
+
 def cmd_slowloris(args):
     sock = connect(args, ["http/1.1"])
     request = f"GET / HTTP/1.1\r\nHost: {args.host}\r\nX-Slow: " + "a" * 4096
@@ -215,7 +301,9 @@ def cmd_rapid_reset(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["httpx", "websocket", "slowloris", "rapid-reset"])
+    p.add_argument(
+        "command", choices=["httpx", "websocket", "websocket-h2", "slowloris", "rapid-reset"]
+    )
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", required=True)
     p.add_argument("--ca", required=True)
@@ -228,6 +316,7 @@ def main():
     fn = {
         "httpx": cmd_httpx,
         "websocket": cmd_websocket,
+        "websocket-h2": cmd_websocket_h2,
         "slowloris": cmd_slowloris,
         "rapid-reset": cmd_rapid_reset,
     }[args.command]

@@ -1,5 +1,6 @@
 //! The data plane against clients nobody here wrote (issue 3): Python's httpx over HTTP/1.1 and
-//! HTTP/2, an RFC 6455 WebSocket client on the standard library, a slow-header client, and an
+//! HTTP/2, an RFC 6455 WebSocket client on the standard library, the same WebSocket over HTTP/2
+//! extended CONNECT (RFC 8441) with the `h2` library, a slow-header client, and an
 //! HTTP/2 rapid-reset burst with the `h2` library (cluster-tests/clients/edge_clients.py).
 //! Attacks run against one node while curl keeps being served by the same node.
 
@@ -131,6 +132,22 @@ fn outside_clients_and_abusive_ones() {
         let r = client(&py, &tc, id, &["websocket", "--path", "/ws"]);
         assert_eq!(r["status"], 101, "node {id}: {r}");
         assert_eq!(r["accept_ok"], true, "node {id}: {r}");
+        let echoes = r["echoes"].as_array().expect("echoes");
+        assert_eq!(echoes.len(), 2, "node {id}: {r}");
+        assert!(
+            echoes
+                .iter()
+                .all(|e| e["echoed"] == true && e["opcode"] == 1),
+            "node {id}: {r}"
+        );
+    }
+
+    phase("WebSocket over HTTP/2 extended CONNECT (RFC 8441) through every node");
+    for id in tc.ids() {
+        let r = client(&py, &tc, id, &["websocket-h2", "--path", "/ws"]);
+        assert_eq!(r["enable_connect_protocol"], 1, "node {id}: {r}");
+        assert_eq!(r["status"], 200, "node {id}: {r}");
+        assert_eq!(r["accept_header"], false, "node {id}: {r}");
         let echoes = r["echoes"].as_array().expect("echoes");
         assert_eq!(echoes.len(), 2, "node {id}: {r}");
         assert!(

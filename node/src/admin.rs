@@ -14,7 +14,7 @@ use portcullis_proto::admin::{
     ListInstancesReply, ListInstancesRequest, MembershipReply, NodeIdRequest,
     PutCertificateRequest, RegisterInstanceRequest, WriteReply,
 };
-use portcullis_raft::state::{App, Certificate, Instance, Rewrap, RewrapTarget};
+use portcullis_raft::state::{App, Certificate, Instance, Rewrap, RewrapTarget, TunnelPool};
 use portcullis_raft::{Cluster, ClusterError, Command, NodeInfo, Response};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -399,6 +399,17 @@ impl AdminService {
         let (index, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
         Ok((index, outcome(resp)?))
     }
+
+    fn tunnel_pool_pb(&self, log_index: u64) -> pb::TunnelPoolReply {
+        let applied = self.state.cluster.shared.read();
+        let pool = &applied.state.tunnel_pool;
+        pb::TunnelPoolReply {
+            cidr: pool.to_string(),
+            allocated: pool.allocated(),
+            capacity: pool.capacity(),
+            log_index,
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -755,11 +766,11 @@ impl Admin for AdminService {
         let (_, resp) = self
             .state
             .cluster
-            .write(Command::RegisterInstance(inst))
+            .write(Command::RegisterInstanceV2(inst))
             .await
             .map_err(status)?;
         match outcome(resp)? {
-            Response::Instance(i) => {
+            Response::InstanceV2(i) => {
                 let weights = self
                     .state
                     .cluster
@@ -805,6 +816,28 @@ impl Admin for AdminService {
             ))),
             None => Err(Status::not_found(format!("instance {id:?} not found"))),
         }
+    }
+
+    async fn get_tunnel_pool(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<tonic::Response<pb::TunnelPoolReply>, Status> {
+        self.barrier().await?;
+        Ok(tonic::Response::new(self.tunnel_pool_pb(0)))
+    }
+
+    async fn set_tunnel_pool(
+        &self,
+        req: Request<pb::SetTunnelPoolRequest>,
+    ) -> Result<tonic::Response<pb::TunnelPoolReply>, Status> {
+        let (base, prefix_len) = TunnelPool::parse_cidr(&req.into_inner().cidr)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (log_index, _) = self
+            .commit(Command::SetTunnelPool { base, prefix_len })
+            .await?;
+        // A follower forwarded the write: wait until it has applied it before reading.
+        self.barrier().await?;
+        Ok(tonic::Response::new(self.tunnel_pool_pb(log_index)))
     }
 
     async fn set_instance_weight(

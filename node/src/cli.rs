@@ -211,6 +211,18 @@ pub enum CvmCmd {
         instance_id: String,
         weight: u32,
     },
+    /// Show the CVM tunnel address pool (range, addresses held, capacity), or change it.
+    Pool {
+        #[command(subcommand)]
+        action: Option<PoolCmd>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Replace the pool with an IPv4 or IPv6 range, e.g. `fd00:1::/64`. Refused while any
+    /// instance holds a tunnel address.
+    Set { cidr: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -932,6 +944,24 @@ pub async fn cvm(g: &Global, cmd: CvmCmd) -> anyhow::Result<()> {
                 }));
             }
             println!("{instance_id}: weight {weight}");
+        }
+        CvmCmd::Pool { action } => {
+            let r = match action {
+                None => rpc(c.get_tunnel_pool(Empty {}).await)?,
+                Some(PoolCmd::Set { cidr }) => {
+                    rpc(c.set_tunnel_pool(pb::SetTunnelPoolRequest { cidr }).await)?
+                }
+            };
+            if g.json {
+                return print_json(&serde_json::json!({
+                    "cidr": r.cidr, "allocated": r.allocated, "capacity": r.capacity,
+                    "log_index": r.log_index
+                }));
+            }
+            println!(
+                "tunnel pool {}: {} allocated, capacity {}",
+                r.cidr, r.allocated, r.capacity
+            );
         }
     }
     Ok(())

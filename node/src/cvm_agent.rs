@@ -335,22 +335,39 @@ fn kick_gateways(endpoint: &Endpoint, peers: &[PeerConfig]) {
     }
 }
 
+/// One address as a host route: `/32` for IPv4, `/128` for IPv6.
+fn host_cidr(ip: IpAddr) -> String {
+    let len = if ip.is_ipv4() { 32 } else { 128 };
+    format!("{ip}/{len}")
+}
+
 /// The wg-quick configuration equivalent to what the agent runs.
 pub fn wg_quick_config(
     key: &PrivateKey,
-    tunnel_ip: Ipv4Addr,
+    tunnel_ip: IpAddr,
     mtu: usize,
     gateways: &[GatewayPeer],
     keepalive: u16,
 ) -> String {
     let mut out = format!(
-        "[Interface]\nPrivateKey = {}\nAddress = {tunnel_ip}/32\nMTU = {mtu}\n",
-        key.to_base64()
+        "[Interface]\nPrivateKey = {}\nAddress = {}\nMTU = {mtu}\n",
+        key.to_base64(),
+        host_cidr(tunnel_ip)
     );
     for g in gateways {
+        // Each gateway is allowed exactly its own address; an unparsable one (a cluster bug)
+        // leaves the peer out rather than printing a config wg-quick would reject.
+        let Ok(gw_ip) = g.tunnel_ip.parse::<IpAddr>() else {
+            tracing::warn!(node = g.node_id, tunnel_ip = %g.tunnel_ip, "gateway with an invalid tunnel address; skipped");
+            continue;
+        };
         out.push_str(&format!(
-            "\n# gateway node {} ({})\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = {}/32\n",
-            g.node_id, g.region, g.wg_public_key, g.wg_endpoint, g.tunnel_ip
+            "\n# gateway node {} ({})\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = {}\n",
+            g.node_id,
+            g.region,
+            g.wg_public_key,
+            g.wg_endpoint,
+            host_cidr(gw_ip)
         ));
         if keepalive > 0 {
             out.push_str(&format!("PersistentKeepalive = {keepalive}\n"));
@@ -423,7 +440,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
 
     if args.print_wg_config {
         let reply = register(&cfg, &cred, &public_key, &[]).await?;
-        let ip: Ipv4Addr = reply
+        let ip: IpAddr = reply
             .tunnel_ip
             .parse()
             .context("the cluster answered an invalid tunnel address")?;
@@ -448,7 +465,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     };
-    let tunnel_ip: Ipv4Addr = reply
+    let tunnel_ip: IpAddr = reply
         .tunnel_ip
         .parse()
         .context("the cluster answered an invalid tunnel address")?;
@@ -456,7 +473,9 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
     let socket = tokio::net::UdpSocket::bind(cfg.listen)
         .await
         .with_context(|| format!("bind udp {}", cfg.listen))?;
-    let mut ecfg = EndpointConfig::new(key, IpAddr::V4(tunnel_ip));
+    // IPv4 or IPv6, whatever the cluster's pool is: the endpoint listens on the exposed ports
+    // of this one address.
+    let mut ecfg = EndpointConfig::new(key, tunnel_ip);
     ecfg.mtu = cfg.mtu;
     let endpoint = Endpoint::new(ecfg, socket).context("start the WireGuard endpoint")?;
     let peers = gateway_peer_configs(&reply.gateways, cfg.keepalive_secs).await;
@@ -496,7 +515,8 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
         }
         match register(&cfg, &cred, &public_key, &known).await {
             Ok(r) => {
-                if r.tunnel_ip != tunnel_ip.to_string() {
+                // Compared as addresses: IPv6 has several spellings of one address.
+                if r.tunnel_ip.parse::<IpAddr>().ok() != Some(tunnel_ip) {
                     // Only happens if the instance was removed and registered afresh; the
                     // endpoint's address is fixed, so start over with the new one.
                     bail!(
@@ -659,7 +679,7 @@ mod tests {
         };
         let text = wg_quick_config(
             &key,
-            Ipv4Addr::new(100, 64, 0, 9),
+            IpAddr::from([100, 64, 0, 9]),
             1420,
             &[gw(1), gw(2)],
             25,
@@ -669,5 +689,40 @@ mod tests {
         assert!(text.contains("AllowedIPs = 198.18.0.2/32"));
         assert!(text.contains("Endpoint = gw1.example:51820"));
         assert_eq!(text.matches("PersistentKeepalive = 25").count(), 2);
+
+        // An IPv6 pool: the CVM and every gateway are /128 host routes.
+        let gw6 = |id: u64| GatewayPeer {
+            tunnel_ip: format!("fd70:6f72:7463::{id}"),
+            ..gw(id)
+        };
+        let text = wg_quick_config(
+            &key,
+            "fd00:1::9".parse().expect("ip"),
+            1420,
+            &[
+                gw6(1),
+                gw6(2),
+                GatewayPeer {
+                    tunnel_ip: "bogus".into(),
+                    ..gw(3)
+                },
+            ],
+            0,
+        );
+        assert!(text.contains("Address = fd00:1::9/128"), "{text}");
+        assert!(
+            text.contains("AllowedIPs = fd70:6f72:7463::1/128"),
+            "{text}"
+        );
+        assert!(
+            text.contains("AllowedIPs = fd70:6f72:7463::2/128"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("[Peer]").count(),
+            2,
+            "the bogus gateway is left out"
+        );
+        assert!(!text.contains("/32"), "{text}");
     }
 }

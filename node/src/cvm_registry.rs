@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Status};
 
-use crate::tunnel::{gateway_peers, gateway_tunnel_ip, unix_now};
+use crate::tunnel::{gateway_peers, gateway_tunnel_ip_for, unix_now};
 
 /// Largest registration message: a few names, a key, and attestation evidence (a TDX quote is
 /// about 5 KiB; RA-TLS certificates stay well under this).
@@ -76,8 +76,9 @@ pub fn service(
     .max_decoding_message_size(MAX_REGISTRATION_BYTES)
 }
 
-/// The gateway list as a CVM needs it.
-pub fn gateway_list(shared: &SharedState) -> Vec<GatewayPeer> {
+/// The gateway list as a CVM with an address of this family (`ipv6`) needs it: each gateway's
+/// tunnel address is the one of the CVM's family.
+pub fn gateway_list(shared: &SharedState, ipv6: bool) -> Vec<GatewayPeer> {
     gateway_peers(shared)
         .into_iter()
         .filter_map(|n| {
@@ -86,7 +87,7 @@ pub fn gateway_list(shared: &SharedState) -> Vec<GatewayPeer> {
                 region: n.region,
                 wg_public_key: n.wg_public_key,
                 wg_endpoint: n.wg_endpoint,
-                tunnel_ip: gateway_tunnel_ip(n.id)?.to_string(),
+                tunnel_ip: gateway_tunnel_ip_for(n.id, ipv6)?.to_string(),
                 rpc_addr: n.rpc_addr,
             })
         })
@@ -151,14 +152,14 @@ impl CvmRegistry for Registry {
             backend_addr: None,
             registered_at: unix_now(),
         };
-        let response = match self.cluster.write(Command::RegisterInstance(inst)).await {
+        let response = match self.cluster.write(Command::RegisterInstanceV2(inst)).await {
             Ok((_, resp)) => resp,
             Err(ClusterError::Invalid(m)) => return Err(Status::invalid_argument(m)),
             Err(ClusterError::Rejected(m)) => return Err(rejected(m)),
             Err(e) => return Err(Status::unavailable(e.to_string())),
         };
         let inst = match response {
-            Response::Instance(i) => i,
+            Response::InstanceV2(i) => i,
             Response::Rejected(m) => return Err(rejected(m)),
             other => return Err(Status::internal(format!("unexpected answer {other:?}"))),
         };
@@ -168,7 +169,7 @@ impl CvmRegistry for Registry {
         tracing::info!(instance = %inst.instance_id, app = %inst.app, tunnel_ip = %ip, "cvm registered");
         Ok(tonic::Response::new(RegisterCvmReply {
             tunnel_ip: ip.to_string(),
-            gateways: gateway_list(&self.shared),
+            gateways: gateway_list(&self.shared, ip.is_ipv6()),
         }))
     }
 }

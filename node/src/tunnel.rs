@@ -11,15 +11,19 @@
 //! the source-address check holds on both ends: a gateway accepts from a CVM only that CVM's
 //! allocated /32, a CVM accepts from a gateway only `gateway_tunnel_ip(id)`. Deriving the
 //! address (instead of storing it) needs no change to the replicated `GatewayNode`.
+//!
+//! IPv6 pools: every gateway also owns `fd70:6f72:7463::` + node id (a fixed ULA /96,
+//! [`gateway_tunnel_ip6`]) as its endpoint's second address, so it serves an IPv6 pool without a
+//! restart when the operator switches the pool. CVMs are told the address of the pool's family.
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use portcullis_raft::state::{GatewayNode, NodeStatus};
+use portcullis_raft::state::{GatewayNode, NodeStatus, GATEWAY_TUNNEL_V4, GATEWAY_TUNNEL_V6};
 use portcullis_raft::store::SharedState;
 use portcullis_raft::{Cluster, Command, Response};
 use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PrivateKey, PublicKey, WgError};
@@ -29,8 +33,13 @@ use tokio_util::task::TaskTracker;
 use crate::config::NodeConfig;
 use crate::edge::upstream::{BoxedIo, Target, TcpUpstream, Upstream};
 
-/// First address of the gateway range; node `id` gets `base + id`.
-const GATEWAY_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+/// First address of the gateway range; node `id` gets `base + id`. The raft crate owns the
+/// ranges because pool validation must keep CVM pools out of them.
+const GATEWAY_BASE: Ipv4Addr = GATEWAY_TUNNEL_V4.0;
+const GATEWAY_BASE6: Ipv6Addr = GATEWAY_TUNNEL_V6.0;
+/// The smallest link MTU IPv6 allows (RFC 8200).
+const IPV6_MIN_MTU: usize = 1280;
+
 /// Largest node id with a gateway tunnel address (a /15 minus network and broadcast).
 pub const MAX_GATEWAY_ID: u64 = (1 << 17) - 2;
 
@@ -41,6 +50,22 @@ pub fn gateway_tunnel_ip(id: u64) -> Option<Ipv4Addr> {
     }
     let offset = u32::try_from(id).ok()?;
     Some(Ipv4Addr::from(u32::from(GATEWAY_BASE) + offset))
+}
+
+/// Node `id`'s own IPv6 tunnel address (used when the CVM pool is IPv6), for the same ids as
+/// [`gateway_tunnel_ip`].
+pub fn gateway_tunnel_ip6(id: u64) -> Option<Ipv6Addr> {
+    gateway_tunnel_ip(id)?;
+    Some(Ipv6Addr::from(u128::from(GATEWAY_BASE6) + u128::from(id)))
+}
+
+/// The gateway address CVMs of a pool of this family peer with.
+pub fn gateway_tunnel_ip_for(id: u64, ipv6_pool: bool) -> Option<IpAddr> {
+    if ipv6_pool {
+        gateway_tunnel_ip6(id).map(IpAddr::V6)
+    } else {
+        gateway_tunnel_ip(id).map(IpAddr::V4)
+    }
 }
 
 /// Loads the WireGuard private key from `path`, or creates one there (mode 0600) if the file
@@ -113,7 +138,7 @@ fn cvm_peers(shared: &SharedState) -> Vec<PeerConfig> {
         if !seen_keys.insert(key) || !seen_ips.insert(ip) {
             continue;
         }
-        peers.push(PeerConfig::new(key, IpAddr::V4(ip)));
+        peers.push(PeerConfig::new(key, ip));
     }
     peers
 }
@@ -130,14 +155,28 @@ pub async fn start(
     let key = load_or_create_key(&cfg.data_dir.join("wg.key"))?;
     let own_ip = gateway_tunnel_ip(cfg.node_id)
         .context("node_id has no gateway tunnel address (validate() should have refused it)")?;
+    let own_ip6 = gateway_tunnel_ip6(cfg.node_id)
+        .context("node_id has no gateway tunnel address (validate() should have refused it)")?;
     let socket = tokio::net::UdpSocket::bind(cfg.wg.listen)
         .await
         .with_context(|| format!("bind wg.listen {} (udp)", cfg.wg.listen))?;
     let mut ecfg = EndpointConfig::new(key, IpAddr::V4(own_ip));
+    // Both families always: the pool can switch between IPv4 and IPv6 at runtime. IPv6 needs
+    // links of at least 1280 bytes (RFC 8200); an older config with a smaller wg.mtu keeps
+    // working for IPv4 pools instead of failing to start.
+    if cfg.wg.mtu >= IPV6_MIN_MTU {
+        ecfg.secondary_ip = Some(IpAddr::V6(own_ip6));
+    } else {
+        tracing::warn!(
+            mtu = cfg.wg.mtu,
+            "wg.mtu is below 1280: this gateway has no IPv6 tunnel address and cannot reach CVMs of an IPv6 pool"
+        );
+    }
     ecfg.mtu = cfg.wg.mtu;
+    let tunnel_ip6 = ecfg.secondary_ip;
     ecfg.connect_timeout = Duration::from_millis(cfg.edge.backend_connect_timeout_ms.max(1));
     let endpoint = Endpoint::new(ecfg, socket).context("start the WireGuard endpoint")?;
-    tracing::info!(udp = %endpoint.local_addr(), tunnel_ip = %own_ip, public_key = %endpoint.public_key(), "wireguard listening");
+    tracing::info!(udp = %endpoint.local_addr(), tunnel_ip = %own_ip, tunnel_ip6 = ?tunnel_ip6, public_key = %endpoint.public_key(), "wireguard listening");
 
     // Peer sync: one set_peers per state change. set_peers diffs, so unchanged CVMs keep their
     // sessions and connections.
@@ -250,13 +289,8 @@ impl TunnelUpstream {
         }
     }
 
-    fn in_pool(&self, ip: Ipv4Addr) -> bool {
-        let applied = self.shared.read();
-        let pool = &applied.state.tunnel_pool;
-        let Ok(net) = ipnet::Ipv4Net::new(pool.base, pool.prefix_len) else {
-            return false;
-        };
-        net.contains(&ip)
+    fn in_pool(&self, ip: IpAddr) -> bool {
+        self.shared.read().state.tunnel_pool.contains(ip)
     }
 }
 
@@ -273,11 +307,11 @@ fn io_error(e: WgError) -> io::Error {
 #[async_trait::async_trait]
 impl Upstream for TunnelUpstream {
     async fn connect(&self, target: &Target) -> io::Result<BoxedIo> {
-        match target.host.parse::<Ipv4Addr>() {
+        match target.host.parse::<IpAddr>() {
             Ok(ip) if self.in_pool(ip) => {
                 let s = self
                     .endpoint
-                    .connect(IpAddr::V4(ip), target.port)
+                    .connect(ip, target.port)
                     .await
                     .map_err(io_error)?;
                 Ok(Box::new(s))
@@ -305,6 +339,35 @@ mod tests {
             let ip = gateway_tunnel_ip(id).expect("ip");
             assert!(!pool.contains(&ip));
         }
+    }
+
+    #[test]
+    fn ipv6_gateway_addresses_are_in_the_fixed_ula_and_distinct() {
+        let gw = ipnet::Ipv6Net::new(GATEWAY_BASE6, GATEWAY_TUNNEL_V6.1).expect("net");
+        assert_eq!(
+            gateway_tunnel_ip6(1),
+            Some("fd70:6f72:7463::1".parse().expect("ip"))
+        );
+        assert_eq!(
+            gateway_tunnel_ip6(MAX_GATEWAY_ID),
+            Some("fd70:6f72:7463::1:fffe".parse().expect("ip"))
+        );
+        assert_eq!(gateway_tunnel_ip6(0), None);
+        assert_eq!(gateway_tunnel_ip6(MAX_GATEWAY_ID + 1), None);
+        for id in [1, 2, 300, MAX_GATEWAY_ID] {
+            assert!(gw.contains(&gateway_tunnel_ip6(id).expect("ip")));
+        }
+        assert_eq!(
+            gateway_tunnel_ip_for(3, true),
+            Some("fd70:6f72:7463::3".parse().expect("ip"))
+        );
+        assert_eq!(
+            gateway_tunnel_ip_for(3, false),
+            Some(IpAddr::from([198, 18, 0, 3]))
+        );
+        // Pool validation keeps every CVM pool out of the gateway range.
+        let (base, len) = (IpAddr::V6(GATEWAY_BASE6), 64);
+        assert!(portcullis_raft::state::TunnelPool::validate_range(base, len).is_err());
     }
 
     #[test]

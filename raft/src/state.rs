@@ -9,15 +9,19 @@
 //!   the command, stamped by the proposer.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
 mod acme;
+mod legacy;
+mod pool;
 pub use acme::{
     AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, AcmeState, ChallengeKind, Http01Challenge,
     OrdererLease, MAX_ACME_CHALLENGES, MAX_LEASE_TTL_MS,
 };
+pub use legacy::{ClusterStateV1, InstanceV1, TunnelPoolV1};
+pub use pool::{TunnelPool, GATEWAY_TUNNEL_V4, GATEWAY_TUNNEL_V6};
 
 /// Most ports an app may declare; keeps entries small and routing tables bounded.
 pub const MAX_APP_PORTS: usize = 64;
@@ -78,7 +82,9 @@ pub struct Instance {
     pub app: String,
     pub region: String,
     pub wg_public_key: String,
-    pub tunnel_ip: Option<Ipv4Addr>,
+    /// From the cluster's pool, IPv4 or IPv6. Registered with
+    /// [`Command::RegisterInstanceV2`]; old log entries carry an [`InstanceV1`].
+    pub tunnel_ip: Option<IpAddr>,
     /// Plain TCP backend address, for apps reached outside the tunnel (tests, local demo).
     pub backend_addr: Option<String>,
     /// Unix seconds, stamped by the proposer.
@@ -109,63 +115,6 @@ pub struct Certificate {
     /// Unix seconds.
     pub not_after: u64,
     pub issuer: String,
-}
-
-/// Cluster-wide tunnel IP allocation. Addresses are offsets in one range, with no per-node
-/// sub-ranges, so any cluster size shares the full space. Offsets freed by removed instances are
-/// reused lowest-first, which keeps allocation deterministic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TunnelPool {
-    pub base: Ipv4Addr,
-    pub prefix_len: u8,
-    pub next_offset: u32,
-    pub free: BTreeSet<u32>,
-}
-
-impl Default for TunnelPool {
-    fn default() -> Self {
-        // 100.64.0.0/10 (RFC 6598 shared space): ~4M addresses, well clear of typical LANs.
-        TunnelPool {
-            base: Ipv4Addr::new(100, 64, 0, 0),
-            prefix_len: 10,
-            next_offset: 0,
-            free: BTreeSet::new(),
-        }
-    }
-}
-
-impl TunnelPool {
-    fn capacity(&self) -> u32 {
-        let host_bits = 32u32.saturating_sub(u32::from(self.prefix_len));
-        if host_bits >= 32 {
-            u32::MAX
-        } else {
-            (1u32 << host_bits).saturating_sub(1)
-        }
-    }
-
-    /// Offsets start at 1: offset 0 is the network address.
-    fn allocate(&mut self) -> Option<Ipv4Addr> {
-        let offset = match self.free.pop_first() {
-            Some(o) => o,
-            None => {
-                let o = self.next_offset.checked_add(1)?;
-                if o >= self.capacity() {
-                    return None;
-                }
-                self.next_offset = o;
-                o
-            }
-        };
-        Some(Ipv4Addr::from(u32::from(self.base).wrapping_add(offset)))
-    }
-
-    fn release(&mut self, ip: Ipv4Addr) {
-        let offset = u32::from(ip).wrapping_sub(u32::from(self.base));
-        if offset > 0 && offset <= self.next_offset {
-            self.free.insert(offset);
-        }
-    }
 }
 
 /// Everything the cluster agrees on.
@@ -218,7 +167,9 @@ pub enum Command {
     DeleteApp {
         name: String,
     },
-    RegisterInstance(Instance),
+    /// A registration as written before IPv6 pools (IPv4-only shape). Still applied for log
+    /// entries already on disk; new proposals use [`Command::RegisterInstanceV2`].
+    RegisterInstance(InstanceV1),
     RemoveInstance {
         instance_id: String,
     },
@@ -264,6 +215,16 @@ pub enum Command {
     /// changed since the proposer read it (a renewal) is left alone, so a rewrap never undoes a
     /// newer write.
     RewrapKeys(Vec<Rewrap>),
+    /// Registers (or renews) an instance; its tunnel address, IPv4 or IPv6, comes from the
+    /// pool. Replaces [`Command::RegisterInstance`] for new proposals; appended so existing
+    /// log entries keep their variant indices.
+    RegisterInstanceV2(Instance),
+    /// Replaces the CVM tunnel address pool with the range `base/prefix_len`. Refused while any
+    /// instance holds a tunnel address: changing the range under live CVMs would strand them.
+    SetTunnelPool {
+        base: IpAddr,
+        prefix_len: u8,
+    },
 }
 
 /// One private key re-sealed by [`Command::RewrapKeys`].
@@ -303,7 +264,9 @@ pub enum Response {
     #[default]
     Ok,
     App(App),
-    Instance(Instance),
+    /// The answer to the old [`Command::RegisterInstance`], in the old shape, so a forwarding
+    /// node of an older build can still decode it.
+    Instance(InstanceV1),
     Register(Register),
     /// The command was valid on its own but not against the state it met (for example the app
     /// already exists). Nothing was changed.
@@ -315,6 +278,8 @@ pub enum Response {
     Expired(u64),
     /// How many keys a [`Command::RewrapKeys`] replaced (the others had changed meanwhile).
     Rewrapped(u64),
+    /// The instance as registered by [`Command::RegisterInstanceV2`], with its tunnel address.
+    InstanceV2(Instance),
 }
 
 /// Why a command was refused before it was proposed.
@@ -437,6 +402,17 @@ fn validate_coords(lat: f64, lon: f64) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// The checks shared by both registration shapes.
+fn validate_instance(id: &str, app: &str, region: &str, key: &str) -> Result<(), ValidationError> {
+    validate_name("instance_id", id)?;
+    validate_app_name(app)?;
+    validate_name("region", region)?;
+    if key.len() > 64 {
+        return Err(field("wg_public_key", key, "must be a base64 32-byte key"));
+    }
+    Ok(())
+}
+
 impl Command {
     /// Checks the command on its own. Called before proposing, and again inside `apply` so that
     /// an entry written by an older or hostile proposer cannot corrupt the state.
@@ -458,17 +434,13 @@ impl Command {
             }
             Command::DeleteApp { name } => validate_app_name(name),
             Command::RegisterInstance(i) => {
-                validate_name("instance_id", &i.instance_id)?;
-                validate_app_name(&i.app)?;
-                validate_name("region", &i.region)?;
-                if i.wg_public_key.len() > 64 {
-                    return Err(field(
-                        "wg_public_key",
-                        i.wg_public_key.clone(),
-                        "must be a base64 32-byte key",
-                    ));
-                }
-                Ok(())
+                validate_instance(&i.instance_id, &i.app, &i.region, &i.wg_public_key)
+            }
+            Command::RegisterInstanceV2(i) => {
+                validate_instance(&i.instance_id, &i.app, &i.region, &i.wg_public_key)
+            }
+            Command::SetTunnelPool { base, prefix_len } => {
+                TunnelPool::validate_range(*base, *prefix_len)
             }
             Command::RemoveInstance { instance_id } => validate_name("instance_id", instance_id),
             Command::AddDomain(d) => {
@@ -628,7 +600,34 @@ impl ClusterState {
                 self.domains.retain(|_, d| &d.app != name);
                 Response::Ok
             }
-            Command::RegisterInstance(new) => self.register_instance(new),
+            Command::RegisterInstance(old) => {
+                // Old-shape entries only ever met IPv4 pools. A proposer of an older build
+                // cannot take an IPv6 address; refuse before changing anything.
+                if self.tunnel_pool.base.is_ipv6() {
+                    return Response::Rejected(format!(
+                        "the tunnel pool is IPv6 ({}); this registration came from an older build that only knows IPv4 addresses: upgrade it",
+                        self.tunnel_pool
+                    ));
+                }
+                match self.register_instance(&Instance::from(old.clone())) {
+                    Ok(inst) => match InstanceV1::from_current(&inst) {
+                        Some(v1) => Response::Instance(v1),
+                        // Unreachable with the check above (an IPv4 pool holds only IPv4
+                        // addresses: it changes only while none are held); answered, not
+                        // panicked, because apply never panics.
+                        None => Response::Rejected(format!(
+                            "instance {:?} has IPv6 address {:?}, which an older build cannot hold",
+                            inst.instance_id, inst.tunnel_ip
+                        )),
+                    },
+                    Err(why) => Response::Rejected(why),
+                }
+            }
+            Command::RegisterInstanceV2(new) => match self.register_instance(new) {
+                Ok(inst) => Response::InstanceV2(inst),
+                Err(why) => Response::Rejected(why),
+            },
+            Command::SetTunnelPool { base, prefix_len } => self.set_tunnel_pool(*base, *prefix_len),
             Command::RemoveInstance { instance_id } => {
                 if self.remove_instance(instance_id) {
                     Response::Ok
@@ -760,13 +759,37 @@ impl ClusterState {
         replaced
     }
 
-    fn register_instance(&mut self, new: &Instance) -> Response {
+    fn set_tunnel_pool(&mut self, base: IpAddr, prefix_len: u8) -> Response {
+        if self.tunnel_pool.base == base && self.tunnel_pool.prefix_len == prefix_len {
+            // Setting the current range again changes nothing, so it is harmless even with
+            // instances registered (a retried CLI call).
+            return Response::Ok;
+        }
+        let holders: Vec<&str> = self
+            .instances
+            .values()
+            .filter(|i| i.tunnel_ip.is_some())
+            .map(|i| i.instance_id.as_str())
+            .collect();
+        if let Some(first) = holders.first() {
+            return Response::Rejected(format!(
+                "cannot change the tunnel pool from {} to {base}/{prefix_len}: {} instance(s) hold tunnel addresses (e.g. {first:?}); changing the range under live CVMs would strand them, so remove them first (portcullis cvm remove)",
+                self.tunnel_pool,
+                holders.len()
+            ));
+        }
+        self.tunnel_pool = TunnelPool::new(base, prefix_len);
+        Response::Ok
+    }
+
+    /// Registers or renews `new`; the instance as stored (with its address) or why not.
+    fn register_instance(&mut self, new: &Instance) -> Result<Instance, String> {
         if !self.apps.contains_key(&new.app) {
-            return Response::Rejected(format!("app {:?} not found", new.app));
+            return Err(format!("app {:?} not found", new.app));
         }
         if let Some(existing) = self.instances.get(&new.instance_id) {
             if existing.app != new.app {
-                return Response::Rejected(format!(
+                return Err(format!(
                     "instance {:?} belongs to app {:?}",
                     new.instance_id, existing.app
                 ));
@@ -778,9 +801,7 @@ impl ClusterState {
                 .values()
                 .any(|i| i.wg_public_key == new.wg_public_key && i.instance_id != new.instance_id);
             if clash {
-                return Response::Rejected(
-                    "wireguard public key already registered by another instance".into(),
-                );
+                return Err("wireguard public key already registered by another instance".into());
             }
         }
         // Sticky: a re-registering instance keeps its address.
@@ -792,7 +813,13 @@ impl ClusterState {
             Some(ip) => ip,
             None => match self.tunnel_pool.allocate() {
                 Some(ip) => ip,
-                None => return Response::Rejected("tunnel address pool exhausted".into()),
+                None => {
+                    return Err(format!(
+                        "tunnel address pool {} exhausted ({} addresses)",
+                        self.tunnel_pool,
+                        self.tunnel_pool.capacity()
+                    ))
+                }
             },
         };
         let inst = Instance {
@@ -801,7 +828,7 @@ impl ClusterState {
         };
         self.instances
             .insert(inst.instance_id.clone(), inst.clone());
-        Response::Instance(inst)
+        Ok(inst)
     }
 
     fn remove_instance(&mut self, id: &str) -> bool {

@@ -18,6 +18,10 @@ pub struct EndpointConfig {
     /// This endpoint's own tunnel address (the CVM's allocated IP, or the gateway node's).
     /// Decrypted packets for any other destination are dropped: nothing is forwarded.
     pub tunnel_ip: IpAddr,
+    /// A second own address of the other family, or `None` (the default). A gateway serves
+    /// CVM pools of either family, so it answers on one IPv4 and one IPv6 address; a CVM has
+    /// one address.
+    pub secondary_ip: Option<IpAddr>,
     /// Inner MTU in bytes: the largest IP packet carried in one WireGuard message.
     /// Default 1420 (wg-quick's default: 1500 minus IPv6 + UDP + WireGuard overhead).
     pub mtu: usize,
@@ -43,6 +47,7 @@ impl EndpointConfig {
         Self {
             private_key,
             tunnel_ip,
+            secondary_ip: None,
             mtu: 1420,
             tcp_buffer_bytes: 256 * 1024,
             connect_timeout: Duration::from_secs(5),
@@ -58,8 +63,15 @@ impl EndpointConfig {
         if !is_unicast(self.tunnel_ip) {
             return Err(WgError::InvalidTunnelIp(self.tunnel_ip));
         }
+        if let Some(ip) = self.secondary_ip {
+            // One address per family: smoltcp picks the source by the destination's family.
+            if !is_unicast(ip) || ip.is_ipv6() == self.tunnel_ip.is_ipv6() {
+                return Err(WgError::InvalidTunnelIp(ip));
+            }
+        }
         // IPv6 requires links of at least 1280 bytes (RFC 8200); IPv4 hosts must take 576.
-        let min = if self.tunnel_ip.is_ipv6() { 1280 } else { 576 };
+        let v6 = self.tunnel_ip.is_ipv6() || self.secondary_ip.is_some_and(|ip| ip.is_ipv6());
+        let min = if v6 { 1280 } else { 576 };
         let max = 65535 - WG_DATA_OVERHEAD - 16 - 8 - 40;
         if self.mtu < min || self.mtu > max {
             return Err(WgError::InvalidMtu {

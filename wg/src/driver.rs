@@ -20,7 +20,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, TunnResult};
 use boringtun::x25519;
 use bytes::{Buf, Bytes};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, CongestionControl, State};
 use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
 use tokio::io::ReadBuf;
@@ -43,6 +43,14 @@ use crate::PeerConfig;
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Datagrams handled per wake-up before the stack runs; amortizes smoltcp polls under load.
 const RECV_BATCH: usize = 64;
+/// Segments smoltcp may emit per stack round before the driver encrypts and sends them (up to
+/// four rounds per wake-up). smoltcp emits at most one segment per socket per egress pass, so
+/// one pass per round left a bulk sender ACK-clocked at one or two segments per wake-up (about
+/// 20 MB/s toward kernel TCP). More passes fill the window, but the burst must stay small:
+/// smoltcp's Reno never leaves exponential growth and recovers losses go-back-N, so bursts of
+/// 32+ segments per round overflowed a 208 KiB UDP receive buffer (wireguard-go's default) and
+/// collapsed throughput to 1-5 MB/s. Measured in docs/benchmarks.md.
+const EGRESS_BATCH: usize = 8;
 /// How long a connection the application has dropped may take to finish closing before it is
 /// reset (bounds FIN_WAIT_2 against a peer that never closes).
 const LINGER: Duration = Duration::from_secs(30);
@@ -109,7 +117,7 @@ struct Listener {
 pub(crate) struct Driver<S> {
     socket: S,
     cfg: EndpointConfig,
-    own_ip: IpAddr,
+    own: OwnIps,
     max_datagram: usize,
     static_private: x25519::StaticSecret,
     static_public: x25519::PublicKey,
@@ -140,7 +148,8 @@ impl<S: DatagramSocket> Driver<S> {
         let static_public = x25519::PublicKey::from(&static_private);
         let own_key = PublicKey::from_bytes(static_public.to_bytes());
         let rate_limiter = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
-        let peers = PeerTable::new(own_key, cfg.tunnel_ip, static_private.clone());
+        let peers = PeerTable::new(own_key, cfg.tunnel_ip, static_private.clone())
+            .with_secondary_ip(cfg.secondary_ip);
 
         let start = Instant::now();
         let mut device = VirtualDevice::new(cfg.mtu);
@@ -149,28 +158,34 @@ impl<S: DatagramSocket> Driver<S> {
         // them predictable to an on-path peer.
         config.random_seed = rand::random();
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
-        let own_ip = cfg.tunnel_ip;
-        iface.update_ip_addrs(|addrs| {
-            let prefix = if own_ip.is_ipv4() { 32 } else { 128 };
-            // One address; the vector has room for several, so this cannot fail.
-            let _ = addrs.push(IpCidr::new(own_ip.into(), prefix));
-        });
-        // Peers are not on a subnet of ours: a default route makes every destination reachable,
-        // and the driver picks the peer by destination when it encrypts. With Medium::Ip there
-        // is no neighbor resolution, so the gateway address is never used.
-        let routed = match own_ip {
-            IpAddr::V4(a) => iface.routes_mut().add_default_ipv4_route(a).is_ok(),
-            IpAddr::V6(a) => iface.routes_mut().add_default_ipv6_route(a).is_ok(),
+        let own = OwnIps {
+            primary: cfg.tunnel_ip,
+            secondary: cfg.secondary_ip,
         };
-        debug_assert!(
-            routed,
-            "an empty route table has room for one default route"
-        );
+        // At most one address per family (validate() checks), so smoltcp's default room for
+        // two addresses and two routes always suffices.
+        for own_ip in std::iter::once(own.primary).chain(own.secondary) {
+            iface.update_ip_addrs(|addrs| {
+                let prefix = if own_ip.is_ipv4() { 32 } else { 128 };
+                let _ = addrs.push(IpCidr::new(own_ip.into(), prefix));
+            });
+            // Peers are not on a subnet of ours: a default route makes every destination
+            // reachable, and the driver picks the peer by destination when it encrypts. With
+            // Medium::Ip there is no neighbor resolution, so the gateway address is never used.
+            let routed = match own_ip {
+                IpAddr::V4(a) => iface.routes_mut().add_default_ipv4_route(a).is_ok(),
+                IpAddr::V6(a) => iface.routes_mut().add_default_ipv6_route(a).is_ok(),
+            };
+            debug_assert!(
+                routed,
+                "the route table has room for one default route per family"
+            );
+        }
 
         let max_datagram = cfg.max_datagram();
         Self {
             socket,
-            own_ip,
+            own,
             max_datagram,
             static_private,
             static_public,
@@ -375,7 +390,7 @@ impl<S: DatagramSocket> Driver<S> {
                     inner,
                     src.into(),
                     peer.config.tunnel_ip,
-                    self.own_ip,
+                    self.own,
                     self.cfg.mtu,
                 );
             }
@@ -387,7 +402,7 @@ impl<S: DatagramSocket> Driver<S> {
                     inner,
                     src.into(),
                     peer.config.tunnel_ip,
-                    self.own_ip,
+                    self.own,
                     self.cfg.mtu,
                 );
             }
@@ -448,6 +463,12 @@ impl<S: DatagramSocket> Driver<S> {
         for _ in 0..4 {
             let now = self.smol_now();
             self.iface.poll(now, &mut self.device, &mut self.sockets);
+            while self.device.tx.len() < EGRESS_BATCH
+                && self
+                    .iface
+                    .poll_egress(now, &mut self.device, &mut self.sockets)
+                    == PollResult::SocketStateChanged
+            {}
             self.flush_tx().await;
             let conns_changed = self.service_conns();
             let listeners_changed = self.service_listeners();
@@ -514,7 +535,7 @@ impl<S: DatagramSocket> Driver<S> {
         if remote.port() == 0 {
             return fail(reply, WgError::InvalidPort(0));
         }
-        if remote.ip() == self.own_ip {
+        if self.own.contains(remote.ip()) {
             return fail(reply, WgError::ConnectToSelf(remote.ip()));
         }
         if !self.peers.has_ip(&remote.ip()) {
@@ -637,7 +658,7 @@ impl<S: DatagramSocket> Driver<S> {
                 l.ready[slot] = replacement;
                 changed = true;
 
-                let local = SocketAddr::new(self.own_ip, port);
+                let local = SocketAddr::new(self.own.for_remote(remote.addr.into()), port);
                 let peer = SocketAddr::from((IpAddr::from(remote.addr), remote.port));
                 let (stream, pipes) = TunnelStream::new_pair(self.notify.clone(), local, peer);
                 self.ports_in_use.insert((port, remote));
@@ -701,7 +722,8 @@ impl<S: DatagramSocket> Driver<S> {
                         finished.push(h);
                     }
                     _ => {
-                        let local = SocketAddr::new(self.own_ip, conn.local_port);
+                        let local =
+                            SocketAddr::new(self.own.for_remote(addr.ip()), conn.local_port);
                         let (stream, pipes) =
                             TunnelStream::new_pair(self.notify.clone(), local, *addr);
                         let Phase::Connecting { reply, .. } =
@@ -859,6 +881,27 @@ fn pump(sock: &mut tcp::Socket<'static>, open: &mut OpenConn) -> bool {
     changed
 }
 
+/// The endpoint's own tunnel addresses: one, or one per family.
+#[derive(Debug, Clone, Copy)]
+struct OwnIps {
+    primary: IpAddr,
+    secondary: Option<IpAddr>,
+}
+
+impl OwnIps {
+    fn contains(&self, ip: IpAddr) -> bool {
+        ip == self.primary || Some(ip) == self.secondary
+    }
+
+    /// The own address a connection with `remote` uses: the one of the same family.
+    fn for_remote(&self, remote: IpAddr) -> IpAddr {
+        match self.secondary {
+            Some(s) if s.is_ipv6() == remote.is_ipv6() => s,
+            _ => self.primary,
+        }
+    }
+}
+
 /// Enforces the tunnel's address rules on a decrypted packet, then queues it for smoltcp.
 fn admit_inner(
     c: &Counters,
@@ -866,7 +909,7 @@ fn admit_inner(
     inner: &[u8],
     src: IpAddr,
     allowed: IpAddr,
-    own_ip: IpAddr,
+    own: OwnIps,
     mtu: usize,
 ) {
     // boringtun does not enforce AllowedIPs: without this check a peer could speak as any
@@ -882,7 +925,7 @@ fn admit_inner(
     };
     // Nothing is forwarded: a packet for anyone but us would be a peer trying to reach another
     // peer through this endpoint.
-    if hdr.dst != own_ip {
+    if !own.contains(hdr.dst) {
         Counters::inc(&c.not_for_us);
         tracing::debug!(%src, dst = %hdr.dst, "inner packet not addressed to us; dropped");
         return;

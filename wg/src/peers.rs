@@ -60,6 +60,8 @@ pub struct PeerStats {
 pub(crate) struct PeerTable {
     own_key: PublicKey,
     own_ip: IpAddr,
+    /// The endpoint's second address (other family), if any; no peer may hold it either.
+    secondary_ip: Option<IpAddr>,
     static_private: x25519::StaticSecret,
     by_key: HashMap<PublicKey, Peer>,
     by_index: HashMap<u32, PublicKey>,
@@ -72,6 +74,7 @@ impl PeerTable {
         Self {
             own_key,
             own_ip,
+            secondary_ip: None,
             static_private,
             by_key: HashMap::new(),
             by_index: HashMap::new(),
@@ -80,6 +83,12 @@ impl PeerTable {
             // still remember from before the restart.
             next_index: rand::random::<u32>() & MAX_PEER_INDEX,
         }
+    }
+
+    /// Also refuses peers that claim the endpoint's second address.
+    pub fn with_secondary_ip(mut self, ip: Option<IpAddr>) -> Self {
+        self.secondary_ip = ip;
+        self
     }
 
     /// Replaces the peer set. Validates the whole list first, so a bad list changes nothing.
@@ -96,7 +105,7 @@ impl PeerTable {
                     what: "same public key",
                 });
             }
-            if p.tunnel_ip == self.own_ip {
+            if p.tunnel_ip == self.own_ip || Some(p.tunnel_ip) == self.secondary_ip {
                 return Err(WgError::PeerIsSelf {
                     key: p.public_key,
                     what: "same tunnel address",

@@ -136,6 +136,9 @@ enum Mode {
     H1,
     H2,
     Newconn,
+    /// HTTP/3 over QUIC, Portcullis only: Debian's nginx 1.22 has no `http_v3_module` and its
+    /// HAProxy 2.6 is built without QUIC, so there is no same-run peer to compare against.
+    H3,
 }
 
 impl Mode {
@@ -144,6 +147,7 @@ impl Mode {
             Mode::H1 => "h1 keep-alive",
             Mode::H2 => "h2",
             Mode::Newconn => "new TLS conn",
+            Mode::H3 => "h3",
         }
     }
 }
@@ -752,6 +756,7 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
 struct Client {
     h1: TlsConnector,
     h2: TlsConnector,
+    h3: quinn::ClientConfig,
     name: ServerName<'static>,
     host: String,
 }
@@ -776,9 +781,18 @@ impl Client {
             Ok(TlsConnector::from(Arc::new(cfg)))
         };
         let host = format!("{APP}.portcullis.localhost");
+        let mut quic = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        quic.alpn_protocols = vec![b"h3".to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(quic)?;
         Ok(Client {
             h1: make(b"http/1.1")?,
             h2: make(b"h2")?,
+            h3: quinn::ClientConfig::new(Arc::new(quic)),
             name: ServerName::try_from(host.clone())?,
             host,
         })
@@ -831,6 +845,22 @@ impl Client {
         Ok(sender)
     }
 
+    /// One QUIC connection on its own UDP socket (as each TCP connection has its own port),
+    /// with its h3 driver on a task.
+    async fn h3_conn(&self, addr: SocketAddr) -> anyhow::Result<H3Sender> {
+        let mut ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        ep.set_default_client_config(self.h3.clone());
+        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, ep.connect(addr, &self.host)?)
+            .await
+            .context("QUIC handshake timed out")??;
+        let (mut driver, sender) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
+        tokio::spawn(async move {
+            let _ep = ep;
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        Ok(sender)
+    }
+
     fn request(&self, h2: bool) -> anyhow::Result<hyper::Request<Empty<Bytes>>> {
         let b = hyper::Request::builder();
         let b = if h2 {
@@ -853,6 +883,27 @@ async fn finish(
         let body = resp.into_body().collect().await?.to_bytes();
         if status != hyper::StatusCode::OK || body.len() != BODY.len() {
             bail!("status {status}, {} body bytes", body.len());
+        }
+        Ok(())
+    })
+    .await
+    .context("request timed out")?
+}
+
+type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+/// One HTTP/3 request: the same checks as [`finish`], within the request deadline.
+async fn h3_get(c: &Client, s: &mut H3Sender) -> anyhow::Result<()> {
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let mut stream = s.send_request(c.request(true)?.map(|_| ())).await?;
+        stream.finish().await?;
+        let resp = stream.recv_response().await?;
+        let mut len = 0;
+        while let Some(chunk) = stream.recv_data().await? {
+            len += bytes::Buf::remaining(&chunk);
+        }
+        if resp.status() != hyper::StatusCode::OK || len != BODY.len() {
+            bail!("status {}, {len} body bytes", resp.status());
         }
         Ok(())
     })
@@ -995,6 +1046,53 @@ async fn h2_loop(c: Arc<Client>, addr: SocketAddr, streams: usize, w: Window) ->
     st
 }
 
+async fn h3_loop(c: Arc<Client>, addr: SocketAddr, streams: usize, w: Window) -> Stats {
+    let mut st = Stats::new();
+    while Instant::now() < w.end {
+        let t0 = Instant::now();
+        let sender = match c.h3_conn(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                st.done(w, t0, &Err(e));
+                backoff().await;
+                continue;
+            }
+        };
+        // As with HTTP/2: `streams` requests in flight on this connection until the window
+        // closes or the connection fails, then reconnect.
+        let tasks: Vec<_> = (0..streams)
+            .map(|_| {
+                let mut s = sender.clone();
+                let c = c.clone();
+                async move {
+                    let mut st = Stats::new();
+                    let mut failed = 0;
+                    while Instant::now() < w.end {
+                        let t0 = Instant::now();
+                        let r = h3_get(&c, &mut s).await;
+                        st.done(w, t0, &r);
+                        if r.is_err() {
+                            failed += 1;
+                            if failed > 3 {
+                                break;
+                            }
+                            backoff().await;
+                        } else {
+                            failed = 0;
+                        }
+                    }
+                    st
+                }
+            })
+            .collect();
+        drop(sender);
+        for s in futures::future::join_all(tasks).await {
+            let _ = st.merge(s);
+        }
+    }
+    st
+}
+
 async fn newconn_loop(c: Arc<Client>, addr: SocketAddr, w: Window) -> Stats {
     let mut st = Stats::new();
     while Instant::now() < w.end {
@@ -1032,6 +1130,7 @@ async fn measure(c: &Arc<Client>, t: &Target, mode: Mode, a: &Args) -> anyhow::R
             Mode::H1 => tokio::spawn(h1_loop(c, addr, w)),
             Mode::H2 => tokio::spawn(h2_loop(c, addr, a.streams, w)),
             Mode::Newconn => tokio::spawn(newconn_loop(c, addr, w)),
+            Mode::H3 => tokio::spawn(h3_loop(c, addr, a.streams, w)),
         });
     }
     let mut stats = Stats::new();
@@ -1053,7 +1152,12 @@ async fn check(c: &Client, t: &Target) -> anyhow::Result<()> {
             let mut s = c.h1_conn(t.addr).await?;
             finish(s.send_request(c.request(false)?)).await?;
             let mut s = c.h2_conn(t.addr).await?;
-            finish(s.send_request(c.request(true)?)).await
+            finish(s.send_request(c.request(true)?)).await?;
+            if t.kind == Kind::Portcullis {
+                let mut s = c.h3_conn(t.addr).await?;
+                h3_get(c, &mut s).await?;
+            }
+            anyhow::Ok(())
         }
         .await;
         match r {
@@ -1156,6 +1260,9 @@ async fn bench(a: Args) -> anyhow::Result<()> {
             let n = s.targets.len();
             for i in 0..n {
                 let t = &s.targets[(i + round) % n];
+                if mode == Mode::H3 && t.kind != Kind::Portcullis {
+                    continue;
+                }
                 let r = measure(&client, t, mode, &a).await?;
                 let rate = r.stats.hist.len() as f64 / r.secs;
                 eprintln!(

@@ -348,6 +348,7 @@ async fn serve_connection(
         sni_route: route,
         trusted,
         inflight: AtomicUsize::new(0),
+        forwarded: Default::default(),
     });
 
     let streams = TaskTracker::new();

@@ -312,6 +312,8 @@ impl Edge {
         http.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+            // WebSocket over HTTP/2 (RFC 8441 extended CONNECT).
+            .enable_connect_protocol()
             .max_pending_accept_reset_streams(cfg.h2_max_pending_reset_streams)
             .max_local_error_reset_streams(cfg.h2_max_pending_reset_streams)
             .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
@@ -623,6 +625,7 @@ impl Edge {
             sni_route: route,
             trusted,
             inflight: AtomicUsize::new(0),
+            forwarded: Default::default(),
         });
         self.serve_http(tls, ctx, shutdown).await;
     }
@@ -708,6 +711,7 @@ impl Edge {
             sni_route: None,
             trusted: true,
             inflight: AtomicUsize::new(0),
+            forwarded: Default::default(),
         };
         self.proxy.handle(&self.snapshot, &ctx, req).await
     }
@@ -731,6 +735,7 @@ impl Edge {
             sni_route: None,
             trusted: self.trusted.contains(peer.ip()),
             inflight: AtomicUsize::new(0),
+            forwarded: Default::default(),
         });
         self.serve_http(stream, ctx, shutdown).await;
     }

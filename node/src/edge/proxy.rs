@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -56,6 +56,10 @@ pub enum ProxyError {
     NoHealthyBackend(String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    #[error("CONNECT is only served for WebSocket (extended CONNECT, `:protocol websocket`)")]
+    ConnectNotSupported,
+    #[error("backend {backend} refused the WebSocket handshake: {reason}")]
+    WebSocketRefused { backend: String, reason: String },
     #[error("{host:?} is a TLS passthrough route; it cannot be reached over plain HTTP")]
     PassthroughOverHttp { host: String },
     #[error("backend {backend} did not answer within {timeout:?}")]
@@ -89,6 +93,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::WebSocketRefused { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -101,12 +107,14 @@ impl ProxyError {
             | ProxyError::Misdirected { .. }
             | ProxyError::Forbidden(_)
             | ProxyError::PassthroughOverHttp { .. }
-            | ProxyError::BodyTooLarge(_) => Fault::Client,
+            | ProxyError::BodyTooLarge(_)
+            | ProxyError::ConnectNotSupported => Fault::Client,
             ProxyError::NoBackend(_)
             | ProxyError::NoHealthyBackend(_)
             | ProxyError::Timeout { .. }
             | ProxyError::Connect { .. }
-            | ProxyError::Upstream { .. } => Fault::Upstream,
+            | ProxyError::Upstream { .. }
+            | ProxyError::WebSocketRefused { .. } => Fault::Upstream,
             ProxyError::Internal(_) => Fault::Internal,
         }
     }
@@ -130,6 +138,31 @@ pub struct ConnCtx {
     pub trusted: bool,
     /// Requests whose response head has not been sent yet; an idle connection has none.
     pub inflight: AtomicUsize,
+    /// The forwarded headers' client part, formatted on the connection's first request:
+    /// every request of a keep-alive connection names the same client.
+    pub forwarded: std::sync::OnceLock<ForwardedFor>,
+}
+
+/// `X-Forwarded-For` and the start of `Forwarded` (`for=…;proto=…;host="`) for one client.
+pub struct ForwardedFor {
+    xff: HeaderValue,
+    forwarded_prefix: Vec<u8>,
+}
+
+impl ForwardedFor {
+    fn new(client: std::net::IpAddr, scheme: &str) -> Self {
+        let ip = client.to_string();
+        let forwarded_prefix = format!(
+            "for={};proto={scheme};host=\"",
+            ip_for_forwarded(&SocketAddr::new(client, 0))
+        )
+        .into_bytes();
+        ForwardedFor {
+            // An address's text is always a valid header value.
+            xff: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_prefix,
+        }
+    }
 }
 
 /// Proxy settings taken from `EdgeConfig`.
@@ -199,6 +232,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// A WebSocket opened with extended CONNECT (`:protocol websocket`): RFC 8441 over HTTP/2,
+/// RFC 9220 over HTTP/3. Backends get the RFC 6455 HTTP/1.1 handshake instead, so an app
+/// serves one kind of WebSocket whatever the client speaks.
+fn is_websocket_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
+fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut d = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    d.update(key);
+    d.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(d.finish())
 }
 
 fn is_upgrade_request<B>(req: &Request<B>) -> bool {
@@ -328,12 +381,17 @@ impl Proxy {
         let start = Instant::now();
         ctx.inflight.fetch_add(1, Ordering::AcqRel);
         let _inflight = InflightGuard(&ctx.inflight);
-        let method = req.method().clone();
         let version = req.version();
-        let path = req.uri().path().to_string();
+        // What only the access log needs is copied only when it is on: this is per request.
+        let logged = self.settings.access_log.then(|| {
+            (
+                req.method().clone(),
+                request_host(&req).map(|(h, _)| h).unwrap_or_default(),
+                req.uri().path().to_string(),
+            )
+        });
         let mut app = String::from("-");
         let mut instance = String::from("-");
-        let host = request_host(&req).map(|(h, _)| h).unwrap_or_default();
         let result = self
             .forward(snapshot, ctx, req, &mut app, &mut instance)
             .await;
@@ -376,7 +434,7 @@ impl Proxy {
             .request_duration
             .get_or_create(&AppLabels { app: app.clone() })
             .observe(elapsed.as_secs_f64());
-        if self.settings.access_log {
+        if let Some((method, host, path)) = logged {
             tracing::info!(
                 target: "portcullis::access",
                 client = %ctx.client.ip(),
@@ -471,7 +529,12 @@ impl Proxy {
                 return Err(ProxyError::BodyTooLarge(self.settings.max_body));
             }
         }
-        let upgrade = is_upgrade_request(&req) && route.mode == Mode::Http;
+        let ws_connect = is_websocket_connect(&req);
+        if req.method() == Method::CONNECT && !ws_connect {
+            // A gateway in front of apps is not a forward proxy.
+            return Err(ProxyError::ConnectNotSupported);
+        }
+        let upgrade = (ws_connect || is_upgrade_request(&req)) && route.mode == Mode::Http;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let pq = parts
@@ -486,10 +549,26 @@ impl Proxy {
         };
         strip_hop_by_hop(&mut parts.headers, upgrade);
         self.forwarded_headers(&mut parts.headers, ctx, client_ip, &authority);
+        // Extended CONNECT becomes the HTTP/1.1 handshake; the key is ours, so the backend's
+        // answer can be checked before the client is told the tunnel is open.
+        let ws_key = (ws_connect && upgrade).then(|| {
+            use base64::Engine as _;
+            let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+            parts.method = Method::GET;
+            let h = &mut parts.headers;
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.entry(header::SEC_WEBSOCKET_VERSION)
+                .or_insert(HeaderValue::from_static("13"));
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                h.insert(header::SEC_WEBSOCKET_KEY, v);
+            }
+            key
+        });
         // A request with no body can be sent again as it is: after a connect failure nothing
         // reached the backend, so it is retried on the next choice (GET, HEAD and OPTIONS
-        // normally have no body). A body is streamed once and cannot be replayed.
-        let resendable = hyper::body::Body::is_end_stream(&body);
+        // normally have no body). A body is streamed once and cannot be replayed. A WebSocket's
+        // bytes travel on the upgraded stream, never as a body.
+        let resendable = ws_key.is_some() || hyper::body::Body::is_end_stream(&body);
         let mut body = Some(body);
 
         let client = if route.mode == Mode::H2c {
@@ -523,7 +602,12 @@ impl Proxy {
             *out.uri_mut() = Uri::try_from(format!("http://{addr}{pq}"))
                 .map_err(|e| ProxyError::Internal(format!("backend uri: {e}")))?;
             *out.version_mut() = parts.version;
-            *out.headers_mut() = parts.headers.clone();
+            // Only a later attempt needs the headers again.
+            *out.headers_mut() = if attempt.peek().is_some() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
             let guard = cand.load.as_ref().map(|l| l.acquire());
             match tokio::time::timeout(timeout, client.request(out)).await {
                 Err(_) => {
@@ -570,6 +654,35 @@ impl Proxy {
             }
         };
 
+        if let Some(key) = &ws_key {
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                if resp.status().is_success() {
+                    // A 2xx would tell an extended-CONNECT client that the tunnel is open.
+                    return Err(ProxyError::WebSocketRefused {
+                        backend: instance_out.clone(),
+                        reason: format!("answered {} instead of 101", resp.status()),
+                    });
+                }
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers, false);
+                return Ok(Response::from_parts(
+                    parts,
+                    body.map_err(BoxError::from).boxed(),
+                ));
+            }
+            let want = websocket_accept(key.as_bytes());
+            if resp
+                .headers()
+                .get(header::SEC_WEBSOCKET_ACCEPT)
+                .map(|v| v.as_bytes())
+                != Some(want.as_bytes())
+            {
+                return Err(ProxyError::WebSocketRefused {
+                    backend: instance_out.clone(),
+                    reason: "wrong or missing Sec-WebSocket-Accept".into(),
+                });
+            }
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let backend_upgrade = hyper::upgrade::on(&mut resp);
@@ -588,7 +701,14 @@ impl Proxy {
                     relay(TokioIo::new(c), TokioIo::new(b), idle).await;
                 });
                 let (mut parts, _) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers, true);
+                if ws_key.is_some() {
+                    // Extended CONNECT succeeds with 200 and no handshake headers (RFC 8441 §5).
+                    strip_hop_by_hop(&mut parts.headers, false);
+                    parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+                    parts.status = StatusCode::OK;
+                } else {
+                    strip_hop_by_hop(&mut parts.headers, true);
+                }
                 return Ok(Response::from_parts(
                     parts,
                     http_body_util::Empty::new()
@@ -622,28 +742,31 @@ impl Proxy {
         // The client address comes from the TCP peer, a trusted PROXY header, or a trusted
         // sender's X-Forwarded-For (`client`); whatever an untrusted client claims in these
         // headers is replaced, not appended to, so backends can trust them.
-        let ip = client.to_string();
-        let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                h.insert(HeaderName::from_static(name), v);
-            }
+        let owned;
+        let fwd = if client == ctx.client.ip() {
+            ctx.forwarded
+                .get_or_init(|| ForwardedFor::new(client, ctx.scheme))
+        } else {
+            owned = ForwardedFor::new(client, ctx.scheme);
+            &owned
         };
-        set(h, "x-forwarded-for", &ip);
-        set(h, "x-forwarded-proto", ctx.scheme);
-        set(h, "x-forwarded-host", authority);
-        set(
-            h,
-            "forwarded",
-            &format!(
-                "for={};proto={};host=\"{}\"",
-                ip_for_forwarded(&SocketAddr::new(client, 0)),
-                ctx.scheme,
-                authority
-            ),
+        h.insert(HeaderName::from_static("x-forwarded-for"), fwd.xff.clone());
+        h.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static(ctx.scheme),
         );
-        if let Ok(v) = HeaderValue::from_str(authority) {
-            h.insert(header::HOST, v);
+        let Ok(host) = HeaderValue::from_str(authority) else {
+            return;
+        };
+        h.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        let mut forwarded = Vec::with_capacity(fwd.forwarded_prefix.len() + authority.len() + 1);
+        forwarded.extend_from_slice(&fwd.forwarded_prefix);
+        forwarded.extend_from_slice(authority.as_bytes());
+        forwarded.push(b'"');
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded)) {
+            h.insert(HeaderName::from_static("forwarded"), v);
         }
+        h.insert(header::HOST, host);
     }
 }
 
@@ -675,5 +798,41 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_accept_matches_rfc_6455_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn only_websocket_is_an_extended_connect_we_serve() {
+        let mut ws = Request::connect("https://a.example/chat")
+            .body(())
+            .expect("req");
+        ws.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        assert!(is_websocket_connect(&ws));
+        let mut wt = Request::connect("https://a.example/chat")
+            .body(())
+            .expect("req");
+        wt.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("webtransport"));
+        assert!(!is_websocket_connect(&wt));
+        let plain = Request::connect("a.example:443").body(()).expect("req");
+        assert!(!is_websocket_connect(&plain));
+        assert_eq!(
+            ProxyError::ConnectNotSupported.status(),
+            StatusCode::NOT_IMPLEMENTED
+        );
     }
 }

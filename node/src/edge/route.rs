@@ -6,7 +6,7 @@
 //! then app names. Names outside the base domains are looked up among verified custom domains.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ pub struct Backend {
     pub instance_id: String,
     pub app: String,
     pub region: String,
-    pub tunnel_ip: Option<Ipv4Addr>,
+    pub tunnel_ip: Option<IpAddr>,
     /// `host` or `host:port`; see [`Backend::address`].
     pub backend_addr: Option<String>,
 }
@@ -41,7 +41,10 @@ impl Backend {
                     _ => Some(join_host_port(host, port)),
                 }
             }
-            None => self.tunnel_ip.map(|ip| format!("{ip}:{port}")),
+            // SocketAddr brackets an IPv6 address (`[fd00::5]:8080`).
+            None => self
+                .tunnel_ip
+                .map(|ip| SocketAddr::new(ip, port).to_string()),
         }
     }
 }
@@ -468,7 +471,7 @@ mod tests {
             instance_id: "i".into(),
             app: "a".into(),
             region: "r".into(),
-            tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 5)),
+            tunnel_ip: Some(IpAddr::from([100, 64, 0, 5])),
             backend_addr: addr.map(String::from),
         };
         assert_eq!(
@@ -495,5 +498,10 @@ mod tests {
             b(None).address(8080, 8080).as_deref(),
             Some("100.64.0.5:8080")
         );
+        let v6 = Backend {
+            tunnel_ip: Some("fd00:1::5".parse().expect("ip")),
+            ..b(None)
+        };
+        assert_eq!(v6.address(8080, 8080).as_deref(), Some("[fd00:1::5]:8080"));
     }
 }

@@ -1,6 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use std::net::IpAddr;
 
 fn app_name() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -26,14 +27,38 @@ fn command() -> impl Strategy<Value = Command> {
         )
             .prop_map(|(name, ports, lb)| Command::CreateApp { name, ports, lb }),
         app_name().prop_map(|name| Command::DeleteApp { name }),
+        // Old-shape entries (as in logs written before IPv6 pools) and the current shape.
         (app_name(), "[a-z0-9]{1,3}", "[A-Za-z0-9+/]{0,4}").prop_map(|(app, id, key)| {
-            Command::RegisterInstance(Instance {
+            Command::RegisterInstance(InstanceV1 {
                 instance_id: id,
                 app,
                 region: "us-east".into(),
                 wg_public_key: key,
                 ..Default::default()
             })
+        }),
+        (app_name(), "[a-z0-9]{1,3}", "[A-Za-z0-9+/]{0,4}").prop_map(|(app, id, key)| {
+            Command::RegisterInstanceV2(Instance {
+                instance_id: id,
+                app,
+                region: "us-east".into(),
+                wg_public_key: key,
+                ..Default::default()
+            })
+        }),
+        // Pool changes: IPv4 and IPv6, tiny ranges (exhaustion), the current one, and ranges
+        // that validation refuses.
+        prop_oneof![
+            Just(("fd00:1::", 64u8)),
+            Just(("fd00:2::", 126)),
+            Just(("10.9.0.0", 30)),
+            Just(("100.64.0.0", 10)),
+            Just(("198.18.0.0", 16)),
+            Just(("fd00:1::5", 64)),
+        ]
+        .prop_map(|(base, prefix_len)| Command::SetTunnelPool {
+            base: base.parse().expect("ip"),
+            prefix_len,
         }),
         "[a-z0-9]{1,3}".prop_map(|instance_id| Command::RemoveInstance { instance_id }),
         // Stamps 0 and 1: generated registrations carry 0, so some expiries match, some are stale.
@@ -170,6 +195,10 @@ proptest! {
             let ips: Vec<_> = s.instances.values().filter_map(|i| i.tunnel_ip).collect();
             let set: BTreeSet<_> = ips.iter().collect();
             prop_assert_eq!(ips.len(), set.len());
+            // The pool changes only while nobody holds an address, so every held address is
+            // inside the current range and counted by it.
+            prop_assert!(ips.iter().all(|ip| s.tunnel_pool.contains(*ip)));
+            prop_assert_eq!(s.tunnel_pool.allocated(), ips.len() as u64);
         }
     }
 
@@ -262,7 +291,7 @@ fn create_twice_is_rejected_and_changes_nothing() {
 fn instance_ip_is_sticky_and_reused() {
     let mut s = with_web_app();
     let reg = |id: &str, key: &str| {
-        Command::RegisterInstance(Instance {
+        Command::RegisterInstanceV2(Instance {
             instance_id: id.into(),
             app: "web".into(),
             region: "r".into(),
@@ -271,13 +300,13 @@ fn instance_ip_is_sticky_and_reused() {
         })
     };
     let ip = |r: Response| match r {
-        Response::Instance(i) => i.tunnel_ip,
+        Response::InstanceV2(i) => i.tunnel_ip,
         other => panic!("unexpected {other:?}"),
     };
     let a = ip(s.apply(2, &reg("a", "ka")));
     let a2 = ip(s.apply(3, &reg("a", "ka")));
     assert_eq!(a, a2, "re-registration keeps the address");
-    assert_eq!(a, Some(Ipv4Addr::new(100, 64, 0, 1)));
+    assert_eq!(a, Some(IpAddr::from([100, 64, 0, 1])));
     assert!(
         matches!(s.apply(4, &reg("b", "ka")), Response::Rejected(_)),
         "duplicate key refused"
@@ -295,7 +324,7 @@ fn instance_ip_is_sticky_and_reused() {
 fn expiry_removes_only_what_was_seen_stale() {
     let mut s = with_web_app();
     let reg = |id: &str, key: &str, at: u64| {
-        Command::RegisterInstance(Instance {
+        Command::RegisterInstanceV2(Instance {
             instance_id: id.into(),
             app: "web".into(),
             region: "r".into(),
@@ -309,7 +338,7 @@ fn expiry_removes_only_what_was_seen_stale() {
     // An operator-registered backend (no WireGuard key) is never expired.
     s.apply(
         4,
-        &Command::RegisterInstance(Instance {
+        &Command::RegisterInstanceV2(Instance {
             instance_id: "plain".into(),
             app: "web".into(),
             region: "r".into(),
@@ -406,7 +435,7 @@ fn instance_weights_follow_their_instance() {
     let mut s = with_web_app();
     s.apply(
         2,
-        &Command::RegisterInstance(Instance {
+        &Command::RegisterInstanceV2(Instance {
             instance_id: "a".into(),
             app: "web".into(),
             region: "r".into(),
@@ -499,4 +528,170 @@ fn rewrap_replaces_only_the_value_the_proposer_saw() {
         MAX_REWRAP_BATCH + 1
     ]);
     assert!(many.validate().is_err());
+}
+
+/// A registration entry exactly as builds before IPv6 pools wrote it to the log, byte by byte
+/// (bincode: u32 variant index, u64-length strings, `Option` tag, `Ipv4Addr` as 4 bytes).
+fn old_register_entry(id: &str, key: &str, tunnel_ip: Option<[u8; 4]>) -> Vec<u8> {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    };
+    let mut b = 6u32.to_le_bytes().to_vec(); // Command::RegisterInstance, the 7th variant
+    string(&mut b, id);
+    string(&mut b, "web");
+    string(&mut b, "r");
+    string(&mut b, key);
+    match tunnel_ip {
+        Some(ip) => {
+            b.push(1);
+            b.extend(ip);
+        }
+        None => b.push(0),
+    }
+    b.push(1); // backend_addr: Some("10.0.0.1:80")
+    string(&mut b, "10.0.0.1:80");
+    b.extend(1234u64.to_le_bytes());
+    b
+}
+
+#[test]
+fn old_register_entries_decode_and_apply() {
+    let bytes = old_register_entry("a", "ka", None);
+    let cmd: Command = bincode::deserialize(&bytes).expect("old entry decodes");
+    let Command::RegisterInstance(v1) = &cmd else {
+        panic!("decoded as {cmd:?}");
+    };
+    assert_eq!(v1.instance_id, "a");
+    assert_eq!(v1.backend_addr.as_deref(), Some("10.0.0.1:80"));
+    assert_eq!(v1.registered_at, 1234);
+    // The legacy struct encodes to the same bytes: the frozen shape is the old one.
+    assert_eq!(bincode::serialize(&cmd).expect("encode"), bytes);
+    // An address in the entry (proposers never set one; apply allocates) decodes too.
+    let with_ip: Command =
+        bincode::deserialize(&old_register_entry("b", "kb", Some([100, 64, 0, 9])))
+            .expect("decodes");
+    assert!(matches!(&with_ip, Command::RegisterInstance(i)
+        if i.tunnel_ip == Some(std::net::Ipv4Addr::new(100, 64, 0, 9))));
+
+    let mut s = with_web_app();
+    // Answered in the old shape, so an older forwarding node can read it.
+    match s.apply(2, &cmd) {
+        Response::Instance(i) => {
+            assert_eq!(i.tunnel_ip, Some(std::net::Ipv4Addr::new(100, 64, 0, 1)))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let stored = &s.instances["a"];
+    assert_eq!(stored.tunnel_ip, Some(IpAddr::from([100, 64, 0, 1])));
+    assert_eq!(stored.registered_at, 1234);
+    // The same instance renewed with the new command keeps its address.
+    let v2 = Command::RegisterInstanceV2(Instance::from(v1.clone()));
+    assert!(matches!(s.apply(3, &v2), Response::InstanceV2(i)
+        if i.tunnel_ip == Some(IpAddr::from([100, 64, 0, 1]))));
+}
+
+fn set_pool(cidr: &str) -> Command {
+    let (base, prefix_len) = TunnelPool::parse_cidr(cidr).expect(cidr);
+    Command::SetTunnelPool { base, prefix_len }
+}
+
+fn register(id: &str, key: &str) -> Command {
+    Command::RegisterInstanceV2(Instance {
+        instance_id: id.into(),
+        app: "web".into(),
+        region: "r".into(),
+        wg_public_key: key.into(),
+        ..Default::default()
+    })
+}
+
+fn ip_of(r: Response) -> IpAddr {
+    match r {
+        Response::InstanceV2(Instance {
+            tunnel_ip: Some(ip),
+            ..
+        }) => ip,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn ipv6_pool_allocates_sticky_and_reuses() {
+    let mut s = with_web_app();
+    assert_eq!(s.apply(2, &set_pool("fd00:1::/64")), Response::Ok);
+    assert_eq!(s.tunnel_pool.to_string(), "fd00:1::/64");
+    let a = ip_of(s.apply(3, &register("a", "ka")));
+    assert_eq!(a, "fd00:1::1".parse::<IpAddr>().expect("ip"));
+    assert_eq!(ip_of(s.apply(4, &register("a", "ka"))), a, "sticky");
+    let b = ip_of(s.apply(5, &register("b", "kb")));
+    assert_eq!(b, "fd00:1::2".parse::<IpAddr>().expect("ip"));
+    assert_eq!(s.tunnel_pool.allocated(), 2);
+    s.apply(
+        6,
+        &Command::RemoveInstance {
+            instance_id: "a".into(),
+        },
+    );
+    assert_eq!(s.tunnel_pool.allocated(), 1);
+    assert_eq!(
+        ip_of(s.apply(7, &register("c", "kc"))),
+        a,
+        "lowest freed first"
+    );
+    // An old-shape registration cannot carry an IPv6 address: refused, nothing changes.
+    let before = s.clone();
+    let old = Command::RegisterInstance(InstanceV1 {
+        instance_id: "d".into(),
+        app: "web".into(),
+        region: "r".into(),
+        ..Default::default()
+    });
+    assert!(matches!(s.apply(8, &old), Response::Rejected(m) if m.contains("upgrade")));
+    assert_eq!(before, s);
+}
+
+#[test]
+fn pool_change_is_refused_while_addresses_are_held() {
+    let mut s = with_web_app();
+    s.apply(2, &register("a", "ka"));
+    let before = s.clone();
+    match s.apply(3, &set_pool("fd00:1::/64")) {
+        Response::Rejected(m) => {
+            assert!(m.contains("strand"), "{m}");
+            assert!(m.contains("\"a\""), "{m}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(before, s);
+    // Setting the current range again is a harmless no-op.
+    assert_eq!(s.apply(4, &set_pool("100.64.0.0/10")), Response::Ok);
+    assert_eq!(before, s);
+    s.apply(
+        5,
+        &Command::RemoveInstance {
+            instance_id: "a".into(),
+        },
+    );
+    assert_eq!(s.apply(6, &set_pool("fd00:1::/64")), Response::Ok);
+    // Invalid ranges never reach the state, even from a hostile proposer.
+    let bad = Command::SetTunnelPool {
+        base: "fd70:6f72:7463::".parse().expect("ip"),
+        prefix_len: 64,
+    };
+    assert!(bad.validate().is_err());
+    assert!(matches!(s.apply(7, &bad), Response::Rejected(m) if m.contains("gateway")));
+    assert_eq!(s.tunnel_pool.to_string(), "fd00:1::/64");
+}
+
+#[test]
+fn small_pool_exhausts_with_a_clear_message() {
+    let mut s = with_web_app();
+    s.apply(2, &set_pool("fd00:2::/126"));
+    ip_of(s.apply(3, &register("a", "ka")));
+    ip_of(s.apply(4, &register("b", "kb")));
+    match s.apply(5, &register("c", "kc")) {
+        Response::Rejected(m) => assert!(m.contains("fd00:2::/126 exhausted"), "{m}"),
+        other => panic!("unexpected {other:?}"),
+    }
 }

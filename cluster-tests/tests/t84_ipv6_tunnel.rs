@@ -1,0 +1,362 @@
+//! IPv6 CVM tunnel pools (issue 4): on a 3-node cluster the operator switches the pool to an
+//! IPv6 /64 with `portcullis cvm pool set`; a `cvm-agent` registers, gets an address in that
+//! range, and curl through every gateway reaches its app over the IPv6 tunnel (each gateway
+//! speaks from its own `fd70:6f72:7463::<id>`). Re-registration keeps the address; a pool change
+//! is refused while the instance holds it; malformed or overlapping ranges are refused with a
+//! reason. As root, a CVM running wireguard-go on an IPv6 address (configured from
+//! `--print-wg-config`) is reached through every gateway too; otherwise that phase prints why it
+//! was skipped.
+
+#[path = "../../wg/tests/common/wggo.rs"]
+#[allow(dead_code)]
+mod wggo;
+
+use std::net::IpAddr;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use portcullis_cluster_tests::cvm::{
+    agent_config, issue_credential, register_once, spawn_logged, strip_wg_quick, wg_quick_address,
+    AgentSpec,
+};
+use portcullis_cluster_tests::harness::{phase, portcullis_bin, run, show, wait_for, TestCluster};
+
+const POOL: &str = "fd00:1:2::/64";
+
+/// Stops the demo app and the agent with the cluster.
+struct Cluster {
+    tc: TestCluster,
+    children: Vec<Child>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(portcullis_bin())
+            .args(["down", "--state-dir"])
+            .arg(self.tc.path())
+            .output();
+    }
+}
+
+/// `portcullis --json cvm pool` as (cidr, allocated, capacity).
+fn pool(tc: &TestCluster) -> (String, u64, u64) {
+    let out = tc.cli(&["--json", "cvm", "pool"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    (
+        v["cidr"].as_str().expect("cidr").to_string(),
+        v["allocated"].as_u64().expect("allocated"),
+        v["capacity"].as_u64().expect("capacity"),
+    )
+}
+
+/// The instance's tunnel address from `cvm show`.
+fn tunnel_ip(tc: &TestCluster, instance: &str) -> Option<IpAddr> {
+    let out = tc.cli(&["--json", "cvm", "show", instance]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["tunnel_ip"].as_str()?.parse().ok()
+}
+
+/// `pool set CIDR` must fail, and its error must say `why`.
+fn refused(tc: &TestCluster, cidr: &str, why: &str) {
+    let out = tc.cli(&["cvm", "pool", "set", cidr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pool set {cidr} was accepted");
+    assert!(
+        err.contains(why),
+        "pool set {cidr}: expected {why:?} in:\n{err}"
+    );
+    println!("pool set {cidr}: refused: {}", err.trim());
+}
+
+/// curl `https://<host>/<path>` through node `id`: (status, body).
+fn curl(tc: &TestCluster, id: u64, host: &str, path: &str) -> Option<(u16, String)> {
+    let https = &tc.node(id).https_addr;
+    let port = https.rsplit_once(':').map(|(_, p)| p)?;
+    let out = run(Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}", "--cacert"])
+        .arg(tc.path().join("pki/dev-ca.pem"))
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .arg(format!("https://{host}:{port}{path}")));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_string()))
+}
+
+fn in_pool(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(a) if a.segments()[..4] == [0xfd00, 1, 2, 0])
+}
+
+#[test]
+fn ipv6_pool_reaches_cvms_through_every_gateway() {
+    let mut c = Cluster {
+        tc: TestCluster::up(3),
+        children: Vec::new(),
+    };
+    let dir = c.tc.path().to_path_buf();
+
+    phase("the demo instances of `portcullis up` hold IPv4 addresses; delete their app");
+    let (cidr, _, capacity) = pool(&c.tc);
+    assert_eq!(cidr, "100.64.0.0/10");
+    assert_eq!(capacity, (1 << 22) - 2);
+    let out = c.tc.cli(&["app", "delete", "demo"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_for("no address held", Duration::from_secs(10), || {
+        (pool(&c.tc).1 == 0).then_some(())
+    });
+
+    phase("malformed and overlapping ranges are refused with a reason");
+    refused(&c.tc, "fd00:1:2::5/64", "host bits are set");
+    refused(
+        &c.tc,
+        "fd70:6f72:7463::/64",
+        "overlaps the gateway tunnel addresses",
+    );
+    refused(
+        &c.tc,
+        "198.18.0.0/16",
+        "overlaps the gateway tunnel addresses",
+    );
+    refused(&c.tc, "fd00:1:2::", "expected ADDRESS/PREFIX");
+    refused(&c.tc, "not-an-ip/64", "not an IPv4 or IPv6 address");
+    refused(&c.tc, "fd00:1:2::/127", "fewer than 2 host addresses");
+    refused(&c.tc, "fe80::/64", "not a unicast range");
+    assert_eq!(pool(&c.tc).0, "100.64.0.0/10", "refusals changed nothing");
+
+    phase(&format!("portcullis cvm pool set {POOL}"));
+    let out = c.tc.cli(&["cvm", "pool", "set", POOL]);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{}", text.trim());
+    assert!(
+        text.contains(&format!(
+            "tunnel pool {POOL}: 0 allocated, capacity {}",
+            u64::MAX - 1
+        )),
+        "{text}"
+    );
+    // Every node sees the new pool (the CLI reads from whichever node answers).
+    for id in c.tc.ids() {
+        wait_for(
+            &format!("node {id} shows the IPv6 pool"),
+            Duration::from_secs(10),
+            || {
+                let out = c.tc.cli_at(id, &["cvm", "pool"]);
+                String::from_utf8_lossy(&out.stdout)
+                    .contains(POOL)
+                    .then_some(())
+            },
+        );
+    }
+
+    phase("a cvm-agent registers and gets an address in the IPv6 pool");
+    let app_log = dir.join("web6-app.log");
+    c.children.push(spawn_logged(
+        &[
+            "demo-app",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "web",
+            "--region",
+            "us-east",
+            "--instance-id",
+            "web6-1",
+        ],
+        &app_log,
+    ));
+    let app_port: u16 = wait_for("demo app listening", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&app_log).ok()?;
+        let addr = text
+            .split_once("listening on ")?
+            .1
+            .split_whitespace()
+            .next()?;
+        addr.rsplit_once(':')?.1.parse().ok()
+    });
+    let out =
+        c.tc.cli(&["app", "create", "web", "--port", &app_port.to_string()]);
+    assert!(out.status.success(), "{}", show(&out));
+    issue_credential(&c.tc, "web", "cvm-web");
+    let cfg = agent_config(
+        &c.tc,
+        &AgentSpec {
+            cred: "cvm-web",
+            app: "web",
+            instance: "web6-1",
+            wg_key: "web6-1.wg.key",
+            expose: &[app_port],
+            reregister_secs: 5,
+        },
+    );
+    let agent_log = dir.join("agent-web6-1.log");
+    c.children.push(spawn_logged(
+        &["cvm-agent", "--config", cfg.to_str().expect("utf8")],
+        &agent_log,
+    ));
+    wait_for("agent tunnel up", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&agent_log).ok()?;
+        text.contains("tunnel up").then_some(())
+    });
+    let ip = tunnel_ip(&c.tc, "web6-1").expect("web6-1 has a tunnel address");
+    assert!(in_pool(ip), "{ip} is not in {POOL}");
+    // No plain backend: the gateways can only reach it through the tunnel.
+    let out = c.tc.cli(&["--json", "cvm", "show", "web6-1"]);
+    let inst: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(inst["backend_addr"].as_str(), Some(""), "{inst}");
+    let out = c.tc.cli(&["cvm", "list", "--app", "web"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        list.contains("web6-1") && list.contains(&ip.to_string()),
+        "{list}"
+    );
+    println!("web6-1 registered at {ip}:\n{}", list.trim());
+
+    phase("curl through each of the 3 gateways reaches web6-1 over the IPv6 tunnel");
+    let host = "web.portcullis.localhost";
+    for id in c.tc.ids() {
+        let body = wait_for(
+            &format!("node {id} serves {host}"),
+            Duration::from_secs(30),
+            || match curl(&c.tc, id, host, "/") {
+                Some((200, body)) => Some(body),
+                _ => None,
+            },
+        );
+        assert!(
+            body.contains("\"instance_id\": \"web6-1\""),
+            "node {id}: {body}"
+        );
+        println!("node {id}: 200 from web6-1 at [{ip}]:{app_port}");
+    }
+
+    phase("re-registration keeps the address; the wg-quick config uses /128 everywhere");
+    let wgq = register_once(&cfg).expect("re-register");
+    assert!(wgq.contains(&format!("Address = {ip}/128")), "{wgq}");
+    assert_eq!(wgq.matches("[Peer]").count(), 3, "{wgq}");
+    for id in c.tc.ids() {
+        assert!(
+            wgq.contains(&format!("AllowedIPs = fd70:6f72:7463::{id}/128")),
+            "{wgq}"
+        );
+    }
+    assert!(!wgq.contains("/32"), "{wgq}");
+    assert_eq!(tunnel_ip(&c.tc, "web6-1"), Some(ip));
+    let (_, allocated, _) = pool(&c.tc);
+    assert_eq!(allocated, 1);
+
+    phase("changing the pool is refused while the instance holds an address");
+    refused(&c.tc, "fd00:9::/64", "strand");
+    refused(&c.tc, "100.64.0.0/10", "web6-1");
+    assert_eq!(pool(&c.tc).0, POOL);
+    // Setting the current pool again is harmless.
+    let out = c.tc.cli(&["cvm", "pool", "set", POOL]);
+    assert!(out.status.success(), "{}", show(&out));
+
+    phase("wireguard-go as an IPv6 CVM");
+    match wggo::skip_reason() {
+        Some(why) => println!("SKIPPED wireguard-go IPv6 CVM phase: {why}"),
+        None => wireguard_go_cvm(&c.tc),
+    }
+
+    phase("with the agent stopped and its instance removed, the pool can change back");
+    for ch in &mut c.children {
+        let _ = ch.kill();
+        let _ = ch.wait();
+    }
+    c.children.clear();
+    for instance in ["web6-1", "wgo6-1"] {
+        // wgo6-1 exists only when the root phase ran.
+        let _ = c.tc.cli(&["cvm", "remove", instance]);
+    }
+    wait_for("no address held", Duration::from_secs(10), || {
+        (pool(&c.tc).1 == 0).then_some(())
+    });
+    let out = c.tc.cli(&["cvm", "pool", "set", "100.64.0.0/10"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(pool(&c.tc).0, "100.64.0.0/10");
+}
+
+/// A CVM with its own WireGuard (wireguard-go on a TUN device in a network namespace) on an
+/// IPv6 tunnel address, configured only from `cvm-agent --print-wg-config`, serving HTTP on that
+/// address; curl through every gateway reaches it.
+fn wireguard_go_cvm(tc: &TestCluster) {
+    let out = tc.cli(&["app", "create", "wgo", "--port", "8080"]);
+    assert!(out.status.success(), "{}", show(&out));
+    issue_credential(tc, "wgo", "cvm-wgo");
+    let cfg = agent_config(
+        tc,
+        &AgentSpec {
+            cred: "cvm-wgo",
+            app: "wgo",
+            instance: "wgo6-1",
+            wg_key: "wgo6-1.wg.key",
+            expose: &[8080],
+            reregister_secs: 30,
+        },
+    );
+    let conf = register_once(&cfg).expect("registration");
+    let (address, tunnel_ip) = wg_quick_address(&conf);
+    assert!(in_pool(tunnel_ip) && address.ends_with("/128"), "{address}");
+
+    let sfx = wggo::suffix();
+    let ns = wggo::Netns::new(format!("pc6cvm-{sfx}")).expect("netns");
+    let ifname = format!("pc6cvm{sfx}");
+    let wg = wggo::WgGo::start(wggo::WgGoSpec {
+        ifname: &ifname,
+        cidr: &address,
+        ns: &ns.name,
+        udp_in_ns: false,
+        mtu: 1420,
+    })
+    .expect("wireguard-go");
+    let setconf = tc.path().join("wgo6-1.setconf");
+    std::fs::write(&setconf, strip_wg_quick(&conf)).expect("write setconf");
+    wggo::run(
+        "wg",
+        &["setconf", &ifname, setconf.to_str().expect("utf8 path")],
+    )
+    .expect("wg setconf");
+    // wg-quick would add these: each gateway's IPv6 /128 is reached over the interface.
+    for line in conf.lines().filter_map(|l| l.strip_prefix("AllowedIPs = ")) {
+        wggo::ns_exec(
+            &ns.name,
+            &["ip", "-6", "route", "add", line.trim(), "dev", &ifname],
+        )
+        .expect("route to a gateway");
+    }
+    let www = tempfile::tempdir().expect("tempdir");
+    std::fs::write(www.path().join("hello.txt"), "hello over IPv6\n").expect("file");
+    let _http = wggo::http_server(&ns.name, tunnel_ip, 8080, www.path()).expect("http server");
+
+    let host = "wgo.portcullis.localhost";
+    for id in tc.ids() {
+        let body = wait_for(
+            &format!("node {id} reaches the wireguard-go CVM at {tunnel_ip}"),
+            Duration::from_secs(30),
+            || match curl(tc, id, host, "/hello.txt") {
+                Some((200, body)) => Some(body),
+                _ => None,
+            },
+        );
+        assert_eq!(body, "hello over IPv6\n");
+        println!("node {id}: 200 from wireguard-go at [{tunnel_ip}]:8080");
+    }
+    // wireguard-go completed a handshake with every gateway.
+    let hs = wggo::run("wg", &["show", &ifname, "latest-handshakes"]).expect("wg show");
+    let shaken = hs
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
+        .count();
+    assert_eq!(shaken, 3, "handshakes per gateway:\n{hs}");
+    drop(wg);
+}
