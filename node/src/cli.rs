@@ -589,9 +589,11 @@ pub async fn app(g: &Global, cmd: AppCmd) -> anyhow::Result<()> {
                 "{}: ports {:?}, lb {}, revision {}",
                 a.name, a.ports, a.lb, a.revision
             );
-            for i in a.instances.unwrap_or_default() {
+            let instances = a.instances.unwrap_or_default();
+            let ip_width = instances.iter().map(|i| i.tunnel_ip.len()).fold(15, usize::max);
+            for i in instances {
                 println!(
-                    "  {:<20} {:<10} {:<15} {}",
+                    "  {:<20} {:<10} {:<ip_width$} {}",
                     i.instance_id, i.region, i.tunnel_ip, i.backend_addr
                 );
             }
@@ -898,9 +900,11 @@ pub async fn cvm(g: &Global, cmd: CvmCmd) -> anyhow::Result<()> {
             if g.json {
                 return print_json(&list);
             }
+            // IPv6 tunnel addresses are up to 39 characters; IPv4 lists keep their width.
+            let ip_width = list.iter().map(|i| i.tunnel_ip.len()).fold(15, usize::max);
             for i in list {
                 println!(
-                    "{:<24} {:<16} {:<10} {:<15} {}",
+                    "{:<24} {:<16} {:<10} {:<ip_width$} {}",
                     i.instance_id, i.app, i.region, i.tunnel_ip, i.backend_addr
                 );
             }

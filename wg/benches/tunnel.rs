@@ -2,14 +2,17 @@
 //!
 //! 1. Portcullis Endpoint ↔ Endpoint over 127.0.0.1 UDP (user-space WireGuard + smoltcp both ends);
 //! 2. Portcullis Endpoint → wireguard-go (TUN + kernel TCP in a namespace) over 127.0.0.1 UDP;
-//! 3. wireguard-go ↔ wireguard-go over TUN between two namespaces joined by a veth pair;
-//! 4. the bare veth link between those namespaces (kernel TCP, no tunnel).
+//! 3. the reverse: kernel TCP behind wireguard-go → Portcullis Endpoint (how a gateway receives
+//!    a CVM's response body);
+//! 4. wireguard-go ↔ wireguard-go over TUN between two namespaces joined by a veth pair;
+//! 5. the bare veth link between those namespaces (kernel TCP, no tunnel).
 //!
-//! Rows 2–4 need root (network namespaces, TUN); without it they are skipped with the reason.
+//! Rows 2–5 need root (network namespaces, TUN); without it they are skipped with the reason.
 //! Every row moves the same bytes with the same sender/receiver code: the source writes
 //! `BENCH_MB` MiB (default 256) in 256 KiB writes, the sink counts them and answers with the count
-//! after EOF, and the clock stops at that answer. Each row runs `BENCH_RUNS` times (default 3);
-//! the median is reported.
+//! after EOF, and the clock stops at that answer. Each row runs `BENCH_RUNS` times (default 3), rows
+//! taking turns within each round; the median is reported. `BENCH_FILTER=text` runs only the rows
+//! whose name contains `text`.
 //!
 //! Run: `CARGO_TARGET_DIR=... cargo bench -p portcullis-wg --bench tunnel`
 //! (the binary re-executes itself as `sink`/`source` inside the namespaces).
@@ -49,60 +52,58 @@ fn main() -> Result<()> {
     }
 }
 
+const ROWS: [&str; 5] = [
+    "portcullis endpoint <-> endpoint (loopback UDP)",
+    "portcullis endpoint -> wireguard-go (TUN, netns)",
+    "wireguard-go (TUN, netns) -> portcullis endpoint",
+    "wireguard-go <-> wireguard-go (TUN, 2 netns, veth)",
+    "bare veth (kernel TCP, 2 netns)",
+];
+
 async fn bench() -> Result<()> {
     let mb: u64 = env_or("BENCH_MB", 256);
     let runs: usize = env_or("BENCH_RUNS", 3);
+    // Substring of row names to run (all when unset), for iterating on one path.
+    let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
     let bytes = mb * 1024 * 1024;
     println!("tunnel throughput: {mb} MiB per run, median of {runs} runs, MB = 10^6 bytes");
-    let mut rows: Vec<(String, Option<f64>, String)> = Vec::new();
-
-    let r = median(runs, || endpoint_pair(bytes)).await?;
-    rows.push((
-        "portcullis endpoint <-> endpoint (loopback UDP)".into(),
-        Some(r),
-        String::new(),
-    ));
-
-    match wggo::skip_reason() {
-        Some(why) => {
-            for name in [
-                "portcullis endpoint -> wireguard-go (TUN, netns)",
-                "wireguard-go <-> wireguard-go (TUN, 2 netns, veth)",
-                "bare veth (kernel TCP, 2 netns)",
-            ] {
-                rows.push((name.into(), None, format!("skipped: {why}")));
-            }
-        }
-        None => {
-            let r = median(runs, || endpoint_to_wggo(bytes)).await?;
-            rows.push((
-                "portcullis endpoint -> wireguard-go (TUN, netns)".into(),
-                Some(r),
-                String::new(),
-            ));
-            let net = TwoNs::new()?;
-            let r = median(runs, || async { net.run(bytes, "10.202.0.2") }).await?;
-            rows.push((
-                "wireguard-go <-> wireguard-go (TUN, 2 netns, veth)".into(),
-                Some(r),
-                String::new(),
-            ));
-            let r = median(runs, || async { net.run(bytes, "10.201.0.2") }).await?;
-            rows.push((
-                "bare veth (kernel TCP, 2 netns)".into(),
-                Some(r),
-                String::new(),
-            ));
+    let skip = wggo::skip_reason();
+    let wanted: Vec<usize> = (0..ROWS.len())
+        .filter(|&i| ROWS[i].contains(filter.as_str()))
+        .filter(|&i| i == 0 || skip.is_none())
+        .collect();
+    let net = if skip.is_none() && wanted.iter().any(|&i| i >= 3) {
+        Some(TwoNs::new()?)
+    } else {
+        None
+    };
+    // Rows take turns within each round, so a burst of load from other processes on the machine
+    // hits all of them alike rather than one row's every run.
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); ROWS.len()];
+    for _ in 0..runs {
+        for &i in &wanted {
+            let r = match (i, &net) {
+                (0, _) => endpoint_pair(bytes).await?,
+                (1, _) => endpoint_to_wggo(bytes).await?,
+                (2, _) => wggo_to_endpoint(bytes).await?,
+                (3, Some(net)) => net.run(bytes, "10.202.0.2")?,
+                (4, Some(net)) => net.run(bytes, "10.201.0.2")?,
+                _ => continue,
+            };
+            results[i].push(r);
         }
     }
 
     println!();
-    println!("| path | MB/s |");
-    println!("|---|---|");
-    for (name, mbps, note) in &rows {
-        match mbps {
-            Some(v) => println!("| {name} | {v:.0} |"),
-            None => println!("| {name} | {note} |"),
+    println!("| path | MB/s (median) | runs |");
+    println!("|---|---|---|");
+    for (i, name) in ROWS.iter().enumerate() {
+        let v = &mut results[i];
+        if !v.is_empty() {
+            v.sort_by(|a, b| a.total_cmp(b));
+            println!("| {name} | {:.0} | {v:.0?} |", v[v.len() / 2]);
+        } else if let (Some(why), true) = (&skip, i > 0) {
+            println!("| {name} | skipped: {why} | |");
         }
     }
     Ok(())
@@ -113,20 +114,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-async fn median<F, Fut>(runs: usize, mut f: F) -> Result<f64>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<f64>>,
-{
-    let mut v = Vec::new();
-    for _ in 0..runs {
-        v.push(f().await?);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    eprintln!("  runs (MB/s): {v:.0?}");
-    Ok(v[v.len() / 2])
 }
 
 /// Writes `bytes` then waits for the sink's count; returns MB/s.
@@ -210,34 +197,78 @@ async fn endpoint_pair(bytes: u64) -> Result<f64> {
     r
 }
 
+/// A Portcullis Endpoint (10.203.0.1, loopback UDP) peered with wireguard-go whose TUN device
+/// (10.203.0.2) and kernel TCP live in a namespace; wireguard-go's UDP socket stays in the root
+/// namespace so both ends talk over 127.0.0.1.
+struct EpWgGo {
+    ep: Endpoint,
+    // Drop order: the wireguard-go process, then the namespace.
+    _wg: WgGo,
+    ns: Netns,
+}
+
+impl EpWgGo {
+    async fn new() -> Result<Self> {
+        let sfx = wggo::suffix();
+        let ns = Netns::new(format!("pcwg-bench-e-{sfx}"))?;
+        let ifname = format!("pcbe{sfx}");
+        let wg = WgGo::start(WgGoSpec {
+            ifname: &ifname,
+            cidr: "10.203.0.2/24",
+            ns: &ns.name,
+            udp_in_ns: false,
+            mtu: 1420,
+        })?;
+        let ep = new_endpoint("10.203.0.1").await?;
+        wg.add_peer(&ep.public_key(), "10.203.0.1/32", Some(ep.local_addr()))?;
+        ep.set_peers(vec![
+            PeerConfig::new(wg.public_key, wg.tunnel_ip).with_endpoint(wg.udp_addr_loopback())
+        ])
+        .await?;
+        Ok(Self { ep, _wg: wg, ns })
+    }
+}
+
+/// The Endpoint sends (a gateway forwarding a request body to a CVM).
 async fn endpoint_to_wggo(bytes: u64) -> Result<f64> {
-    let sfx = wggo::suffix();
-    let ns = Netns::new(format!("pcwg-bench-e-{sfx}"))?;
-    let ifname = format!("pcbe{sfx}");
-    let wg = WgGo::start(WgGoSpec {
-        ifname: &ifname,
-        cidr: "10.203.0.2/24",
-        ns: &ns.name,
-        udp_in_ns: false,
-        mtu: 1420,
-    })?;
-    let _sink = self_in_ns(&ns.name, &["sink", "10.203.0.2:5001"])?;
-    let ep = new_endpoint("10.203.0.1").await?;
-    wg.add_peer(&ep.public_key(), "10.203.0.1/32", Some(ep.local_addr()))?;
-    ep.set_peers(vec![
-        PeerConfig::new(wg.public_key, wg.tunnel_ip).with_endpoint(wg.udp_addr_loopback())
-    ])
-    .await?;
+    let net = EpWgGo::new().await?;
+    let _sink = self_in_ns(&net.ns.name, &["sink", "10.203.0.2:5001"])?;
     let ip: IpAddr = "10.203.0.2".parse()?;
     let mut last = None;
     for _ in 0..50 {
-        match ep.connect(ip, 5001).await {
+        match net.ep.connect(ip, 5001).await {
             Ok(s) => return push(s, bytes).await,
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("sink behind wireguard-go unreachable: {last:?}")
+}
+
+/// Kernel TCP behind wireguard-go sends, the Endpoint receives (a CVM's response body arriving
+/// at a gateway: the production bulk direction).
+async fn wggo_to_endpoint(bytes: u64) -> Result<f64> {
+    let net = EpWgGo::new().await?;
+    let mut l = net.ep.listen(5001).await?;
+    let server = tokio::spawn(async move {
+        while let Some(s) = l.accept().await {
+            tokio::spawn(drain(s));
+        }
+    });
+    let ns = net.ns.name.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(std::env::current_exe()?)
+            .args(["source", "10.203.0.1:5001", &bytes.to_string()])
+            .output()
+    })
+    .await??;
+    server.abort();
+    if !out.status.success() {
+        bail!("source failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
 fn self_in_ns(ns: &str, args: &[&str]) -> Result<Proc> {
