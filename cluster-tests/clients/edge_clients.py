@@ -87,14 +87,20 @@ def ws_frame(payload):
     return header + mask + masked
 
 
-def read_exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("connection closed mid-frame")
-        buf += chunk
-    return buf
+def split_ws_frame(buf):
+    """One unmasked server frame from the front of buf: (opcode, text, rest), or None while
+    incomplete."""
+    if len(buf) < 2:
+        return None
+    n, off = buf[1] & 0x7F, 2
+    if n >= 126:
+        width = 2 if n == 126 else 8
+        if len(buf) < 2 + width:
+            return None
+        n, off = int.from_bytes(buf[2 : 2 + width], "big"), 2 + width
+    if len(buf) < off + n:
+        return None
+    return buf[0] & 0x0F, buf[off : off + n].decode(), buf[off + n :]
 
 
 def cmd_websocket(args):
@@ -116,15 +122,15 @@ def cmd_websocket(args):
     if status == 101:
         for text in ("hello through the gateway", "x" * 300):
             sock.sendall(ws_frame(text.encode()))
-            b0, b1 = read_exact(sock, 2)
-            n = b1 & 0x7F
-            if n == 126:
-                n = int.from_bytes(read_exact(sock, 2), "big")
-            elif n == 127:
-                n = int.from_bytes(read_exact(sock, 8), "big")
-            reply = read_exact(sock, n).decode()
+            buf = b""
+            while (frame := split_ws_frame(buf)) is None:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise EOFError("connection closed mid-frame")
+                buf += chunk
+            opcode, reply, _ = frame
             # The demo app echoes "<instance-id>: <text>".
-            echoes.append({"opcode": b0 & 0x0F, "echoed": reply.endswith(": " + text)})
+            echoes.append({"opcode": opcode, "echoed": reply.endswith(": " + text)})
     sock.close()
     return {"status": status, "accept_ok": accept_ok, "echoes": echoes}
 
@@ -188,17 +194,8 @@ def cmd_websocket_h2(args):
             elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
                 conn.acknowledge_received_data(ev.flow_controlled_length, sid)
                 buf += ev.data
-                # One unmasked server frame: 2-byte header, optional 16-bit length, payload.
-                while len(buf) >= 2:
-                    n, off = buf[1] & 0x7F, 2
-                    if n == 126:
-                        if len(buf) < 4:
-                            break
-                        n, off = int.from_bytes(buf[2:4], "big"), 4
-                    if len(buf) < off + n:
-                        break
-                    opcode, reply = buf[0] & 0x0F, buf[off : off + n].decode()
-                    buf = buf[off + n :]
+                while (frame := split_ws_frame(buf)) is not None:
+                    opcode, reply, buf = frame
                     text = texts[len(result["echoes"])]
                     result["echoes"].append(
                         {"opcode": opcode, "echoed": reply.endswith(": " + text)}

@@ -109,3 +109,48 @@ pub fn issue_credential(tc: &TestCluster, app: &str, out: &str) {
         .arg(tc.path().join(out)));
     assert!(o.status.success(), "{}", crate::harness::show(&o));
 }
+
+/// A cluster and the processes a test started beside it (demo apps, agents): on drop the
+/// processes are killed first, then the cluster is brought down.
+pub struct WithChildren {
+    pub tc: TestCluster,
+    pub children: Vec<Child>,
+}
+
+impl WithChildren {
+    pub fn new(tc: TestCluster) -> Self {
+        WithChildren {
+            tc,
+            children: Vec::new(),
+        }
+    }
+}
+
+impl Drop for WithChildren {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(portcullis_bin())
+            .args(["down", "--state-dir"])
+            .arg(self.tc.path())
+            .output();
+    }
+}
+
+/// curl `https://<host><path>` through node `id`'s HTTPS edge, trusting the dev CA:
+/// (status, body), or None when curl got no HTTP answer.
+pub fn curl_https(tc: &TestCluster, id: u64, host: &str, path: &str) -> Option<(u16, String)> {
+    let https = &tc.node(id).https_addr;
+    let port = https.rsplit_once(':').map(|(_, p)| p)?;
+    let out = run(Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}", "--cacert"])
+        .arg(tc.path().join("pki/dev-ca.pem"))
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .arg(format!("https://{host}:{port}{path}")));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_string()))
+}

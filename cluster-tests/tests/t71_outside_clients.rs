@@ -100,6 +100,18 @@ fn while_serving(
     })
 }
 
+/// Both WebSocket clients send two text frames; the demo app echoes each.
+fn assert_two_text_echoes(id: u64, r: &serde_json::Value) {
+    let echoes = r["echoes"].as_array().expect("echoes");
+    assert_eq!(echoes.len(), 2, "node {id}: {r}");
+    assert!(
+        echoes
+            .iter()
+            .all(|e| e["echoed"] == true && e["opcode"] == 1),
+        "node {id}: {r}"
+    );
+}
+
 #[test]
 fn outside_clients_and_abusive_ones() {
     let Some(py) = python() else {
@@ -132,14 +144,7 @@ fn outside_clients_and_abusive_ones() {
         let r = client(&py, &tc, id, &["websocket", "--path", "/ws"]);
         assert_eq!(r["status"], 101, "node {id}: {r}");
         assert_eq!(r["accept_ok"], true, "node {id}: {r}");
-        let echoes = r["echoes"].as_array().expect("echoes");
-        assert_eq!(echoes.len(), 2, "node {id}: {r}");
-        assert!(
-            echoes
-                .iter()
-                .all(|e| e["echoed"] == true && e["opcode"] == 1),
-            "node {id}: {r}"
-        );
+        assert_two_text_echoes(id, &r);
     }
 
     phase("WebSocket over HTTP/2 extended CONNECT (RFC 8441) through every node");
@@ -148,14 +153,7 @@ fn outside_clients_and_abusive_ones() {
         assert_eq!(r["enable_connect_protocol"], 1, "node {id}: {r}");
         assert_eq!(r["status"], 200, "node {id}: {r}");
         assert_eq!(r["accept_header"], false, "node {id}: {r}");
-        let echoes = r["echoes"].as_array().expect("echoes");
-        assert_eq!(echoes.len(), 2, "node {id}: {r}");
-        assert!(
-            echoes
-                .iter()
-                .all(|e| e["echoed"] == true && e["opcode"] == 1),
-            "node {id}: {r}"
-        );
+        assert_two_text_echoes(id, &r);
     }
 
     phase("a slow-header client is cut off at the header-read timeout; others are served");

@@ -5,33 +5,16 @@
 //! certificate posing as a CVM, and a CVM credential on the Raft RPCs.
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
-use portcullis_cluster_tests::cvm::{self, register_once, spawn_logged, AgentSpec};
+use portcullis_cluster_tests::cvm::{self, register_once, spawn_logged, AgentSpec, WithChildren};
 use portcullis_cluster_tests::harness::{phase, portcullis_bin, run, show, wait_for, TestCluster};
 use portcullis_proto::cluster::cluster_rpc_client::ClusterRpcClient;
 use portcullis_proto::cluster::RaftPayload;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-/// Stops the demo app and the agents with the cluster.
-struct Tunnel {
-    tc: TestCluster,
-    children: Vec<Child>,
-}
-
-impl Drop for Tunnel {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
-    }
-}
+type Tunnel = WithChildren;
 
 /// An agent configuration for this test's cluster, renewing every 5 s.
 fn agent_config(
@@ -56,25 +39,12 @@ fn agent_config(
 }
 
 fn curl(t: &Tunnel, node: u64, host: &str) -> Option<(u16, String)> {
-    let https = &t.tc.node(node).https_addr;
-    let port = https.rsplit_once(':').map(|(_, p)| p).expect("port");
-    let out = run(Command::new("curl")
-        .args(["-s", "-m", "5", "-w", "\n%{http_code}", "--cacert"])
-        .arg(t.tc.path().join("pki/dev-ca.pem"))
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .arg(format!("https://{host}:{port}/")));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n')?;
-    Some((code.trim().parse().ok()?, body.to_string()))
+    cvm::curl_https(&t.tc, node, host, "/")
 }
 
 #[test]
 fn http_through_every_gateway_reaches_a_cvm_over_wireguard() {
-    let mut t = Tunnel {
-        tc: TestCluster::up(3),
-        children: Vec::new(),
-    };
+    let mut t = Tunnel::new(TestCluster::up(3));
     let dir = t.tc.path().to_path_buf();
 
     phase("a demo app on a local port, its app, a CVM credential");

@@ -32,9 +32,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, issue_credential, register_once, strip_wg_quick, wg_quick_address, AgentSpec,
+    agent_config, curl_https, issue_credential, register_once, strip_wg_quick, wg_quick_address,
+    AgentSpec,
 };
-use portcullis_cluster_tests::harness::{phase, run, show, wait_for, TestCluster};
+use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
 use wggo::{ns_exec, Netns, Proc, WgGo, WgGoSpec};
 
 /// UDP port on B that A's datagrams target (nothing listens; the sniffer sees them regardless).
@@ -308,18 +309,11 @@ fn wg_event_now(tc: &TestCluster, id: u64, event: &str) -> u64 {
 
 /// GET /hello.txt of `app` through node `id`'s HTTPS edge: the body on success.
 fn curl_app(tc: &TestCluster, id: u64, app: &str) -> Option<String> {
-    let https = &tc.node(id).https_addr;
-    let port = https.rsplit_once(':').map(|(_, p)| p)?;
     let host = format!("{app}.portcullis.localhost");
-    let out = run(Command::new("curl")
-        .args(["-s", "-f", "-m", "5", "--cacert"])
-        .arg(tc.path().join("pki/dev-ca.pem"))
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .arg(format!("https://{host}:{port}/hello.txt")));
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    match curl_https(tc, id, &host, "/hello.txt")? {
+        (200, body) => Some(body),
+        _ => None,
+    }
 }
 
 /// Every gateway's edge reaches both CVMs (the positive control).

@@ -12,35 +12,16 @@
 mod wggo;
 
 use std::net::IpAddr;
-use std::process::{Child, Command};
+
 use std::time::Duration;
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, issue_credential, register_once, spawn_logged, strip_wg_quick, wg_quick_address,
-    AgentSpec,
+    agent_config, curl_https as curl, issue_credential, register_once, spawn_logged,
+    strip_wg_quick, wg_quick_address, AgentSpec, WithChildren,
 };
-use portcullis_cluster_tests::harness::{phase, portcullis_bin, run, show, wait_for, TestCluster};
+use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
 
 const POOL: &str = "fd00:1:2::/64";
-
-/// Stops the demo app and the agent with the cluster.
-struct Cluster {
-    tc: TestCluster,
-    children: Vec<Child>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
-    }
-}
 
 /// `portcullis --json cvm pool` as (cidr, allocated, capacity).
 fn pool(tc: &TestCluster) -> (String, u64, u64) {
@@ -76,31 +57,13 @@ fn refused(tc: &TestCluster, cidr: &str, why: &str) {
     println!("pool set {cidr}: refused: {}", err.trim());
 }
 
-/// curl `https://<host>/<path>` through node `id`: (status, body).
-fn curl(tc: &TestCluster, id: u64, host: &str, path: &str) -> Option<(u16, String)> {
-    let https = &tc.node(id).https_addr;
-    let port = https.rsplit_once(':').map(|(_, p)| p)?;
-    let out = run(Command::new("curl")
-        .args(["-s", "-m", "5", "-w", "\n%{http_code}", "--cacert"])
-        .arg(tc.path().join("pki/dev-ca.pem"))
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .arg(format!("https://{host}:{port}{path}")));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n')?;
-    Some((code.trim().parse().ok()?, body.to_string()))
-}
-
 fn in_pool(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V6(a) if a.segments()[..4] == [0xfd00, 1, 2, 0])
 }
 
 #[test]
 fn ipv6_pool_reaches_cvms_through_every_gateway() {
-    let mut c = Cluster {
-        tc: TestCluster::up(3),
-        children: Vec::new(),
-    };
+    let mut c = WithChildren::new(TestCluster::up(3));
     let dir = c.tc.path().to_path_buf();
 
     phase("the demo instances of `portcullis up` hold IPv4 addresses; delete their app");
