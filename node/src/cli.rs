@@ -590,7 +590,10 @@ pub async fn app(g: &Global, cmd: AppCmd) -> anyhow::Result<()> {
                 a.name, a.ports, a.lb, a.revision
             );
             let instances = a.instances.unwrap_or_default();
-            let ip_width = instances.iter().map(|i| i.tunnel_ip.len()).fold(15, usize::max);
+            let ip_width = instances
+                .iter()
+                .map(|i| i.tunnel_ip.len())
+                .fold(15, usize::max);
             for i in instances {
                 println!(
                     "  {:<20} {:<10} {:<ip_width$} {}",
