@@ -154,3 +154,54 @@ pub fn curl_https(tc: &TestCluster, id: u64, host: &str, path: &str) -> Option<(
     let (body, code) = text.rsplit_once('\n')?;
     Some((code.trim().parse().ok()?, body.to_string()))
 }
+
+/// One gateway peer of a CVM's wg-quick configuration.
+#[derive(Clone, Debug)]
+pub struct GatewayPeer {
+    pub public_key: String,
+    pub tunnel_ip: std::net::IpAddr,
+}
+
+/// The `[Peer]` sections of a wg-quick configuration, by the node id in the agent's
+/// `# gateway node <id> (...)` comment that precedes each.
+pub fn gateway_peers(conf: &str) -> std::collections::BTreeMap<u64, GatewayPeer> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut id = None;
+    let mut key = None;
+    for line in conf.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("# gateway node ") {
+            id = rest.split_whitespace().next().and_then(|s| s.parse().ok());
+        } else if let Some(k) = line.strip_prefix("PublicKey = ") {
+            key = Some(k.trim().to_string());
+        } else if let Some(a) = line.strip_prefix("AllowedIPs = ") {
+            let ip = a.split('/').next().and_then(|s| s.trim().parse().ok());
+            if let (Some(id), Some(public_key), Some(tunnel_ip)) = (id.take(), key.take(), ip) {
+                out.insert(
+                    id,
+                    GatewayPeer {
+                        public_key,
+                        tunnel_ip,
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The exported counter `portcullis_wg_events_total{event="<event>"}` of node `id`, or `None`
+/// if the node's /metrics did not answer or does not have it.
+pub fn wg_event(tc: &TestCluster, id: u64, event: &str) -> Option<u64> {
+    let prefix = format!("portcullis_wg_events_total{{event=\"{event}\"}} ");
+    tc.metrics(id)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+pub fn wg_event_now(tc: &TestCluster, id: u64, event: &str) -> u64 {
+    crate::harness::wait_for(
+        &format!("node {id} exports wg event {event}"),
+        std::time::Duration::from_secs(10),
+        || wg_event(tc, id, event),
+    )
+}

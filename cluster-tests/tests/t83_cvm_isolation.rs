@@ -32,8 +32,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, curl_https, issue_credential, register_once, strip_wg_quick, wg_quick_address,
-    AgentSpec,
+    agent_config, curl_https, gateway_peers, issue_credential, register_once, strip_wg_quick,
+    wg_event, wg_event_now, wg_quick_address, AgentSpec, GatewayPeer,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
 use wggo::{ns_exec, Netns, Proc, WgGo, WgGoSpec};
@@ -98,40 +98,6 @@ try:
 except OSError as e:
     print("tcp failed %s" % e)
 "#;
-
-/// One gateway peer of a CVM's wg-quick configuration.
-#[derive(Clone, Debug)]
-struct GatewayPeer {
-    public_key: String,
-    tunnel_ip: Ipv4Addr,
-}
-
-/// The `[Peer]` sections of a wg-quick configuration, by the node id in the agent's
-/// `# gateway node <id> (...)` comment that precedes each.
-fn gateway_peers(conf: &str) -> BTreeMap<u64, GatewayPeer> {
-    let mut out = BTreeMap::new();
-    let mut id = None;
-    let mut key = None;
-    for line in conf.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("# gateway node ") {
-            id = rest.split_whitespace().next().and_then(|s| s.parse().ok());
-        } else if let Some(k) = line.strip_prefix("PublicKey = ") {
-            key = Some(k.trim().to_string());
-        } else if let Some(a) = line.strip_prefix("AllowedIPs = ") {
-            let ip = a.split('/').next().and_then(|s| s.trim().parse().ok());
-            if let (Some(id), Some(public_key), Some(tunnel_ip)) = (id.take(), key.take(), ip) {
-                out.insert(
-                    id,
-                    GatewayPeer {
-                        public_key,
-                        tunnel_ip,
-                    },
-                );
-            }
-        }
-    }
-    out
-}
 
 /// A registered CVM running wireguard-go in its own namespace with an HTTP server on its
 /// tunnel address. Field order is drop order: processes, then the interface, then the namespace.
@@ -288,23 +254,6 @@ impl Cvm {
     fn ns_exec(&self, args: &[&str]) -> anyhow::Result<String> {
         ns_exec(&self.ns.name, args)
     }
-}
-
-/// The exported counter `portcullis_wg_events_total{event="<event>"}` of node `id`, or `None`
-/// if the node's /metrics did not answer or does not have it.
-fn wg_event(tc: &TestCluster, id: u64, event: &str) -> Option<u64> {
-    let prefix = format!("portcullis_wg_events_total{{event=\"{event}\"}} ");
-    tc.metrics(id)
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-}
-
-fn wg_event_now(tc: &TestCluster, id: u64, event: &str) -> u64 {
-    wait_for(
-        &format!("node {id} exports wg event {event}"),
-        Duration::from_secs(10),
-        || wg_event(tc, id, event),
-    )
 }
 
 /// GET /hello.txt of `app` through node `id`'s HTTPS edge: the body on success.
@@ -529,7 +478,7 @@ fn a_cvm_can_neither_reach_nor_impersonate_another_through_a_gateway() {
         );
     }
     println!("B's sniffer saw {} packets from the gateways", seen.len());
-    let gateway_ips: Vec<Ipv4Addr> = b.gateways.values().map(|g| g.tunnel_ip).collect();
+    let gateway_ips: Vec<IpAddr> = b.gateways.values().map(|g| g.tunnel_ip).collect();
 
     phase("detector control: peered directly (what forwarding would amount to), A gets through");
     // Proves the failure signals work: B's sniffer logs packets from A, and A's probe reports a
@@ -599,7 +548,7 @@ fn a_cvm_can_neither_reach_nor_impersonate_another_through_a_gateway() {
         let leaked: Vec<Seen> = sniffer
             .since(mark)
             .into_iter()
-            .filter(|p| !gateway_ips.contains(&p.src))
+            .filter(|p| !gateway_ips.contains(&IpAddr::V4(p.src)))
             .collect();
         assert!(
             leaked.is_empty(),
@@ -626,7 +575,9 @@ fn a_cvm_can_neither_reach_nor_impersonate_another_through_a_gateway() {
     // are the targets, over each gateway's own peer (no AllowedIPs change needed).
     let src_b = b.tunnel_ip.to_string();
     for &id in &ids {
-        let gw = a.gateways[&id].tunnel_ip;
+        let IpAddr::V4(gw) = a.gateways[&id].tunnel_ip else {
+            panic!("the default pool gives gateways IPv4 addresses")
+        };
         let before = wg_event_now(&tc, id, "spoofed_source");
         let mark = sniffer.mark();
         let (after, sent) = probe_until_counted(&tc, id, "spoofed_source", before, || {
@@ -639,7 +590,7 @@ fn a_cvm_can_neither_reach_nor_impersonate_another_through_a_gateway() {
             .since(mark)
             .into_iter()
             .filter(|p| {
-                !gateway_ips.contains(&p.src)
+                !gateway_ips.contains(&IpAddr::V4(p.src))
                     || p.proto == 1
                     || p.sport == SPOOF_TCP_PORT
                     || p.sport == SPOOF_UDP_PORT
@@ -673,7 +624,7 @@ fn a_cvm_can_neither_reach_nor_impersonate_another_through_a_gateway() {
     assert!(
         fresh
             .iter()
-            .any(|p| gateway_ips.contains(&p.src) && p.dport == HTTP_PORT),
+            .any(|p| gateway_ips.contains(&IpAddr::V4(p.src)) && p.dport == HTTP_PORT),
         "B's sniffer saw no gateway traffic after the attacks: {fresh:?}"
     );
     for line in &observed {

@@ -4,20 +4,21 @@
 //! speaks from its own `fd70:6f72:7463::<id>`). Re-registration keeps the address; a pool change
 //! is refused while the instance holds it; malformed or overlapping ranges are refused with a
 //! reason. As root, a CVM running wireguard-go on an IPv6 address (configured from
-//! `--print-wg-config`) is reached through every gateway too; otherwise that phase prints why it
-//! was skipped.
+//! `--print-wg-config`) is reached through every gateway too, and through each gateway it can
+//! neither reach the agent's CVM nor spoof its address (the gateway's `not_for_us` and
+//! `spoofed_source` counters rise); otherwise that phase prints why it was skipped.
 
 #[path = "../../wg/tests/common/wggo.rs"]
 #[allow(dead_code)]
 mod wggo;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use std::time::Duration;
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, curl_https as curl, issue_credential, register_once, spawn_logged,
-    strip_wg_quick, wg_quick_address, AgentSpec, WithChildren,
+    agent_config, curl_https as curl, gateway_peers, issue_credential, register_once, spawn_logged,
+    strip_wg_quick, wg_event, wg_event_now, wg_quick_address, AgentSpec, WithChildren,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
 
@@ -228,7 +229,7 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
     phase("wireguard-go as an IPv6 CVM");
     match wggo::skip_reason() {
         Some(why) => println!("SKIPPED wireguard-go IPv6 CVM phase: {why}"),
-        None => wireguard_go_cvm(&c.tc),
+        None => wireguard_go_cvm(&c.tc, SocketAddr::new(ip, app_port)),
     }
 
     phase("with the agent stopped and its instance removed, the pool can change back");
@@ -251,8 +252,11 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
 
 /// A CVM with its own WireGuard (wireguard-go on a TUN device in a network namespace) on an
 /// IPv6 tunnel address, configured only from `cvm-agent --print-wg-config`, serving HTTP on that
-/// address; curl through every gateway reaches it.
-fn wireguard_go_cvm(tc: &TestCluster) {
+/// address; curl through every gateway reaches it. Then isolation over IPv6 through the real
+/// gateways: the CVM routes `other` (the agent's CVM) through one gateway at a time, and then
+/// spoofs `other`'s address as its source; each gateway drops both and counts them. (t83 shows
+/// the same for IPv4 with a sniffer on the victim.)
+fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
     let out = tc.cli(&["app", "create", "wgo", "--port", "8080"]);
     assert!(out.status.success(), "{}", show(&out));
     issue_credential(tc, "wgo", "cvm-wgo");
@@ -321,5 +325,81 @@ fn wireguard_go_cvm(tc: &TestCluster) {
         .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
         .count();
     assert_eq!(shaken, 3, "handshakes per gateway:\n{hs}");
+
+    let victim = format!("{}/128", other.ip());
+    let url = format!("http://{other}/");
+    for (id, g) in gateway_peers(&conf) {
+        let own = format!("{}/128", g.tunnel_ip);
+        let allow = |ips: &str| {
+            wggo::run(
+                "wg",
+                &["set", &ifname, "peer", &g.public_key, "allowed-ips", ips],
+            )
+            .expect("wg set allowed-ips");
+        };
+
+        // Cryptokey routing sends the other CVM's address to this gateway only.
+        let before = wg_event_now(tc, id, "not_for_us");
+        allow(&format!("{own},{victim}"));
+        wggo::ns_exec(
+            &ns.name,
+            &["ip", "-6", "route", "replace", &victim, "dev", &ifname],
+        )
+        .expect("route to the other CVM");
+        let after = wait_for(
+            &format!("gateway {id} drops a packet meant for {}", other.ip()),
+            Duration::from_secs(20),
+            || {
+                let got = wggo::ns_exec(&ns.name, &["curl", "-g", "-s", "-m", "1", &url]);
+                assert!(
+                    got.is_err(),
+                    "reached {other} through gateway {id}: {got:?}"
+                );
+                wg_event(tc, id, "not_for_us").filter(|v| *v > before)
+            },
+        );
+        println!("gateway {id}: not_for_us {before} -> {after}, {url} unreachable");
+        wggo::ns_exec(
+            &ns.name,
+            &["ip", "-6", "route", "del", &victim, "dev", &ifname],
+        )
+        .expect("drop the route");
+        allow(&own);
+
+        // The CVM claims the other CVM's address as its source toward this gateway.
+        let before = wg_event_now(tc, id, "spoofed_source");
+        wggo::ns_exec(
+            &ns.name,
+            &["ip", "-6", "addr", "add", &victim, "dev", &ifname, "nodad"],
+        )
+        .expect("add the spoofed address");
+        let gw_url = format!("http://[{}]:80/", g.tunnel_ip);
+        let src = other.ip().to_string();
+        let after = wait_for(
+            &format!("gateway {id} drops packets spoofing {src}"),
+            Duration::from_secs(20),
+            || {
+                let _ = wggo::ns_exec(
+                    &ns.name,
+                    &["curl", "-g", "-s", "-m", "1", "--interface", &src, &gw_url],
+                );
+                wg_event(tc, id, "spoofed_source").filter(|v| *v > before)
+            },
+        );
+        println!("gateway {id}: spoofed_source {before} -> {after}");
+        wggo::ns_exec(
+            &ns.name,
+            &["ip", "-6", "addr", "del", &victim, "dev", &ifname],
+        )
+        .expect("remove the spoofed address");
+    }
+    // The other CVM is still served through every gateway: nothing above disturbed it.
+    for id in tc.ids() {
+        let r = curl(tc, id, "web.portcullis.localhost", "/");
+        assert!(
+            matches!(r, Some((200, _))),
+            "node {id} after the attacks: {r:?}"
+        );
+    }
     drop(wg);
 }
