@@ -17,6 +17,9 @@ use crate::peers::{PeerDiff, PeerStats};
 use crate::socket::DatagramSocket;
 use crate::stream::{TunnelListener, TunnelStream};
 
+/// Receive and send buffer requested for the endpoint's UDP socket.
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+
 /// A user-space WireGuard endpoint with its own TCP/IP stack on one tunnel address.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -38,6 +41,20 @@ impl Endpoint {
     pub fn new<S: DatagramSocket>(config: EndpointConfig, socket: S) -> Result<Self, WgError> {
         config.validate()?;
         let local_addr = socket.local_addr().map_err(WgError::Socket)?;
+        // One task reads every peer's datagrams; a peer's kernel TCP sends in bursts bigger than
+        // the default 208 KiB buffer, and each overflow drop makes that sender back off. With
+        // 4 MiB, kernel TCP behind wireguard-go → Endpoint went from ~60 to ~110 MB/s
+        // (docs/benchmarks.md). Best effort: the kernel caps it at net.core.rmem_max.
+        match socket.set_buffer_sizes(UDP_BUFFER_BYTES) {
+            // Linux reports twice what it grants (bookkeeping overhead included).
+            Ok(granted) if granted < UDP_BUFFER_BYTES => tracing::info!(
+                granted,
+                wanted = UDP_BUFFER_BYTES,
+                "udp receive buffer capped; raise net.core.rmem_max for bulk throughput"
+            ),
+            Ok(granted) => tracing::debug!(granted, "udp receive buffer"),
+            Err(e) => tracing::debug!(error = %e, "could not size the udp buffers"),
+        }
         let (commands, command_rx) = mpsc::channel(64);
         let counters = Arc::new(Counters::default());
         let notify = Arc::new(Notify::new());

@@ -27,6 +27,14 @@ pub trait DatagramSocket: Send + Sync + 'static {
 
     /// The bound address.
     fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// Asks the kernel for `bytes` of receive and send buffer (capped by
+    /// `net.core.rmem_max`/`wmem_max`) and returns the receive buffer granted. The default does
+    /// nothing, for sockets that are not kernel sockets.
+    fn set_buffer_sizes(&self, bytes: usize) -> io::Result<usize> {
+        let _ = bytes;
+        Ok(0)
+    }
 }
 
 impl DatagramSocket for tokio::net::UdpSocket {
@@ -50,6 +58,13 @@ impl DatagramSocket for tokio::net::UdpSocket {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         tokio::net::UdpSocket::local_addr(self)
     }
+
+    fn set_buffer_sizes(&self, bytes: usize) -> io::Result<usize> {
+        let s = socket2::SockRef::from(self);
+        s.set_recv_buffer_size(bytes)?;
+        s.set_send_buffer_size(bytes)?;
+        s.recv_buffer_size()
+    }
 }
 
 impl<T: DatagramSocket> DatagramSocket for Arc<T> {
@@ -72,5 +87,9 @@ impl<T: DatagramSocket> DatagramSocket for Arc<T> {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         (**self).local_addr()
+    }
+
+    fn set_buffer_sizes(&self, bytes: usize) -> io::Result<usize> {
+        (**self).set_buffer_sizes(bytes)
     }
 }
