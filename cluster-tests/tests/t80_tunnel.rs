@@ -193,6 +193,23 @@ fn http_through_every_gateway_reaches_a_cvm_over_wireguard() {
         );
     }
 
+    phase("renewals with a fresh stamp are answered from the applied state, without a Raft write");
+    let applied = |t: &Tunnel| t.tc.status(1).expect("status of node 1").last_applied;
+    let before = applied(&t);
+    for _ in 0..3 {
+        let again = register_once(&cfg).expect("renewal");
+        assert!(
+            again.contains(&format!("Address = {tunnel_ip}/32")),
+            "{again}"
+        );
+    }
+    // The running agents (this one, and `up`'s demo agents) renew meanwhile too.
+    assert_eq!(
+        applied(&t),
+        before,
+        "a fresh renewal was written through Raft"
+    );
+
     phase("refused: the same WireGuard key for another instance");
     let dup = agent_config(&t, "cvm-web", "web", "web-2", "web-1.wg.key", &[app_port]);
     let e = register_once(&dup).expect_err("duplicate key must be refused");

@@ -190,6 +190,7 @@ pub async fn run(
             cluster.clone(),
             shared.clone(),
             Arc::new(crate::cvm_registry::NoAttestation),
+            cfg.wg.expire_after_secs,
         ));
     let sd = shutdown.clone();
     tracker.spawn(async move {

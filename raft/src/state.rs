@@ -795,7 +795,13 @@ impl ClusterState {
                 ));
             }
         }
-        if !new.wg_public_key.is_empty() {
+        // Keys are unique, so an instance renewing with the key it already holds cannot clash:
+        // renewals (the bulk of registrations) skip the scan over every instance.
+        let renewal = self
+            .instances
+            .get(&new.instance_id)
+            .is_some_and(|i| i.wg_public_key == new.wg_public_key);
+        if !new.wg_public_key.is_empty() && !renewal {
             let clash = self
                 .instances
                 .values()
