@@ -49,7 +49,7 @@ const RECV_BATCH: usize = 64;
 /// 20 MB/s toward kernel TCP). More passes fill the window, but the burst must stay small:
 /// smoltcp's Reno never leaves exponential growth and recovers losses go-back-N, so bursts of
 /// 32+ segments per round overflowed a 208 KiB UDP receive buffer (wireguard-go's default) and
-/// collapsed throughput to 1-5 MB/s. Measured in docs/benchmarks.md.
+/// collapsed throughput to a few MB/s. Measured in docs/benchmarks.md.
 const EGRESS_BATCH: usize = 8;
 /// How long a connection the application has dropped may take to finish closing before it is
 /// reset (bounds FIN_WAIT_2 against a peer that never closes).
