@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use anyhow::Context as _;
+
 use crate::harness::{portcullis_bin, run, TestCluster};
+use crate::wggo::{self, Netns, WgGo, WgGoSpec};
 
 /// `portcullis <args>` in the background, stdout and stderr to `log`.
 pub fn spawn_logged(args: &[&str], log: &Path) -> Child {
@@ -204,4 +207,45 @@ pub fn wg_event_now(tc: &TestCluster, id: u64, event: &str) -> u64 {
         std::time::Duration::from_secs(10),
         || wg_event(tc, id, event),
     )
+}
+
+/// A CVM that brings its own WireGuard: wireguard-go on a TUN device in its own network
+/// namespace. Field order is drop order: wireguard-go, then the namespace.
+pub struct WgGoCvm {
+    pub wg: WgGo,
+    pub ns: Netns,
+    pub ifname: String,
+}
+
+/// Brings up wireguard-go in a new namespace `ns_name` on interface `ifname`, configured only
+/// from the agent's wg-quick output `conf` (`cvm-agent --print-wg-config`), as wg-quick would:
+/// the interface address, keys and peers (`wg setconf`), and a route per gateway address.
+pub fn start_wggo_cvm(
+    tc: &TestCluster,
+    conf: &str,
+    ns_name: String,
+    ifname: String,
+) -> anyhow::Result<WgGoCvm> {
+    let (address, _) = wg_quick_address(conf);
+    let ns = Netns::new(ns_name)?;
+    let wg = WgGo::start(WgGoSpec {
+        ifname: &ifname,
+        cidr: &address,
+        ns: &ns.name,
+        udp_in_ns: false,
+        mtu: 1420,
+    })?;
+    let setconf = tc.path().join(format!("{ifname}.setconf"));
+    std::fs::write(&setconf, strip_wg_quick(conf))?;
+    wggo::run(
+        "wg",
+        &["setconf", &ifname, setconf.to_str().context("utf8 path")?],
+    )?;
+    for line in conf.lines().filter_map(|l| l.strip_prefix("AllowedIPs = ")) {
+        wggo::ns_exec(
+            &ns.name,
+            &["ip", "route", "add", line.trim(), "dev", &ifname],
+        )?;
+    }
+    Ok(WgGoCvm { wg, ns, ifname })
 }

@@ -5,6 +5,7 @@
 //! - [`harness`]: start a local cluster, run CLI commands, kill/restart nodes, wait for conditions.
 //! - [`cvm`]: CVM-side helpers (agent configurations, registrations) for the tunnel tests.
 //! - `wgl`: a per-key linearizability checker for recorded histories.
+//! - [`wggo`]: wireguard-go on TUN devices in network namespaces (shared with the wg crate's tests).
 //! - `tests/tNN_*.rs`: the cluster tests, one topic per file.
 //! - `src/bin/`: benchmark drivers.
 
@@ -13,4 +14,7 @@
 pub mod chaos;
 pub mod cvm;
 pub mod harness;
+#[path = "../../wg/tests/common/wggo.rs"]
+#[allow(dead_code)]
+pub mod wggo;
 pub mod wgl;

@@ -3,17 +3,14 @@
 //! only on its tunnel address. curl through every gateway of a 3-node cluster reaches it. Needs
 //! root (namespaces, TUN); prints why and passes vacuously otherwise.
 
-#[path = "../../wg/tests/common/wggo.rs"]
-#[allow(dead_code)]
-mod wggo;
-
 use std::time::Duration;
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, issue_credential, register_once, strip_wg_quick, wg_quick_address, AgentSpec,
+    agent_config, curl_https, issue_credential, register_once, start_wggo_cvm, wg_quick_address,
+    AgentSpec,
 };
-use portcullis_cluster_tests::harness::{phase, run, show, wait_for, TestCluster};
-use wggo::{ns_exec, Netns, WgGo, WgGoSpec};
+use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
+use portcullis_cluster_tests::wggo;
 
 #[test]
 fn gateways_reach_a_cvm_running_wireguard_go() {
@@ -39,35 +36,13 @@ fn gateways_reach_a_cvm_running_wireguard_go() {
         },
     );
     let conf = register_once(&cfg).expect("registration");
-    let (address, tunnel_ip) = wg_quick_address(&conf);
+    let (_, tunnel_ip) = wg_quick_address(&conf);
 
     phase("wireguard-go in the CVM namespace takes that configuration");
     let sfx = wggo::suffix();
-    let ns = Netns::new(format!("pccvm-{sfx}")).expect("netns");
-    let ifname = format!("pccvm{sfx}");
-    let wg = WgGo::start(WgGoSpec {
-        ifname: &ifname,
-        cidr: &address,
-        ns: &ns.name,
-        udp_in_ns: false,
-        mtu: 1420,
-    })
-    .expect("wireguard-go");
-    let setconf = tc.path().join("wgo-1.setconf");
-    std::fs::write(&setconf, strip_wg_quick(&conf)).expect("write setconf");
-    wggo::run(
-        "wg",
-        &["setconf", &ifname, setconf.to_str().expect("utf8 path")],
-    )
-    .expect("wg setconf");
-    // wg-quick would add these: the gateways' tunnel addresses are reached over the interface.
-    for line in conf.lines().filter_map(|l| l.strip_prefix("AllowedIPs = ")) {
-        ns_exec(
-            &ns.name,
-            &["ip", "route", "add", line.trim(), "dev", &ifname],
-        )
-        .expect("route to a gateway");
-    }
+    let cvm = start_wggo_cvm(&tc, &conf, format!("pccvm-{sfx}"), format!("pccvm{sfx}"))
+        .expect("wireguard-go CVM");
+    let (ns, ifname) = (&cvm.ns, &cvm.ifname);
     let www = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         www.path().join("hello.txt"),
@@ -78,33 +53,22 @@ fn gateways_reach_a_cvm_running_wireguard_go() {
 
     phase("curl through each gateway reaches the HTTP server on the CVM's tunnel address");
     for id in tc.ids() {
-        let https = &tc.node(id).https_addr;
-        let port = https.rsplit_once(':').map(|(_, p)| p).expect("port");
-        let host = "wgo.portcullis.localhost";
         let body = wait_for(
             &format!("node {id} reaches the wireguard-go CVM"),
             Duration::from_secs(30),
-            || {
-                let out = run(std::process::Command::new("curl")
-                    .args(["-s", "-f", "-m", "5", "--cacert"])
-                    .arg(tc.path().join("pki/dev-ca.pem"))
-                    .arg("--resolve")
-                    .arg(format!("{host}:{port}:127.0.0.1"))
-                    .arg(format!("https://{host}:{port}/hello.txt")));
-                out.status
-                    .success()
-                    .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+            || match curl_https(&tc, id, "wgo.portcullis.localhost", "/hello.txt")? {
+                (200, body) => Some(body),
+                _ => None,
             },
         );
         assert_eq!(body, "hello from a wireguard-go CVM\n");
         println!("node {id}: 200 from wireguard-go at {tunnel_ip}");
     }
     // wireguard-go saw a handshake from every gateway it has as a peer.
-    let hs = wggo::run("wg", &["show", &ifname, "latest-handshakes"]).expect("wg show");
+    let hs = wggo::run("wg", &["show", ifname, "latest-handshakes"]).expect("wg show");
     let shaken = hs
         .lines()
         .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
         .count();
     assert_eq!(shaken, 3, "handshakes per gateway:\n{hs}");
-    drop(wg);
 }

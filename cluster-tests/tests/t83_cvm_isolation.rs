@@ -21,10 +21,6 @@
 //!
 //! Needs root (namespaces, TUN); prints `SKIPPED` and passes vacuously otherwise.
 
-#[path = "../../wg/tests/common/wggo.rs"]
-#[allow(dead_code)]
-mod wggo;
-
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -32,11 +28,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, curl_https, gateway_peers, issue_credential, register_once, strip_wg_quick,
-    wg_event, wg_event_now, wg_quick_address, AgentSpec, GatewayPeer,
+    agent_config, curl_https, gateway_peers, issue_credential, register_once, start_wggo_cvm,
+    wg_event, wg_event_now, wg_quick_address, AgentSpec, GatewayPeer, WgGoCvm,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
-use wggo::{ns_exec, Netns, Proc, WgGo, WgGoSpec};
+use portcullis_cluster_tests::wggo::{self, ns_exec, Proc};
 
 /// UDP port on B that A's datagrams target (nothing listens; the sniffer sees them regardless).
 const B_UDP_PORT: u16 = 7777;
@@ -108,8 +104,8 @@ struct Cvm {
     gateways: BTreeMap<u64, GatewayPeer>,
     _http: Proc,
     _www: tempfile::TempDir,
-    _wg: WgGo,
-    ns: Netns,
+    /// wireguard-go and its namespace.
+    wg: WgGoCvm,
 }
 
 impl Cvm {
@@ -145,40 +141,10 @@ impl Cvm {
             "one peer per gateway:\n{conf}"
         );
 
-        let ns = Netns::new(ns_name).expect("netns");
-        let wg = WgGo::start(WgGoSpec {
-            ifname: &ifname,
-            cidr: &address,
-            ns: &ns.name,
-            udp_in_ns: false,
-            mtu: 1420,
-        })
-        .expect("wireguard-go");
-        let setconf = tc.path().join(format!("{app}.setconf"));
-        std::fs::write(&setconf, strip_wg_quick(&conf)).expect("write setconf");
-        wggo::run(
-            "wg",
-            &["setconf", &ifname, setconf.to_str().expect("utf8 path")],
-        )
-        .expect("wg setconf");
-        // wg-quick would add these: the gateways' tunnel addresses are reached over the interface.
-        for g in gateways.values() {
-            ns_exec(
-                &ns.name,
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    &format!("{}/32", g.tunnel_ip),
-                    "dev",
-                    &ifname,
-                ],
-            )
-            .expect("route to a gateway");
-        }
+        let wg = start_wggo_cvm(tc, &conf, ns_name, ifname.clone()).expect("wireguard-go CVM");
         let www = tempfile::tempdir().expect("tempdir");
         std::fs::write(www.path().join("hello.txt"), body).expect("file");
-        let http = wggo::http_server(&ns.name, IpAddr::V4(tunnel_ip), HTTP_PORT, www.path())
+        let http = wggo::http_server(&wg.ns.name, IpAddr::V4(tunnel_ip), HTTP_PORT, www.path())
             .expect("http server");
         Cvm {
             app: app.to_string(),
@@ -187,8 +153,7 @@ impl Cvm {
             gateways,
             _http: http,
             _www: www,
-            _wg: wg,
-            ns,
+            wg,
         }
     }
 
@@ -252,7 +217,7 @@ impl Cvm {
     }
 
     fn ns_exec(&self, args: &[&str]) -> anyhow::Result<String> {
-        ns_exec(&self.ns.name, args)
+        ns_exec(&self.wg.ns.name, args)
     }
 }
 
@@ -463,7 +428,7 @@ fn a_cvm_can_neither_reach_nor_impersonate_another_through_a_gateway() {
     let scripts = tempfile::tempdir().expect("tempdir");
     let probe_py = scripts.path().join("probe.py");
     std::fs::write(&probe_py, PROBE).expect("write probe");
-    let sniffer = Sniffer::start(&b.ns.name, &b.ifname, scripts.path());
+    let sniffer = Sniffer::start(&b.wg.ns.name, &b.ifname, scripts.path());
 
     phase("positive control: every gateway reaches A and B, and B's sniffer sees that traffic");
     let both = [(&a, "hello from A\n"), (&b, "hello from B\n")];

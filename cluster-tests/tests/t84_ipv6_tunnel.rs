@@ -8,19 +8,16 @@
 //! neither reach the agent's CVM nor spoof its address (the gateway's `not_for_us` and
 //! `spoofed_source` counters rise); otherwise that phase prints why it was skipped.
 
-#[path = "../../wg/tests/common/wggo.rs"]
-#[allow(dead_code)]
-mod wggo;
-
 use std::net::{IpAddr, SocketAddr};
 
 use std::time::Duration;
 
 use portcullis_cluster_tests::cvm::{
     agent_config, curl_https as curl, gateway_peers, issue_credential, register_once, spawn_logged,
-    strip_wg_quick, wg_event, wg_event_now, wg_quick_address, AgentSpec, WithChildren,
+    start_wggo_cvm, wg_event, wg_event_now, wg_quick_address, AgentSpec, WithChildren,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
+use portcullis_cluster_tests::wggo;
 
 const POOL: &str = "fd00:1:2::/64";
 
@@ -276,31 +273,9 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
     assert!(in_pool(tunnel_ip) && address.ends_with("/128"), "{address}");
 
     let sfx = wggo::suffix();
-    let ns = wggo::Netns::new(format!("pc6cvm-{sfx}")).expect("netns");
-    let ifname = format!("pc6cvm{sfx}");
-    let wg = wggo::WgGo::start(wggo::WgGoSpec {
-        ifname: &ifname,
-        cidr: &address,
-        ns: &ns.name,
-        udp_in_ns: false,
-        mtu: 1420,
-    })
-    .expect("wireguard-go");
-    let setconf = tc.path().join("wgo6-1.setconf");
-    std::fs::write(&setconf, strip_wg_quick(&conf)).expect("write setconf");
-    wggo::run(
-        "wg",
-        &["setconf", &ifname, setconf.to_str().expect("utf8 path")],
-    )
-    .expect("wg setconf");
-    // wg-quick would add these: each gateway's IPv6 /128 is reached over the interface.
-    for line in conf.lines().filter_map(|l| l.strip_prefix("AllowedIPs = ")) {
-        wggo::ns_exec(
-            &ns.name,
-            &["ip", "-6", "route", "add", line.trim(), "dev", &ifname],
-        )
-        .expect("route to a gateway");
-    }
+    let cvm = start_wggo_cvm(tc, &conf, format!("pc6cvm-{sfx}"), format!("pc6cvm{sfx}"))
+        .expect("wireguard-go CVM");
+    let (ns, ifname) = (&cvm.ns, cvm.ifname.as_str());
     let www = tempfile::tempdir().expect("tempdir");
     std::fs::write(www.path().join("hello.txt"), "hello over IPv6\n").expect("file");
     let _http = wggo::http_server(&ns.name, tunnel_ip, 8080, www.path()).expect("http server");
@@ -319,7 +294,7 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
         println!("node {id}: 200 from wireguard-go at [{tunnel_ip}]:8080");
     }
     // wireguard-go completed a handshake with every gateway.
-    let hs = wggo::run("wg", &["show", &ifname, "latest-handshakes"]).expect("wg show");
+    let hs = wggo::run("wg", &["show", ifname, "latest-handshakes"]).expect("wg show");
     let shaken = hs
         .lines()
         .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
@@ -333,7 +308,7 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
         let allow = |ips: &str| {
             wggo::run(
                 "wg",
-                &["set", &ifname, "peer", &g.public_key, "allowed-ips", ips],
+                &["set", ifname, "peer", &g.public_key, "allowed-ips", ips],
             )
             .expect("wg set allowed-ips");
         };
@@ -343,7 +318,7 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
         allow(&format!("{own},{victim}"));
         wggo::ns_exec(
             &ns.name,
-            &["ip", "-6", "route", "replace", &victim, "dev", &ifname],
+            &["ip", "-6", "route", "replace", &victim, "dev", ifname],
         )
         .expect("route to the other CVM");
         let after = wait_for(
@@ -361,7 +336,7 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
         println!("gateway {id}: not_for_us {before} -> {after}, {url} unreachable");
         wggo::ns_exec(
             &ns.name,
-            &["ip", "-6", "route", "del", &victim, "dev", &ifname],
+            &["ip", "-6", "route", "del", &victim, "dev", ifname],
         )
         .expect("drop the route");
         allow(&own);
@@ -370,7 +345,7 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
         let before = wg_event_now(tc, id, "spoofed_source");
         wggo::ns_exec(
             &ns.name,
-            &["ip", "-6", "addr", "add", &victim, "dev", &ifname, "nodad"],
+            &["ip", "-6", "addr", "add", &victim, "dev", ifname, "nodad"],
         )
         .expect("add the spoofed address");
         let gw_url = format!("http://[{}]:80/", g.tunnel_ip);
@@ -389,7 +364,7 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
         println!("gateway {id}: spoofed_source {before} -> {after}");
         wggo::ns_exec(
             &ns.name,
-            &["ip", "-6", "addr", "del", &victim, "dev", &ifname],
+            &["ip", "-6", "addr", "del", &victim, "dev", ifname],
         )
         .expect("remove the spoofed address");
     }
@@ -401,5 +376,4 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
             "node {id} after the attacks: {r:?}"
         );
     }
-    drop(wg);
 }

@@ -26,10 +26,6 @@
 //! namespace A for `wggo`/`veth`), so every target is driven by the same code. Targets take
 //! turns within each round; medians over rounds are reported with the load average.
 
-#[path = "../../../wg/tests/common/wggo.rs"]
-#[allow(dead_code)]
-mod wggo;
-
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -47,14 +43,15 @@ use hyper::body::Frame;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use portcullis_cluster_tests::cvm::{
-    agent_config, issue_credential, register_once, strip_wg_quick, wg_quick_address, AgentSpec,
+    agent_config, issue_credential, register_once, start_wggo_cvm, wg_quick_address, AgentSpec,
+    WgGoCvm,
 };
 use portcullis_cluster_tests::harness::TestCluster;
+use portcullis_cluster_tests::wggo::{self, ns_exec, Netns, Proc, WgGo, WgGoSpec};
 use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use wggo::{ns_exec, Netns, Proc, WgGo, WgGoSpec};
 
 const SMALL: &[u8] = &[b'x'; 128];
 const CHUNK: usize = 256 * 1024;
@@ -474,8 +471,7 @@ struct GatewayCvm {
     ifname: String,
     // Drop order: backend, wireguard-go, namespace, cluster.
     _backend: Proc,
-    _wg: WgGo,
-    _ns: Netns,
+    _cvm: WgGoCvm,
     tc: TestCluster,
 }
 
@@ -499,38 +495,22 @@ impl GatewayCvm {
             },
         );
         let conf = register_once(&agent_cfg).map_err(|e| anyhow::anyhow!("register: {e}"))?;
-        let (address, tunnel_ip) = wg_quick_address(&conf);
+        let (_, tunnel_ip) = wg_quick_address(&conf);
         let sfx = wggo::suffix();
-        let ns = Netns::new(format!("pctb-cvm-{sfx}"))?;
-        let ifname = format!("pctcvm{sfx}");
-        let wg = WgGo::start(WgGoSpec {
-            ifname: &ifname,
-            cidr: &address,
-            ns: &ns.name,
-            udp_in_ns: false,
-            mtu: 1420,
-        })?;
-        let setconf = tc.path().join("tbench-1.setconf");
-        std::fs::write(&setconf, strip_wg_quick(&conf))?;
-        wggo::run(
-            "wg",
-            &["setconf", &ifname, setconf.to_str().context("utf8 path")?],
+        let cvm = start_wggo_cvm(
+            &tc,
+            &conf,
+            format!("pctb-cvm-{sfx}"),
+            format!("pctcvm{sfx}"),
         )?;
-        // What wg-quick would add: the gateways' tunnel addresses are reached over the TUN.
-        for line in conf.lines().filter_map(|l| l.strip_prefix("AllowedIPs = ")) {
-            ns_exec(
-                &ns.name,
-                &["ip", "route", "add", line.trim(), "dev", &ifname],
-            )?;
-        }
-        let backend = backend_in_ns(&ns.name, SocketAddr::new(tunnel_ip, PORT))?;
+        let ifname = cvm.ifname.clone();
+        let backend = backend_in_ns(&cvm.ns.name, SocketAddr::new(tunnel_ip, PORT))?;
         Ok(Self {
             agent_cfg,
             tunnel_ip,
             ifname,
             _backend: backend,
-            _wg: wg,
-            _ns: ns,
+            _cvm: cvm,
             tc,
         })
     }
