@@ -209,6 +209,27 @@ pub fn wg_event_now(tc: &TestCluster, id: u64, event: &str) -> u64 {
     )
 }
 
+/// Waits (up to 30 s: routes and tunnels come up asynchronously) until node `id` answers
+/// `https://<host><path>` with 200, and returns the body.
+pub fn wait_served(tc: &TestCluster, id: u64, host: &str, path: &str) -> String {
+    crate::harness::wait_for(
+        &format!("node {id} serves {host}{path}"),
+        std::time::Duration::from_secs(30),
+        || match curl_https(tc, id, host, path)? {
+            (200, body) => Some(body),
+            _ => None,
+        },
+    )
+}
+
+/// How many of interface `ifname`'s WireGuard peers have completed a handshake.
+pub fn handshaken_peers(ifname: &str) -> usize {
+    let hs = wggo::run("wg", &["show", ifname, "latest-handshakes"]).expect("wg show");
+    hs.lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
+        .count()
+}
+
 /// A CVM that brings its own WireGuard: wireguard-go on a TUN device in its own network
 /// namespace. Field order is drop order: wireguard-go, then the namespace.
 pub struct WgGoCvm {

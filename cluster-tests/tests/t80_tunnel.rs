@@ -138,14 +138,7 @@ fn http_through_every_gateway_reaches_a_cvm_over_wireguard() {
     phase("curl through each of the 3 gateways reaches web-1 via WireGuard");
     let host = "web.portcullis.localhost";
     for id in t.tc.ids() {
-        let body = wait_for(
-            &format!("node {id} serves {host}"),
-            Duration::from_secs(30),
-            || match curl(&t, id, host) {
-                Some((200, body)) => Some(body),
-                _ => None,
-            },
-        );
+        let body = cvm::wait_served(&t.tc, id, host, "/");
         assert!(
             body.contains("\"instance_id\": \"web-1\""),
             "node {id}: {body}"

@@ -3,13 +3,11 @@
 //! only on its tunnel address. curl through every gateway of a 3-node cluster reaches it. Needs
 //! root (namespaces, TUN); prints why and passes vacuously otherwise.
 
-use std::time::Duration;
-
 use portcullis_cluster_tests::cvm::{
-    agent_config, curl_https, issue_credential, register_once, start_wggo_cvm, wg_quick_address,
-    AgentSpec,
+    agent_config, handshaken_peers, issue_credential, register_once, start_wggo_cvm, wait_served,
+    wg_quick_address, AgentSpec,
 };
-use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
+use portcullis_cluster_tests::harness::{phase, show, TestCluster};
 use portcullis_cluster_tests::wggo;
 
 #[test]
@@ -53,22 +51,10 @@ fn gateways_reach_a_cvm_running_wireguard_go() {
 
     phase("curl through each gateway reaches the HTTP server on the CVM's tunnel address");
     for id in tc.ids() {
-        let body = wait_for(
-            &format!("node {id} reaches the wireguard-go CVM"),
-            Duration::from_secs(30),
-            || match curl_https(&tc, id, "wgo.portcullis.localhost", "/hello.txt")? {
-                (200, body) => Some(body),
-                _ => None,
-            },
-        );
+        let body = wait_served(&tc, id, "wgo.portcullis.localhost", "/hello.txt");
         assert_eq!(body, "hello from a wireguard-go CVM\n");
         println!("node {id}: 200 from wireguard-go at {tunnel_ip}");
     }
     // wireguard-go saw a handshake from every gateway it has as a peer.
-    let hs = wggo::run("wg", &["show", ifname, "latest-handshakes"]).expect("wg show");
-    let shaken = hs
-        .lines()
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
-        .count();
-    assert_eq!(shaken, 3, "handshakes per gateway:\n{hs}");
+    assert_eq!(handshaken_peers(ifname), 3, "handshakes per gateway");
 }

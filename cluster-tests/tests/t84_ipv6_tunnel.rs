@@ -13,8 +13,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use portcullis_cluster_tests::cvm::{
-    agent_config, curl_https as curl, gateway_peers, issue_credential, register_once, spawn_logged,
-    start_wggo_cvm, wg_event, wg_event_now, wg_quick_address, AgentSpec, WithChildren,
+    agent_config, curl_https as curl, gateway_peers, handshaken_peers, issue_credential,
+    register_once, spawn_logged, start_wggo_cvm, wait_served, wg_event, wg_event_now,
+    wg_quick_address, AgentSpec, WithChildren,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
 use portcullis_cluster_tests::wggo;
@@ -185,14 +186,7 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
     phase("curl through each of the 3 gateways reaches web6-1 over the IPv6 tunnel");
     let host = "web.portcullis.localhost";
     for id in c.tc.ids() {
-        let body = wait_for(
-            &format!("node {id} serves {host}"),
-            Duration::from_secs(30),
-            || match curl(&c.tc, id, host, "/") {
-                Some((200, body)) => Some(body),
-                _ => None,
-            },
-        );
+        let body = wait_served(&c.tc, id, host, "/");
         assert!(
             body.contains("\"instance_id\": \"web6-1\""),
             "node {id}: {body}"
@@ -282,24 +276,12 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
 
     let host = "wgo.portcullis.localhost";
     for id in tc.ids() {
-        let body = wait_for(
-            &format!("node {id} reaches the wireguard-go CVM at {tunnel_ip}"),
-            Duration::from_secs(30),
-            || match curl(tc, id, host, "/hello.txt") {
-                Some((200, body)) => Some(body),
-                _ => None,
-            },
-        );
+        let body = wait_served(tc, id, host, "/hello.txt");
         assert_eq!(body, "hello over IPv6\n");
         println!("node {id}: 200 from wireguard-go at [{tunnel_ip}]:8080");
     }
     // wireguard-go completed a handshake with every gateway.
-    let hs = wggo::run("wg", &["show", ifname, "latest-handshakes"]).expect("wg show");
-    let shaken = hs
-        .lines()
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
-        .count();
-    assert_eq!(shaken, 3, "handshakes per gateway:\n{hs}");
+    assert_eq!(handshaken_peers(ifname), 3, "handshakes per gateway");
 
     let victim = format!("{}/128", other.ip());
     let url = format!("http://{other}/");

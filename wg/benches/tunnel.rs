@@ -29,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PrivateKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use wggo::{Netns, Proc, WgGo, WgGoSpec};
+use wggo::{Netns, Proc, WgGo, WgGoPair, WgGoSpec};
 
 const CHUNK: usize = 256 * 1024;
 
@@ -286,65 +286,19 @@ fn self_in_ns(ns: &str, args: &[&str]) -> Result<Proc> {
 /// (10.202.0.1 ↔ 10.202.0.2) whose UDP runs over the veth; a sink in B on both addresses.
 struct TwoNs {
     a: String,
-    // Drop order: processes, then interfaces, then namespaces.
+    // Drop order: processes, then interfaces and namespaces.
     _sink: Proc,
-    _wg_a: WgGo,
-    _wg_b: WgGo,
-    _ns_a: Netns,
-    _ns_b: Netns,
+    _pair: WgGoPair,
 }
 
 impl TwoNs {
     fn new() -> Result<Self> {
-        let sfx = wggo::suffix();
-        let ns_a = Netns::new(format!("pcwg-bench-a-{sfx}"))?;
-        let ns_b = Netns::new(format!("pcwg-bench-b-{sfx}"))?;
-        let (va, vb) = (format!("pcva{sfx}"), format!("pcvb{sfx}"));
-        wggo::run(
-            "ip",
-            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
-        )?;
-        wggo::run("ip", &["link", "set", &va, "netns", &ns_a.name])?;
-        wggo::run("ip", &["link", "set", &vb, "netns", &ns_b.name])?;
-        for (ns, dev, cidr) in [
-            (&ns_a.name, &va, "10.201.0.1/24"),
-            (&ns_b.name, &vb, "10.201.0.2/24"),
-        ] {
-            wggo::ns_exec(ns, &["ip", "addr", "add", cidr, "dev", dev])?;
-            wggo::ns_exec(ns, &["ip", "link", "set", dev, "up"])?;
-        }
-        let wg_a = WgGo::start(WgGoSpec {
-            ifname: &format!("pcga{sfx}"),
-            cidr: "10.202.0.1/24",
-            ns: &ns_a.name,
-            udp_in_ns: true,
-            mtu: 1420,
-        })?;
-        let wg_b = WgGo::start(WgGoSpec {
-            ifname: &format!("pcgb{sfx}"),
-            cidr: "10.202.0.2/24",
-            ns: &ns_b.name,
-            udp_in_ns: true,
-            mtu: 1420,
-        })?;
-        wg_a.add_peer(
-            &wg_b.public_key,
-            "10.202.0.2/32",
-            Some(SocketAddr::from(([10, 201, 0, 2], wg_b.listen_port))),
-        )?;
-        wg_b.add_peer(
-            &wg_a.public_key,
-            "10.202.0.1/32",
-            Some(SocketAddr::from(([10, 201, 0, 1], wg_a.listen_port))),
-        )?;
-        let sink = self_in_ns(&ns_b.name, &["sink", "0.0.0.0:5001"])?;
+        let pair = WgGoPair::new("wg", [10, 201, 0], [10, 202, 0])?;
+        let sink = self_in_ns(&pair.ns_b.name, &["sink", "0.0.0.0:5001"])?;
         Ok(Self {
-            a: ns_a.name.clone(),
+            a: pair.ns_a.name.clone(),
             _sink: sink,
-            _wg_a: wg_a,
-            _wg_b: wg_b,
-            _ns_a: ns_a,
-            _ns_b: ns_b,
+            _pair: pair,
         })
     }
 

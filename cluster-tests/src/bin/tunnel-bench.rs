@@ -47,7 +47,7 @@ use portcullis_cluster_tests::cvm::{
     WgGoCvm,
 };
 use portcullis_cluster_tests::harness::TestCluster;
-use portcullis_cluster_tests::wggo::{self, ns_exec, Netns, Proc, WgGo, WgGoSpec};
+use portcullis_cluster_tests::wggo::{self, Proc, WgGoPair};
 use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -403,63 +403,17 @@ struct TwoNs {
     a: String,
     // Drop order: processes, interfaces, namespaces.
     _backend: Proc,
-    _wg_a: WgGo,
-    _wg_b: WgGo,
-    _ns_a: Netns,
-    _ns_b: Netns,
+    _pair: WgGoPair,
 }
 
 impl TwoNs {
     fn new() -> anyhow::Result<Self> {
-        let sfx = wggo::suffix();
-        let ns_a = Netns::new(format!("pctb-a-{sfx}"))?;
-        let ns_b = Netns::new(format!("pctb-b-{sfx}"))?;
-        let (va, vb) = (format!("pctva{sfx}"), format!("pctvb{sfx}"));
-        wggo::run(
-            "ip",
-            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
-        )?;
-        wggo::run("ip", &["link", "set", &va, "netns", &ns_a.name])?;
-        wggo::run("ip", &["link", "set", &vb, "netns", &ns_b.name])?;
-        for (ns, dev, cidr) in [
-            (&ns_a.name, &va, "10.211.0.1/24"),
-            (&ns_b.name, &vb, "10.211.0.2/24"),
-        ] {
-            ns_exec(ns, &["ip", "addr", "add", cidr, "dev", dev])?;
-            ns_exec(ns, &["ip", "link", "set", dev, "up"])?;
-        }
-        let wg_a = WgGo::start(WgGoSpec {
-            ifname: &format!("pctga{sfx}"),
-            cidr: "10.212.0.1/24",
-            ns: &ns_a.name,
-            udp_in_ns: true,
-            mtu: 1420,
-        })?;
-        let wg_b = WgGo::start(WgGoSpec {
-            ifname: &format!("pctgb{sfx}"),
-            cidr: "10.212.0.2/24",
-            ns: &ns_b.name,
-            udp_in_ns: true,
-            mtu: 1420,
-        })?;
-        wg_a.add_peer(
-            &wg_b.public_key,
-            "10.212.0.2/32",
-            Some(SocketAddr::from(([10, 211, 0, 2], wg_b.listen_port))),
-        )?;
-        wg_b.add_peer(
-            &wg_a.public_key,
-            "10.212.0.1/32",
-            Some(SocketAddr::from(([10, 211, 0, 1], wg_a.listen_port))),
-        )?;
-        let backend = backend_in_ns(&ns_b.name, SocketAddr::from(([0, 0, 0, 0], PORT)))?;
+        let pair = WgGoPair::new("tb", [10, 211, 0], [10, 212, 0])?;
+        let backend = backend_in_ns(&pair.ns_b.name, SocketAddr::from(([0, 0, 0, 0], PORT)))?;
         Ok(Self {
-            a: ns_a.name.clone(),
+            a: pair.ns_a.name.clone(),
             _backend: backend,
-            _wg_a: wg_a,
-            _wg_b: wg_b,
-            _ns_a: ns_a,
-            _ns_b: ns_b,
+            _pair: pair,
         })
     }
 }

@@ -238,3 +238,63 @@ pub fn http_server(ns: &str, ip: IpAddr, port: u16, dir: &Path) -> Result<Proc> 
 pub fn suffix() -> String {
     format!("{}", std::process::id() % 100_000)
 }
+
+/// Two namespaces joined by a veth pair (`<veth>.1` ↔ `<veth>.2`, /24), each with a wireguard-go
+/// interface (`<tunnel>.1` ↔ `<tunnel>.2`, /24) whose UDP runs over the veth: the
+/// wireguard-go ↔ wireguard-go reference path of the benchmarks. `tag` (at most 4 bytes) keeps
+/// names apart between drivers. Field order is drop order: interfaces, then namespaces.
+pub struct WgGoPair {
+    pub wg_a: WgGo,
+    pub wg_b: WgGo,
+    pub ns_a: Netns,
+    pub ns_b: Netns,
+}
+
+impl WgGoPair {
+    pub fn new(tag: &str, veth: [u8; 3], tunnel: [u8; 3]) -> Result<Self> {
+        let sfx = suffix();
+        let ns_a = Netns::new(format!("pc{tag}-a-{sfx}"))?;
+        let ns_b = Netns::new(format!("pc{tag}-b-{sfx}"))?;
+        let (va, vb) = (format!("pc{tag}va{sfx}"), format!("pc{tag}vb{sfx}"));
+        run(
+            "ip",
+            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        )?;
+        run("ip", &["link", "set", &va, "netns", &ns_a.name])?;
+        run("ip", &["link", "set", &vb, "netns", &ns_b.name])?;
+        let [v0, v1, v2] = veth;
+        let [t0, t1, t2] = tunnel;
+        for (ns, dev, host) in [(&ns_a.name, &va, 1), (&ns_b.name, &vb, 2)] {
+            let cidr = format!("{v0}.{v1}.{v2}.{host}/24");
+            ns_exec(ns, &["ip", "addr", "add", &cidr, "dev", dev])?;
+            ns_exec(ns, &["ip", "link", "set", dev, "up"])?;
+        }
+        let start = |ns: &Netns, side: &str, host: u8| {
+            WgGo::start(WgGoSpec {
+                ifname: &format!("pc{tag}g{side}{sfx}"),
+                cidr: &format!("{t0}.{t1}.{t2}.{host}/24"),
+                ns: &ns.name,
+                udp_in_ns: true,
+                mtu: 1420,
+            })
+        };
+        let wg_a = start(&ns_a, "a", 1)?;
+        let wg_b = start(&ns_b, "b", 2)?;
+        wg_a.add_peer(
+            &wg_b.public_key,
+            &format!("{t0}.{t1}.{t2}.2/32"),
+            Some(SocketAddr::from(([v0, v1, v2, 2], wg_b.listen_port))),
+        )?;
+        wg_b.add_peer(
+            &wg_a.public_key,
+            &format!("{t0}.{t1}.{t2}.1/32"),
+            Some(SocketAddr::from(([v0, v1, v2, 1], wg_a.listen_port))),
+        )?;
+        Ok(WgGoPair {
+            wg_a,
+            wg_b,
+            ns_a,
+            ns_b,
+        })
+    }
+}
