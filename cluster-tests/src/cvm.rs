@@ -21,6 +21,39 @@ pub fn spawn_logged(args: &[&str], log: &Path) -> Child {
         .expect("spawn")
 }
 
+/// `portcullis demo-app` on a free local port as instance `instance` of `app` (region
+/// us-east), output to `log`, plus `extra` arguments; returns the process and its port once it
+/// listens.
+pub fn spawn_demo_app(log: &Path, app: &str, instance: &str, extra: &[&str]) -> (Child, u16) {
+    let mut args = vec![
+        "demo-app",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        app,
+        "--region",
+        "us-east",
+        "--instance-id",
+        instance,
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn_logged(&args, log);
+    let port = crate::harness::wait_for(
+        "demo app listening",
+        std::time::Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(log).ok()?;
+            let addr = text
+                .split_once("listening on ")?
+                .1
+                .split_whitespace()
+                .next()?;
+            addr.rsplit_once(':')?.1.parse().ok()
+        },
+    );
+    (child, port)
+}
+
 /// What a `cvm-agent` configuration says about the CVM.
 pub struct AgentSpec<'a> {
     /// Credential directory (from `portcullis cvm credential`), relative to the cluster dir.

@@ -54,37 +54,15 @@ fn http_through_every_gateway_reaches_a_cvm_over_wireguard() {
     let wildcard = pki.join("dev-wildcard.pem");
     let wildcard_key = pki.join("dev-wildcard.key");
     let mut ports = Vec::new();
-    for (log, tls) in [("web-1.log", false), ("web-1-tls.log", true)] {
-        let log = dir.join(log);
-        let mut args = vec![
-            "demo-app",
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            "web",
-            "--region",
-            "us-east",
-            "--instance-id",
-            "web-1",
-        ];
-        if tls {
-            args.extend([
-                "--tls-cert",
-                wildcard.to_str().expect("utf8"),
-                "--tls-key",
-                wildcard_key.to_str().expect("utf8"),
-            ]);
-        }
-        t.children.push(spawn_logged(&args, &log));
-        let port: u16 = wait_for("demo app listening", Duration::from_secs(10), || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            let addr = text
-                .split_once("listening on ")?
-                .1
-                .split_whitespace()
-                .next()?;
-            addr.rsplit_once(':')?.1.parse().ok()
-        });
+    let tls_args = [
+        "--tls-cert",
+        wildcard.to_str().expect("utf8"),
+        "--tls-key",
+        wildcard_key.to_str().expect("utf8"),
+    ];
+    for (log, extra) in [("web-1.log", &[][..]), ("web-1-tls.log", &tls_args[..])] {
+        let (app, port) = cvm::spawn_demo_app(&dir.join(log), "web", "web-1", extra);
+        t.children.push(app);
         ports.push(port);
     }
     let (app_port, tls_port) = (ports[0], ports[1]);

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use portcullis_cluster_tests::cvm::{
     agent_config, curl_https as curl, gateway_peers, handshaken_peers, issue_credential,
-    register_once, spawn_logged, start_wggo_cvm, wait_served, wg_event, wg_event_now,
-    wg_quick_address, AgentSpec, WithChildren,
+    register_once, spawn_demo_app, spawn_logged, start_wggo_cvm, wait_served, wg_event,
+    wg_event_now, wg_quick_address, AgentSpec, WithChildren,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
 use portcullis_cluster_tests::wggo;
@@ -120,30 +120,8 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
     }
 
     phase("a cvm-agent registers and gets an address in the IPv6 pool");
-    let app_log = dir.join("web6-app.log");
-    c.children.push(spawn_logged(
-        &[
-            "demo-app",
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            "web",
-            "--region",
-            "us-east",
-            "--instance-id",
-            "web6-1",
-        ],
-        &app_log,
-    ));
-    let app_port: u16 = wait_for("demo app listening", Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&app_log).ok()?;
-        let addr = text
-            .split_once("listening on ")?
-            .1
-            .split_whitespace()
-            .next()?;
-        addr.rsplit_once(':')?.1.parse().ok()
-    });
+    let (app, app_port) = spawn_demo_app(&dir.join("web6-app.log"), "web", "web6-1", &[]);
+    c.children.push(app);
     let out =
         c.tc.cli(&["app", "create", "web", "--port", &app_port.to_string()]);
     assert!(out.status.success(), "{}", show(&out));
