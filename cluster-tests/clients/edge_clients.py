@@ -135,21 +135,29 @@ def cmd_websocket(args):
     return {"status": status, "accept_ok": accept_ok, "echoes": echoes}
 
 
-def cmd_websocket_h2(args):
+def h2_connect(args):
+    """A TLS connection that negotiated h2 and has sent the client preface: (sock, conn), or
+    (None, error result) when the server chose another protocol."""
     import h2.config
     import h2.connection
-    import h2.events
-    import h2.settings
 
     sock = connect(args, ["h2"])
     if sock.selected_alpn_protocol() != "h2":
-        return {"error": f"ALPN chose {sock.selected_alpn_protocol()!r}"}
+        return None, {"error": f"ALPN chose {sock.selected_alpn_protocol()!r}"}
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
+    return sock, conn
+
+
+def cmd_websocket_h2(args):
+    import h2.events
+
+    sock, conn = h2_connect(args)
+    if sock is None:
+        return conn
     # Extended CONNECT may only be sent once the server has announced it (RFC 8441 §3).
     enabled = None
-    pending = []
     while enabled is None:
         data = sock.recv(65536)
         if not data:
@@ -157,8 +165,6 @@ def cmd_websocket_h2(args):
         for ev in conn.receive_data(data):
             if isinstance(ev, h2.events.RemoteSettingsChanged):
                 enabled = conn.remote_settings.enable_connect_protocol
-            else:
-                pending.append(ev)
         sock.sendall(conn.data_to_send())
     result = {"enable_connect_protocol": enabled, "status": 0, "echoes": []}
     if enabled != 1:
@@ -237,17 +243,12 @@ def cmd_slowloris(args):
 
 
 def cmd_rapid_reset(args):
-    import h2.config
-    import h2.connection
     import h2.events
     import h2.exceptions
 
-    sock = connect(args, ["h2"])
-    if sock.selected_alpn_protocol() != "h2":
-        return {"error": f"ALPN chose {sock.selected_alpn_protocol()!r}"}
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    sock.sendall(conn.data_to_send())
+    sock, conn = h2_connect(args)
+    if sock is None:
+        return conn
     headers = [
         (":method", "GET"),
         (":scheme", "https"),
