@@ -570,13 +570,17 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// A finished process. A main thread that has exited shows `Z` while the
+/// other threads still tear down and hold the process's files (a node's sled
+/// lock among them), so it is only finished once it is the last task left.
 fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let leader_gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit_once(')')
                 .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
         })
-        .unwrap_or(false)
+        .unwrap_or(false);
+    leader_gone && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) <= 1
 }
 
 async fn stop_nodes(cf: &ClusterFile) {
