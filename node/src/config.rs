@@ -295,6 +295,11 @@ pub struct EdgeConfig {
     /// Longest one HTTP/3 request may take, from its headers to the end of its response body,
     /// seconds; the stream is reset past it. Default 300.
     pub http3_request_total_timeout_secs: u64,
+    /// Threads that serve HTTPS connections, each with its own event loop, all accepting from
+    /// the one listener (like nginx's `worker_processes`). A connection stays on the thread
+    /// that accepted it, together with its backend connections. Default: the number of CPUs.
+    /// 0 serves the data plane on the node's shared runtime instead.
+    pub workers: Option<usize>,
 }
 
 impl Default for EdgeConfig {
@@ -330,11 +335,19 @@ impl Default for EdgeConfig {
             http3_listen: None,
             http3_max_concurrent_streams: 100,
             http3_request_total_timeout_secs: 300,
+            workers: None,
         }
     }
 }
 
 impl EdgeConfig {
+    /// `workers`, with its default resolved.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         for d in &self.base_domains {
             let ok = d.contains('.')
@@ -353,6 +366,12 @@ impl EdgeConfig {
         }
         if !self.enabled {
             return Ok(());
+        }
+        if self.workers.is_some_and(|n| n > 1024) {
+            return Err(bad(
+                "edge.workers",
+                "at most 1024 (one per core is the point; 0 uses the shared runtime)",
+            ));
         }
         if self.https_listen == self.http_listen {
             return Err(bad(

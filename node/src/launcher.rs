@@ -57,6 +57,10 @@ pub struct UpArgs {
     /// so tests can present clients from anywhere in the world.
     #[arg(long, hide = true, value_delimiter = ',')]
     pub proxy_protocol_from: Vec<String>,
+    /// `edge.workers` for every node (benchmarks compare worker threads with the shared
+    /// runtime).
+    #[arg(long, hide = true)]
+    pub edge_workers: Option<usize>,
 }
 
 /// Approximate coordinates for common region names, so geography works out of the box.
@@ -201,6 +205,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         cfg.wg.listen = p.wg;
         cfg.edge.base_domains = vec![args.base_domain.clone()];
         cfg.edge.proxy_protocol_from = args.proxy_protocol_from.clone();
+        cfg.edge.workers = args.edge_workers;
         cfg.dns.nameservers = args.dns_server.clone();
         // Probing loopback backends is nearly free; a short interval lets a stopped demo app
         // leave rotation within a couple of seconds.

@@ -122,6 +122,10 @@ struct Args {
     /// `worker_processes auto` and Portcullis's tokio runtime.
     #[arg(long)]
     workers: Option<usize>,
+    /// Portcullis's `edge.workers` (data-plane threads; 0 serves on the node's shared runtime).
+    /// Default: the node's default, one per core.
+    #[arg(long)]
+    portcullis_workers: Option<usize>,
     /// Keep every proxy's per-request access log on (Portcullis's default). Off by default for
     /// all three, so the comparison is of proxying alone.
     #[arg(long)]
@@ -611,6 +615,9 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
     let mut up = Command::new(&portcullis);
     up.args(["up", "--nodes", "1", "--detach", "--state-dir"])
         .arg(&state);
+    if let Some(n) = a.portcullis_workers {
+        up.arg("--edge-workers").arg(n.to_string());
+    }
     if !a.access_log {
         // The node's default filter, with the per-request access log off.
         up.env(

@@ -33,6 +33,7 @@ pub mod redirect;
 pub mod route;
 pub mod tls;
 pub mod upstream;
+pub mod worker;
 
 use std::convert::Infallible;
 use std::io;
@@ -290,9 +291,12 @@ impl Edge {
             .flatten();
         let proxy = Proxy::new(
             upstream.clone(),
-            ms(cfg.backend_connect_timeout_ms),
-            ms(cfg.backend_pool_idle_timeout_ms),
-            cfg.backend_pool_max_idle,
+            proxy::Pooling {
+                connect_timeout: ms(cfg.backend_connect_timeout_ms),
+                idle: ms(cfg.backend_pool_idle_timeout_ms),
+                max_idle: cfg.backend_pool_max_idle,
+                workers: cfg.worker_threads(),
+            },
             ProxySettings {
                 request_timeout: ms(cfg.request_timeout_ms),
                 max_body: cfg.max_request_body_bytes,
@@ -420,14 +424,51 @@ impl Edge {
         if let Some(db) = self.balancer.reloading_db() {
             tracker.spawn(balance::geo_reload_loop(db, shutdown.clone()));
         }
-        for (listener, kind) in [
-            (listeners.https, Listener::Https),
-            (listeners.http, Listener::Http),
-        ] {
+        // Redirects and ACME HTTP-01 are little work: the plain port stays on the shared runtime.
+        let edge = self.clone();
+        let t = tracker.clone();
+        let sd = shutdown.clone();
+        tracker.spawn(async move {
+            edge.accept_loop(listeners.http, Listener::Http, t, sd)
+                .await
+        });
+        let workers = self.cfg.worker_threads();
+        if workers == 0 {
             let edge = self.clone();
             let t = tracker.clone();
-            let sd = shutdown.clone();
-            tracker.spawn(async move { edge.accept_loop(listener, kind, t, sd).await });
+            tracker.spawn(async move {
+                edge.accept_loop(listeners.https, Listener::Https, t, shutdown)
+                    .await
+            });
+            return;
+        }
+        let std = match listeners.https.into_std() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "https listener could not be handed to the workers");
+                return;
+            }
+        };
+        let edge = self.clone();
+        let sd = shutdown.clone();
+        let serve = move |listener, conns| {
+            let edge = edge.clone();
+            let sd = sd.clone();
+            async move { edge.accept_loop(listener, Listener::Https, conns, sd).await }
+        };
+        if let Err(e) = worker::spawn(workers, &std, tracker, serve) {
+            // Whichever workers started keep serving; the shared runtime accepts beside them.
+            tracing::error!(error = %e, workers, "not every data-plane worker started");
+            match TcpListener::from_std(std) {
+                Ok(https) => {
+                    let edge = self.clone();
+                    let t = tracker.clone();
+                    tracker.spawn(async move {
+                        edge.accept_loop(https, Listener::Https, t, shutdown).await
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "https listener lost"),
+            }
         }
     }
 

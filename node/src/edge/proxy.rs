@@ -143,11 +143,27 @@ pub struct ConnCtx {
     pub forwarded: std::sync::OnceLock<ForwardedFor>,
 }
 
-/// `X-Forwarded-For` and the start of `Forwarded` (`for=…;proto=…;host="`) for one client.
+/// `X-Forwarded-For` and the start of `Forwarded` (`for=…;proto=…;host="`) for one client,
+/// and the headers made from the authority its last request named: a keep-alive connection
+/// names the same one every time, so they are built once, not per request.
 pub struct ForwardedFor {
     xff: HeaderValue,
     forwarded_prefix: Vec<u8>,
+    /// The authority, its `Host` / `X-Forwarded-Host` value and the whole `Forwarded`.
+    last: std::sync::Mutex<Option<AuthorityHeaders>>,
 }
+
+#[derive(Clone)]
+struct AuthorityHeaders {
+    authority: Bytes,
+    host: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 impl ForwardedFor {
     fn new(client: std::net::IpAddr, scheme: &str) -> Self {
@@ -161,7 +177,32 @@ impl ForwardedFor {
             // An address's text is always a valid header value.
             xff: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded_prefix,
+            last: Default::default(),
         }
+    }
+
+    fn authority_headers(&self, authority: &str) -> Option<AuthorityHeaders> {
+        // Held for a comparison and a few reference-count bumps, never across an await.
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = last
+            .as_ref()
+            .filter(|a| a.authority == authority.as_bytes())
+        {
+            return Some(a.clone());
+        }
+        let host = HeaderValue::from_str(authority).ok()?;
+        let mut forwarded = Vec::with_capacity(self.forwarded_prefix.len() + authority.len() + 1);
+        forwarded.extend_from_slice(&self.forwarded_prefix);
+        forwarded.extend_from_slice(authority.as_bytes());
+        forwarded.push(b'"');
+        let forwarded = HeaderValue::from_maybe_shared(Bytes::from(forwarded)).ok()?;
+        let a = AuthorityHeaders {
+            authority: Bytes::copy_from_slice(authority.as_bytes()),
+            host,
+            forwarded,
+        };
+        *last = Some(a.clone());
+        Some(a)
     }
 }
 
@@ -174,9 +215,29 @@ pub struct ProxySettings {
     pub upgrade_idle_timeout: Duration,
 }
 
-pub struct Proxy {
+/// How backend connections are opened and kept.
+pub struct Pooling {
+    pub connect_timeout: Duration,
+    /// Idle connections close after this long.
+    pub idle: Duration,
+    /// Idle connections kept per backend address, per event loop.
+    pub max_idle: usize,
+    /// Data-plane worker threads (`super::worker`), each of which gets its own pools.
+    pub workers: usize,
+}
+
+/// One event loop's backend connection pools.
+struct Pools {
     http1: Client<HyperConnector, ProxyBody>,
     h2c: Client<HyperConnector, ProxyBody>,
+}
+
+pub struct Proxy {
+    /// Index 0 serves the node's shared runtime (HTTP/3, the admin listener); index `1 + i`
+    /// serves data-plane worker `i` (`super::worker`). A pooled connection is driven by the
+    /// event loop that opened it, so a worker that used another loop's pool would hand every
+    /// request to another thread and back.
+    pools: Box<[Pools]>,
     settings: ProxySettings,
     metrics: Arc<EdgeMetrics>,
     balancer: Arc<Balancer>,
@@ -212,6 +273,17 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most requests carry none of these: one pass over their few names is cheaper than a hash
+    // lookup per hop-by-hop name.
+    let present = headers
+        .keys()
+        .any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k));
+    if !present {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -290,6 +362,15 @@ pub fn request_host<B>(req: &Request<B>) -> Result<(String, String), ProxyError>
     Ok((host, authority.as_str().to_string()))
 }
 
+/// `http://<addr><path-and-query>`, from parts (the path is shared, not copied).
+fn backend_uri(addr: &str, pq: &http::uri::PathAndQuery) -> Result<Uri, http::Error> {
+    Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(addr)
+        .path_and_query(pq.clone())
+        .build()
+}
+
 /// The `protocol` label of `requests_by_protocol`.
 fn protocol_name(v: Version) -> &'static str {
     match v {
@@ -324,26 +405,27 @@ fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
 impl Proxy {
     pub fn new(
         upstream: Arc<dyn Upstream>,
-        connect_timeout: Duration,
-        pool_idle: Duration,
-        pool_max_idle: usize,
+        pooling: Pooling,
         settings: ProxySettings,
         metrics: Arc<EdgeMetrics>,
         (balancer, xff_from): (Arc<Balancer>, Cidrs),
     ) -> Self {
         let connector = HyperConnector {
             upstream,
-            timeout: connect_timeout,
+            timeout: pooling.connect_timeout,
         };
         let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(pool_idle)
-            .pool_max_idle_per_host(pool_max_idle)
+        b.pool_idle_timeout(pooling.idle)
+            .pool_max_idle_per_host(pooling.max_idle)
             .pool_timer(TokioTimer::new());
-        let http1 = b.build(connector.clone());
-        let h2c = b.clone().http2_only(true).build(connector);
+        let pools = (0..=pooling.workers)
+            .map(|_| Pools {
+                http1: b.build(connector.clone()),
+                h2c: b.clone().http2_only(true).build(connector.clone()),
+            })
+            .collect();
         Proxy {
-            http1,
-            h2c,
+            pools,
             settings,
             metrics,
             balancer,
@@ -540,8 +622,8 @@ impl Proxy {
         let pq = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".to_string());
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         parts.version = if route.mode == Mode::H2c {
             Version::HTTP_2
         } else {
@@ -571,10 +653,14 @@ impl Proxy {
         let resendable = ws_key.is_some() || hyper::body::Body::is_end_stream(&body);
         let mut body = Some(body);
 
+        let pools = self
+            .pools
+            .get(super::worker::current())
+            .unwrap_or(&self.pools[0]);
         let client = if route.mode == Mode::H2c {
-            &self.h2c
+            &pools.h2c
         } else {
-            &self.http1
+            &pools.http1
         };
         let timeout = self.settings.request_timeout;
         let mut attempt = candidates.into_iter().peekable();
@@ -599,8 +685,8 @@ impl Proxy {
             };
             let mut out = Request::new(out_body);
             *out.method_mut() = parts.method.clone();
-            *out.uri_mut() = Uri::try_from(format!("http://{addr}{pq}"))
-                .map_err(|e| ProxyError::Internal(format!("backend uri: {e}")))?;
+            *out.uri_mut() = backend_uri(&addr, &pq)
+                .map_err(|e| ProxyError::Internal(format!("backend uri for {addr}: {e}")))?;
             *out.version_mut() = parts.version;
             // Only a later attempt needs the headers again.
             *out.headers_mut() = if attempt.peek().is_some() {
@@ -750,23 +836,14 @@ impl Proxy {
             owned = ForwardedFor::new(client, ctx.scheme);
             &owned
         };
-        h.insert(HeaderName::from_static("x-forwarded-for"), fwd.xff.clone());
-        h.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static(ctx.scheme),
-        );
-        let Ok(host) = HeaderValue::from_str(authority) else {
+        h.insert(X_FORWARDED_FOR, fwd.xff.clone());
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
+        let Some(a) = fwd.authority_headers(authority) else {
             return;
         };
-        h.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
-        let mut forwarded = Vec::with_capacity(fwd.forwarded_prefix.len() + authority.len() + 1);
-        forwarded.extend_from_slice(&fwd.forwarded_prefix);
-        forwarded.extend_from_slice(authority.as_bytes());
-        forwarded.push(b'"');
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded)) {
-            h.insert(HeaderName::from_static("forwarded"), v);
-        }
-        h.insert(header::HOST, host);
+        h.insert(X_FORWARDED_HOST, a.host.clone());
+        h.insert(FORWARDED, a.forwarded);
+        h.insert(header::HOST, a.host);
     }
 }
 
