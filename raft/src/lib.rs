@@ -10,6 +10,7 @@
 //! - [`snapshot_format`]: the versioned header of snapshot bytes.
 //! - [`network`]: the tonic client side of the transport (mutual TLS, deadlines).
 //! - [`service`]: the tonic server side of the transport.
+//! - [`changes`]: which keys each applied entry touched, for incremental derived views.
 //! - `batch`: folds concurrent writes into one log entry on the leader.
 //! - [`cluster`]: `Cluster`, the handle for writes, membership changes and forwarding to the leader.
 //! - [`tls`]: the cluster CA and node certificates.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod batch;
+pub mod changes;
 pub mod cluster;
 pub mod metrics;
 pub mod network;

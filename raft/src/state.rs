@@ -857,4 +857,4 @@ impl ClusterState {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

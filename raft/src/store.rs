@@ -21,7 +21,7 @@ use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -31,7 +31,8 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::state::{ClusterState, Response};
+use crate::changes::{ChangeCursor, Delta, Journal};
+use crate::state::{ClusterState, Command, Response};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
 };
@@ -329,6 +330,8 @@ struct StoredSnapshot {
 pub struct SharedState {
     inner: Arc<RwLock<Applied>>,
     changed: watch::Sender<u64>,
+    /// Which keys each applied entry touched (`changes`); written under `inner`'s write lock.
+    journal: Arc<Mutex<Journal>>,
 }
 
 impl SharedState {
@@ -341,6 +344,7 @@ impl SharedState {
                 ..Default::default()
             })),
             changed,
+            journal: Arc::default(),
         }
     }
 
@@ -349,9 +353,47 @@ impl SharedState {
         let index = {
             let mut a = self.write();
             a.state = state;
+            self.journal().everything();
             a.last_applied.map(|l| l.index).unwrap_or(0) + 1
         };
         self.notify(index);
+    }
+
+    /// Applies one command to a detached instance, journaling it as the state machine does,
+    /// and notifies subscribers (tests and measurements of incremental consumers).
+    pub fn apply_detached(&self, cmd: &Command) -> Response {
+        let (index, resp) = {
+            let mut a = self.write();
+            let index = a.last_applied.map(|l| l.index).unwrap_or(0) + 1;
+            let resp = self.apply_journaled(&mut a, index, cmd);
+            (index, resp)
+        };
+        self.notify(index);
+        resp
+    }
+
+    /// `ClusterState::apply` plus the journal entry; the caller holds the write lock.
+    fn apply_journaled(&self, a: &mut Applied, index: u64, cmd: &Command) -> Response {
+        let mut touched = Vec::new();
+        crate::changes::touched(&a.state, cmd, &mut touched);
+        let resp = a.state.apply(index, cmd);
+        self.journal().record(touched);
+        resp
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read access plus what changed since `cursor` (`None` for a first read), and the cursor
+    /// for the next call. Both come from one read lock, so they agree with each other.
+    pub fn read_changes(
+        &self,
+        cursor: Option<ChangeCursor>,
+    ) -> (RwLockReadGuard<'_, Applied>, Delta, ChangeCursor) {
+        let applied = self.read();
+        let (delta, next) = self.journal().since(cursor);
+        (applied, delta, next)
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
@@ -397,6 +439,7 @@ impl StateMachine {
             shared: SharedState {
                 inner: Arc::new(RwLock::new(applied)),
                 changed,
+                journal: Arc::default(),
             },
             durable,
             tree,
@@ -487,7 +530,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 last = Some(entry.log_id.index);
                 let resp = match entry.payload {
                     EntryPayload::Blank => Response::Ok,
-                    EntryPayload::Normal(cmd) => a.state.apply(entry.log_id.index, &cmd),
+                    EntryPayload::Normal(cmd) => {
+                        self.shared
+                            .apply_journaled(&mut a, entry.log_id.index, &cmd)
+                    }
                     EntryPayload::Membership(m) => {
                         a.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::Ok
@@ -530,7 +576,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await?;
         let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
-        *self.shared.write() = applied;
+        {
+            let mut a = self.shared.write();
+            *a = applied;
+            self.shared.journal().everything();
+        }
         self.shared.notify(index);
         Ok(())
     }

@@ -64,6 +64,11 @@ const MSG_COOKIE_REPLY: u8 = 3;
 
 pub(crate) enum Command {
     SetPeers(Vec<PeerConfig>, oneshot::Sender<Result<PeerDiff, WgError>>),
+    UpdatePeers {
+        upsert: Vec<PeerConfig>,
+        remove: Vec<PublicKey>,
+        reply: oneshot::Sender<Result<PeerDiff, WgError>>,
+    },
     Connect {
         remote: SocketAddr,
         reply: oneshot::Sender<Result<TunnelStream, WgError>>,
@@ -491,6 +496,25 @@ impl<S: DatagramSocket> Driver<S> {
                         "peers updated"
                     );
                     self.reset_orphaned_conns();
+                }
+                let _ = reply.send(result);
+            }
+            Command::UpdatePeers {
+                upsert,
+                remove,
+                reply,
+            } => {
+                let result = self.peers.update(upsert, remove);
+                if let Ok(diff) = &result {
+                    tracing::debug!(
+                        added = diff.added.len(),
+                        removed = diff.removed.len(),
+                        updated = diff.updated.len(),
+                        "peers updated incrementally"
+                    );
+                    if !diff.removed.is_empty() || !diff.updated.is_empty() {
+                        self.reset_orphaned_conns();
+                    }
                 }
                 let _ = reply.send(result);
             }

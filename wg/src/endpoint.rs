@@ -104,6 +104,24 @@ impl Endpoint {
         rx.await.map_err(|_| WgError::Closed)?
     }
 
+    /// Removes the peers `remove` names and adds or reconfigures those in `upsert`, leaving
+    /// every other peer alone: [`Endpoint::set_peers`] for one change among many peers, at the
+    /// cost of the change. An invalid change changes nothing.
+    pub async fn update_peers(
+        &self,
+        upsert: Vec<PeerConfig>,
+        remove: Vec<PublicKey>,
+    ) -> Result<PeerDiff, WgError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::UpdatePeers {
+            upsert,
+            remove,
+            reply: tx,
+        })
+        .await?;
+        rx.await.map_err(|_| WgError::Closed)?
+    }
+
     /// Opens a TCP connection to `ip:port` through the tunnel of the peer owning `ip`, with the
     /// configured connect timeout.
     pub async fn connect(&self, ip: IpAddr, port: u16) -> Result<TunnelStream, WgError> {

@@ -99,24 +99,7 @@ impl PeerTable {
         let mut keys = HashSet::with_capacity(peers.len());
         let mut ips: HashMap<IpAddr, PublicKey> = HashMap::with_capacity(peers.len());
         for p in &peers {
-            if p.public_key == self.own_key {
-                return Err(WgError::PeerIsSelf {
-                    key: p.public_key,
-                    what: "same public key",
-                });
-            }
-            if p.tunnel_ip == self.own_ip || Some(p.tunnel_ip) == self.secondary_ip {
-                return Err(WgError::PeerIsSelf {
-                    key: p.public_key,
-                    what: "same tunnel address",
-                });
-            }
-            if !is_unicast(p.tunnel_ip) {
-                return Err(WgError::InvalidPeerIp {
-                    key: p.public_key,
-                    ip: p.tunnel_ip,
-                });
-            }
+            self.check(p)?;
             if !keys.insert(p.public_key) {
                 return Err(WgError::DuplicatePeer(p.public_key));
             }
@@ -146,37 +129,143 @@ impl PeerTable {
         // Addresses may move between peers within one update; rebuild the address index.
         self.by_ip.clear();
         for cfg in peers {
-            let key = cfg.public_key;
-            self.by_ip.insert(cfg.tunnel_ip, key);
-            match self.by_key.get_mut(&key) {
-                Some(peer) if peer.config == cfg => diff.unchanged += 1,
-                Some(peer) => {
-                    if peer.config.persistent_keepalive != cfg.persistent_keepalive {
-                        // boringtun fixes keepalive at construction; a new Tunn means one new
-                        // handshake for this peer only.
-                        peer.tunn = new_tunn(&self.static_private, &cfg, peer.index);
-                    }
-                    if cfg.endpoint.is_some() && cfg.endpoint != peer.config.endpoint {
-                        peer.endpoint = cfg.endpoint;
-                    }
-                    peer.config = cfg;
-                    diff.updated.push(key);
-                }
-                None => {
-                    let index = self.alloc_index();
-                    let peer = Peer {
-                        tunn: new_tunn(&self.static_private, &cfg, index),
-                        endpoint: cfg.endpoint,
-                        index,
-                        config: cfg,
-                    };
-                    self.by_index.insert(index, key);
-                    self.by_key.insert(key, peer);
-                    diff.added.push(key);
+            self.by_ip.insert(cfg.tunnel_ip, cfg.public_key);
+            self.put(cfg, &mut diff);
+        }
+        diff.unchanged = self.by_key.len() - diff.added.len() - diff.updated.len();
+        Ok(diff)
+    }
+
+    /// Removes the peers `remove` names, then adds or reconfigures those in `upsert`; every
+    /// other peer is left alone. The same result as [`PeerTable::set`] with the whole new list,
+    /// at the cost of the changed peers only (a gateway with 65,000 CVM peers must not walk
+    /// them all, on the packet path's task, because one registered). Validated first: an
+    /// invalid change changes nothing. A key may not be both removed and upserted.
+    pub fn update(
+        &mut self,
+        upsert: Vec<PeerConfig>,
+        remove: Vec<PublicKey>,
+    ) -> Result<PeerDiff, WgError> {
+        let removed: HashSet<PublicKey> = remove
+            .iter()
+            .copied()
+            .filter(|k| self.by_key.contains_key(k))
+            .collect();
+        let mut keys = HashSet::with_capacity(upsert.len());
+        let mut ips: HashMap<IpAddr, PublicKey> = HashMap::with_capacity(upsert.len());
+        let mut added = 0usize;
+        for p in &upsert {
+            self.check(p)?;
+            if !keys.insert(p.public_key) || remove.contains(&p.public_key) {
+                return Err(WgError::DuplicatePeer(p.public_key));
+            }
+            if let Some(first) = ips.insert(p.tunnel_ip, p.public_key) {
+                return Err(WgError::DuplicatePeerIp {
+                    ip: p.tunnel_ip,
+                    first,
+                    second: p.public_key,
+                });
+            }
+            added += usize::from(!self.by_key.contains_key(&p.public_key));
+        }
+        for p in &upsert {
+            // The address may belong to a peer that stays and is not reconfigured here.
+            if let Some(&owner) = self.by_ip.get(&p.tunnel_ip) {
+                if owner != p.public_key && !removed.contains(&owner) && !keys.contains(&owner) {
+                    return Err(WgError::DuplicatePeerIp {
+                        ip: p.tunnel_ip,
+                        first: owner,
+                        second: p.public_key,
+                    });
                 }
             }
         }
+        if self.by_key.len() - removed.len() + added > MAX_PEER_INDEX as usize {
+            return Err(WgError::TooManyPeers(
+                self.by_key.len() - removed.len() + added,
+            ));
+        }
+
+        let mut diff = PeerDiff::default();
+        for key in remove {
+            if let Some(peer) = self.by_key.remove(&key) {
+                self.by_index.remove(&peer.index);
+                if self.by_ip.get(&peer.config.tunnel_ip) == Some(&key) {
+                    self.by_ip.remove(&peer.config.tunnel_ip);
+                }
+                diff.removed.push(key);
+            }
+        }
+        // Free the old addresses of reconfigured peers first: two peers may swap addresses.
+        for p in &upsert {
+            if let Some(peer) = self.by_key.get(&p.public_key) {
+                let old = peer.config.tunnel_ip;
+                if old != p.tunnel_ip && self.by_ip.get(&old) == Some(&p.public_key) {
+                    self.by_ip.remove(&old);
+                }
+            }
+        }
+        for cfg in upsert {
+            self.by_ip.insert(cfg.tunnel_ip, cfg.public_key);
+            self.put(cfg, &mut diff);
+        }
+        diff.unchanged = self.by_key.len() - diff.added.len() - diff.updated.len();
         Ok(diff)
+    }
+
+    /// The checks of one peer on its own.
+    fn check(&self, p: &PeerConfig) -> Result<(), WgError> {
+        if p.public_key == self.own_key {
+            return Err(WgError::PeerIsSelf {
+                key: p.public_key,
+                what: "same public key",
+            });
+        }
+        if p.tunnel_ip == self.own_ip || Some(p.tunnel_ip) == self.secondary_ip {
+            return Err(WgError::PeerIsSelf {
+                key: p.public_key,
+                what: "same tunnel address",
+            });
+        }
+        if !is_unicast(p.tunnel_ip) {
+            return Err(WgError::InvalidPeerIp {
+                key: p.public_key,
+                ip: p.tunnel_ip,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds `cfg` or reconfigures the peer with its key (the address index is the caller's).
+    fn put(&mut self, cfg: PeerConfig, diff: &mut PeerDiff) {
+        let key = cfg.public_key;
+        match self.by_key.get_mut(&key) {
+            Some(peer) if peer.config == cfg => {}
+            Some(peer) => {
+                if peer.config.persistent_keepalive != cfg.persistent_keepalive {
+                    // boringtun fixes keepalive at construction; a new Tunn means one new
+                    // handshake for this peer only.
+                    peer.tunn = new_tunn(&self.static_private, &cfg, peer.index);
+                }
+                if cfg.endpoint.is_some() && cfg.endpoint != peer.config.endpoint {
+                    peer.endpoint = cfg.endpoint;
+                }
+                peer.config = cfg;
+                diff.updated.push(key);
+            }
+            None => {
+                let index = self.alloc_index();
+                let peer = Peer {
+                    tunn: new_tunn(&self.static_private, &cfg, index),
+                    endpoint: cfg.endpoint,
+                    index,
+                    config: cfg,
+                };
+                self.by_index.insert(index, key);
+                self.by_key.insert(key, peer);
+                diff.added.push(key);
+            }
+        }
     }
 
     fn alloc_index(&mut self) -> u32 {
@@ -307,6 +396,78 @@ mod tests {
         own.tunnel_ip = "10.0.0.1".parse().expect("ip");
         assert!(matches!(t.set(vec![own]), Err(WgError::PeerIsSelf { .. })));
         assert!(t.by_ip(&a.tunnel_ip).is_some());
+    }
+
+    /// `update` ends where `set` with the whole list ends, and refuses what `set` refuses.
+    #[test]
+    fn update_equals_set_of_the_whole_list() {
+        let (a, b, c, d) = (peer(1), peer(2), peer(3), peer(4));
+        let mut t = table();
+        t.set(vec![a.clone(), b.clone(), c.clone()]).expect("set");
+        let a_index = t.get_mut(&a.public_key).expect("a").index;
+        // b goes, d comes, a and c swap addresses.
+        let mut a2 = a.clone();
+        a2.tunnel_ip = c.tunnel_ip;
+        let mut c2 = c.clone();
+        c2.tunnel_ip = a.tunnel_ip;
+        let diff = t
+            .update(vec![a2.clone(), c2.clone(), d.clone()], vec![b.public_key])
+            .expect("update");
+        assert_eq!(diff.removed, vec![b.public_key]);
+        assert_eq!(diff.added, vec![d.public_key]);
+        assert_eq!(diff.updated.len(), 2);
+        assert_eq!(diff.unchanged, 0);
+        let mut reference = table();
+        reference
+            .set(vec![a2.clone(), c2.clone(), d.clone()])
+            .expect("set");
+        for p in [&a2, &c2, &d] {
+            assert_eq!(
+                t.by_ip(&p.tunnel_ip).expect("owner").config.public_key,
+                reference
+                    .by_ip(&p.tunnel_ip)
+                    .expect("owner")
+                    .config
+                    .public_key
+            );
+        }
+        assert!(t.by_ip(&b.tunnel_ip).is_none());
+        assert_eq!(t.by_key.len(), 3);
+        assert_eq!(t.by_index.len(), 3);
+        // A reconfigured peer keeps its index, hence its session.
+        assert_eq!(t.get_mut(&a.public_key).expect("a").index, a_index);
+
+        // Refused, and nothing changes: an address a staying peer holds, a key both removed
+        // and added, a peer twice, our own address.
+        let mut clash = peer(5);
+        clash.tunnel_ip = d.tunnel_ip;
+        assert!(matches!(
+            t.update(vec![clash], vec![]),
+            Err(WgError::DuplicatePeerIp { .. })
+        ));
+        assert!(t.update(vec![d.clone()], vec![d.public_key]).is_err());
+        assert!(t.update(vec![d.clone(), d.clone()], vec![]).is_err());
+        let mut own = peer(6);
+        own.tunnel_ip = "10.0.0.1".parse().expect("ip");
+        assert!(matches!(
+            t.update(vec![own], vec![]),
+            Err(WgError::PeerIsSelf { .. })
+        ));
+        assert_eq!(t.by_key.len(), 3);
+        // An address freed by a removal in the same update can be taken.
+        let mut e = peer(7);
+        e.tunnel_ip = d.tunnel_ip;
+        let diff = t
+            .update(vec![e.clone()], vec![d.public_key])
+            .expect("reuse");
+        assert_eq!(
+            (diff.added.len(), diff.removed.len(), diff.unchanged),
+            (1, 1, 2)
+        );
+        assert_eq!(
+            t.by_ip(&d.tunnel_ip).expect("owner").config.public_key,
+            e.public_key
+        );
     }
 
     #[test]

@@ -5,13 +5,15 @@
 //! immutable [`Balance`] that goes into the snapshot next to the routes, so the request path
 //! reads selectors and health without a lock. What must survive rebuilds — one
 //! [`LoadCounter`] and one [`InstanceHealth`] per instance id — lives in the balancer's maps,
-//! which only the rebuild touches.
+//! which only the rebuild touches. A rebuild after a change ([`Balancer::update`]) rebuilds
+//! only the selectors of the apps whose instances, weights or policy changed and shares the
+//! others with the previous [`Balance`].
 //!
 //! Health is local soft state (never written through Raft): every node probes every instance
 //! itself (TCP connect or HTTP GET; rise/fall thresholds), and the proxy ejects an instance
 //! after `passive_fall` consecutive connect failures seen by real requests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -26,6 +28,8 @@ use portcullis_raft::ClusterState;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::route::{AppInfo, Backend as RouteBackend, RouteTable};
+use super::sharded::ShardedMap;
 use super::upstream::{connect_with_timeout, Target, Upstream};
 
 /// The bundled DB-IP Lite country database. Embedded rather than looked up on disk so the
@@ -264,7 +268,7 @@ impl Balancer {
     /// Regions from the replicated state (`UpsertRegion`), then regions named by gateway
     /// nodes with their coordinates, then this node's own: the first definition of a name
     /// wins. Invalid coordinates are skipped rather than failing every geo app.
-    fn regions(&self, state: &ClusterState) -> Vec<Region> {
+    pub(crate) fn regions(&self, state: &ClusterState) -> Vec<Region> {
         let mut out: Vec<Region> = Vec::new();
         let candidates = state
             .regions
@@ -295,76 +299,186 @@ impl Balancer {
     /// Compiles selectors and the health view for `state`. Keeps load counters and health of
     /// instances that still exist; forgets the others.
     pub fn build(&self, state: &ClusterState) -> Balance {
-        let regions = self.regions(state);
+        let routes = RouteTable::build(state, &[], 0);
+        self.compile(&routes, weights_of(state), self.regions(state))
+    }
+
+    /// [`Balancer::build`] from a compiled route table (which holds every instance and app),
+    /// the non-default instance weights and the regions.
+    pub(crate) fn compile(
+        &self,
+        routes: &RouteTable,
+        weights: ShardedMap<u32>,
+        regions: Vec<Region>,
+    ) -> Balance {
         let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
         let mut healths = self.healths.lock().unwrap_or_else(|p| p.into_inner());
-        loads.retain(|id, _| state.instances.contains_key(id));
-        healths.retain(|id, _| state.instances.contains_key(id));
-        let mut per_app: HashMap<&str, Vec<GeoBackend>> = HashMap::new();
-        let mut health = HashMap::new();
-        for i in state.instances.values() {
-            let load = loads.entry(i.instance_id.clone()).or_default().clone();
-            let h = healths.entry(i.instance_id.clone()).or_default().clone();
-            health.insert(i.instance_id.clone(), h);
-            per_app.entry(i.app.as_str()).or_default().push(
-                GeoBackend::new(i.instance_id.clone(), i.region.clone())
-                    .with_load(load)
-                    .with_weight(
-                        state
-                            .instance_weights
-                            .get(&i.instance_id)
-                            .copied()
-                            .unwrap_or(1),
-                    ),
-            );
+        let live: HashSet<&str> = routes
+            .entries()
+            .flat_map(|(_, e)| e.instances.iter().map(|b| b.instance_id.as_str()))
+            .collect();
+        loads.retain(|id, _| live.contains(id.as_str()));
+        healths.retain(|id, _| live.contains(id.as_str()));
+        let mut health = ShardedMap::default();
+        for id in live {
+            let h = healths.entry(id.to_string()).or_default().clone();
+            health.insert(id.to_string(), h);
         }
-        drop((loads, healths));
-        let mut apps = HashMap::new();
-        for app in state.apps.values() {
-            let backends = per_app.remove(app.name.as_str()).unwrap_or_default();
-            let policy = match app.lb.parse::<LbPolicy>() {
-                Ok(p) => p,
-                Err(e) => {
-                    // Validated on write; an older or foreign entry still gets served.
-                    tracing::warn!(app = %app.name, error = %e, "bad lb policy; using round-robin");
-                    LbPolicy::RoundRobin
-                }
-            };
-            let selector = match Selector::build(&policy, backends.clone(), &regions, &self.select)
+        let mut apps = ShardedMap::default();
+        for (name, e) in routes.entries() {
+            let Some(info) = &e.app else { continue };
+            if let Some(s) = self.selector(name, info, &e.instances, &mut loads, &weights, &regions)
             {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(app = %app.name, error = %e, "cannot build selector; using round-robin");
-                    match Selector::build(&LbPolicy::RoundRobin, backends, &regions, &self.select) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::error!(app = %app.name, error = %e, "no selector; app unavailable");
-                            continue;
-                        }
-                    }
-                }
-            };
-            apps.insert(app.name.clone(), selector);
+                apps.insert(name.clone(), Arc::new(s));
+            }
         }
         Balance {
             apps,
             health,
+            weights,
             regions,
+        }
+    }
+
+    /// The balance after a change: `prev` with the touched instances' health and weights
+    /// (`None`: the instance is gone) and the selectors of `changed_apps` rebuilt from
+    /// `routes`, the already updated table. Untouched selectors are shared with `prev`, so
+    /// their round-robin positions and hash tables carry over. New regions rebuild the
+    /// selectors of geo apps (the only ones that use regions).
+    pub(crate) fn update(
+        &self,
+        prev: &Balance,
+        routes: &RouteTable,
+        changed_apps: &BTreeSet<String>,
+        instances: &[(String, Option<u32>)],
+        regions: Vec<Region>,
+    ) -> Balance {
+        let mut b = prev.clone();
+        let mut rebuild: BTreeSet<&str> = changed_apps.iter().map(String::as_str).collect();
+        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut healths = self.healths.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, weight) in instances {
+            let Some(weight) = weight else {
+                loads.remove(id);
+                healths.remove(id);
+                b.health.remove(id);
+                b.weights.remove(id);
+                continue;
+            };
+            let h = healths.entry(id.clone()).or_default().clone();
+            if b.health.get(id).is_none_or(|x| !Arc::ptr_eq(x, &h)) {
+                b.health.insert(id.clone(), h);
+            }
+            if b.weights.get(id).copied().unwrap_or(1) != *weight {
+                if *weight == 1 {
+                    b.weights.remove(id);
+                } else {
+                    b.weights.insert(id.clone(), *weight);
+                }
+                if let Some(r) = routes.exact_instance(id) {
+                    rebuild.insert(r.app.as_str());
+                }
+            }
+        }
+        if regions != b.regions {
+            for (name, e) in routes.entries() {
+                let geo = e
+                    .app
+                    .as_ref()
+                    .is_some_and(|a| matches!(a.lb.parse::<LbPolicy>(), Ok(LbPolicy::Geo(_))));
+                if geo {
+                    rebuild.insert(name.as_str());
+                }
+            }
+            b.regions = regions;
+        }
+        for name in rebuild {
+            let selector = routes.entry(name).and_then(|e| {
+                let info = e.app.as_ref()?;
+                self.selector(name, info, &e.instances, &mut loads, &b.weights, &b.regions)
+            });
+            match selector {
+                Some(s) => b.apps.insert(name.to_string(), Arc::new(s)),
+                None => b.apps.remove(name),
+            };
+        }
+        b
+    }
+
+    /// One app's selector, falling back to round robin when its policy cannot be built.
+    fn selector(
+        &self,
+        name: &str,
+        info: &AppInfo,
+        instances: &[Arc<RouteBackend>],
+        loads: &mut HashMap<String, LoadCounter>,
+        weights: &ShardedMap<u32>,
+        regions: &[Region],
+    ) -> Option<Selector> {
+        let backends: Vec<GeoBackend> = instances
+            .iter()
+            .map(|i| {
+                let load = loads.entry(i.instance_id.clone()).or_default().clone();
+                GeoBackend::new(i.instance_id.clone(), i.region.clone())
+                    .with_load(load)
+                    .with_weight(weights.get(&i.instance_id).copied().unwrap_or(1))
+            })
+            .collect();
+        let policy = match info.lb.parse::<LbPolicy>() {
+            Ok(p) => p,
+            Err(e) => {
+                // Validated on write; an older or foreign entry still gets served.
+                tracing::warn!(app = %name, error = %e, "bad lb policy; using round-robin");
+                LbPolicy::RoundRobin
+            }
+        };
+        match Selector::build(&policy, backends.clone(), regions, &self.select) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(app = %name, error = %e, "cannot build selector; using round-robin");
+                match Selector::build(&LbPolicy::RoundRobin, backends, regions, &self.select) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::error!(app = %name, error = %e, "no selector; app unavailable");
+                        None
+                    }
+                }
+            }
         }
     }
 }
 
-/// Selectors and health for one routing snapshot; immutable.
-#[derive(Default)]
+/// The instance weights of `state` other than the default 1, for instances that exist.
+pub(crate) fn weights_of(state: &ClusterState) -> ShardedMap<u32> {
+    state
+        .instance_weights
+        .iter()
+        .filter(|(id, w)| **w != 1 && state.instances.contains_key(*id))
+        .map(|(id, w)| (id.clone(), *w))
+        .collect()
+}
+
+/// The weight of instance `id`, or `None` when it does not exist.
+pub(crate) fn weight_of(state: &ClusterState, id: &str) -> Option<u32> {
+    state
+        .instances
+        .contains_key(id)
+        .then(|| state.instance_weights.get(id).copied().unwrap_or(1))
+}
+
+/// Selectors and health for one routing snapshot; immutable. Cloning is cheap (shared shards).
+#[derive(Default, Clone)]
 pub struct Balance {
-    apps: HashMap<String, Selector>,
-    health: HashMap<String, Arc<InstanceHealth>>,
+    apps: ShardedMap<Arc<Selector>>,
+    health: ShardedMap<Arc<InstanceHealth>>,
+    /// Instance weights other than the default 1, for rebuilding one app's selector.
+    weights: ShardedMap<u32>,
     regions: Vec<Region>,
 }
 
 impl Balance {
     pub fn selector(&self, app: &str) -> Option<&Selector> {
-        self.apps.get(app)
+        self.apps.get(app).map(|s| s.as_ref())
     }
 
     pub fn health(&self, instance_id: &str) -> Option<&Arc<InstanceHealth>> {
@@ -382,6 +496,38 @@ impl Balance {
 
     pub fn regions(&self) -> &[Region] {
         &self.regions
+    }
+
+    /// Everything the balance holds, in a canonical order, for comparing two of them built
+    /// by one balancer (health is compared by identity: it must be the balancer's object).
+    #[cfg(test)]
+    pub(crate) fn dump(&self) -> String {
+        use std::collections::BTreeMap;
+        let apps: BTreeMap<_, _> = self
+            .apps
+            .iter()
+            .map(|(n, s)| {
+                let b: Vec<_> = s
+                    .backends()
+                    .iter()
+                    .map(|b| (b.id.clone(), b.region.clone(), b.weight, b.load.get()))
+                    .collect();
+                (n.clone(), (s.policy().clone(), b))
+            })
+            .collect();
+        let health: BTreeMap<_, _> = self
+            .health
+            .iter()
+            .map(|(id, h)| (id.clone(), Arc::as_ptr(h) as usize))
+            .collect();
+        let weights: BTreeMap<_, _> = self.weights.iter().collect();
+        format!("{:#?}", (apps, health, weights, &self.regions))
+    }
+
+    /// The selector of `app`, shared or not with another balance.
+    #[cfg(test)]
+    pub(crate) fn selector_arc(&self, app: &str) -> Option<&Arc<Selector>> {
+        self.apps.get(app)
     }
 }
 

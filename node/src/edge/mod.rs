@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod redirect;
 pub mod route;
+mod sharded;
 pub mod tls;
 pub mod upstream;
 pub mod worker;
@@ -77,6 +78,16 @@ pub struct Snapshot {
     pub certs: CertTable,
     /// Per-app selectors and instance health, built with `routes`.
     pub balance: balance::Balance,
+}
+
+/// What one [`Edge::rebuild`] cost.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RebuildStats {
+    /// The applied-state read lock was held this long.
+    pub locked: Duration,
+    pub total: Duration,
+    /// The whole state was compiled (first build, snapshot install, journal overflow).
+    pub full: bool,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -360,21 +371,69 @@ impl Edge {
 
     /// Compiles a new snapshot from the applied state and swaps it in.
     pub fn rebuild(&self, shared: &SharedState) {
-        let (routes, certs, balance) = {
-            let applied = shared.read();
-            let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
-            (
-                RouteTable::build(&applied.state, &self.cfg.base_domains, index),
-                applied.state.certificates.clone(),
-                self.balancer.build(&applied.state),
-            )
-        };
+        self.rebuild_timed(shared);
+    }
+
+    /// [`Edge::rebuild`], reporting how long it held the state's read lock.
+    ///
+    /// The read lock blocks Raft `apply`, so under it only the keys that changed since the
+    /// previous snapshot are copied out (the state machine journals them:
+    /// `portcullis_raft::changes`). The next snapshot is compiled outside the lock from the
+    /// previous one, rebuilding only the touched apps' entries and selectors and sharing the
+    /// rest. The first rebuild, and one after a snapshot install or a journal overflow, copies
+    /// the whole state instead.
+    pub(crate) fn rebuild_timed(&self, shared: &SharedState) -> RebuildStats {
+        use portcullis_raft::changes::Delta;
+        let started = Instant::now();
         let prev = self.snapshot.load_full();
-        let (certs, errors) = CertTable::build(&certs, Some(&prev.certs), &self.keyring);
+        let bases = &self.cfg.base_domains;
+        let (applied, delta, cursor) = shared.read_changes(prev.routes.changes);
+        let locked_at = Instant::now();
+        let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
+        let state = &applied.state;
+        let regions = self.balancer.regions(state);
+        let (mut routes, balance, (certs, errors), locked, full) = match delta {
+            Delta::Everything => {
+                let routes = RouteTable::build(state, bases, index);
+                let weights = balance::weights_of(state);
+                let certs = state.certificates.clone();
+                drop(applied);
+                let locked = locked_at.elapsed();
+                let balance = self.balancer.compile(&routes, weights, regions);
+                let certs = CertTable::build(&certs, Some(&prev.certs), &self.keyring);
+                (routes, balance, certs, locked, true)
+            }
+            Delta::Keys(ch) => {
+                let update = route::RouteUpdate::collect(
+                    state,
+                    ch.instances.iter().cloned(),
+                    ch.apps.iter().cloned(),
+                    ch.domains.iter().cloned(),
+                );
+                let weights: Vec<(String, Option<u32>)> = ch
+                    .instances
+                    .iter()
+                    .map(|id| (id.clone(), balance::weight_of(state, id)))
+                    .collect();
+                let certs: Vec<_> = ch
+                    .certificates
+                    .iter()
+                    .map(|n| (n.clone(), state.certificates.get(n).cloned()))
+                    .collect();
+                drop(applied);
+                let locked = locked_at.elapsed();
+                let (routes, changed) = prev.routes.update(&update, index);
+                let balance =
+                    self.balancer
+                        .update(&prev.balance, &routes, &changed, &weights, regions);
+                let certs = prev.certs.update(&certs, &self.keyring);
+                (routes, balance, certs, locked, false)
+            }
+        };
         for e in errors {
             tracing::warn!(error = %e, "stored certificate not loaded (an earlier version, if any, keeps serving)");
         }
-        let index = routes.applied_index;
+        routes.changes = Some(cursor);
         self.snapshot.store(Arc::new(Snapshot {
             routes,
             certs,
@@ -384,7 +443,12 @@ impl Edge {
         self.metrics
             .route_table_apply_index
             .set(i64::try_from(index).unwrap_or(i64::MAX));
-        tracing::debug!(index, "routing table rebuilt");
+        tracing::debug!(index, full, "routing table rebuilt");
+        RebuildStats {
+            locked,
+            total: started.elapsed(),
+            full,
+        }
     }
 
     /// Starts the state watcher and both accept loops on `tracker`.
@@ -473,10 +537,11 @@ impl Edge {
     }
 
     async fn watch(self: Arc<Self>, shared: SharedState, shutdown: CancellationToken) {
-        // A rebuild costs O(apps + instances + certificates). Under a burst of writes (hundreds
-        // per second) rebuilding after every entry would spend the node's CPU on tables that
-        // are replaced a millisecond later, and slow the writes themselves; at most one rebuild
-        // per interval lets the watch channel coalesce a burst into one. Routes still change
+        // A rebuild costs O(what changed) (`rebuild_timed`), but a full one, and the changed
+        // apps' selectors, still cost real CPU. Under a burst of writes (hundreds per second)
+        // rebuilding after every entry would spend it on snapshots that are replaced a
+        // millisecond later; at most one rebuild per interval lets the watch channel coalesce
+        // a burst into one. Routes still change
         // within this interval plus one rebuild, far inside the 1 s promise.
         const MIN_REBUILD_INTERVAL: Duration = Duration::from_millis(25);
         let mut rx = shared.subscribe();
@@ -499,8 +564,17 @@ impl Edge {
             // Parsing certificates is CPU work; keep it off the async workers.
             let edge = self.clone();
             let s = shared.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || edge.rebuild(&s)).await {
-                tracing::error!(error = %e, "routing table rebuild panicked");
+            match tokio::task::spawn_blocking(move || edge.rebuild_timed(&s)).await {
+                // Incremental rebuilds take well under a millisecond of lock; a slow one (a full
+                // rebuild of a large state) is worth a line in the log.
+                Ok(st) if st.total > Duration::from_millis(100) => tracing::info!(
+                    total_ms = st.total.as_millis() as u64,
+                    lock_ms = st.locked.as_millis() as u64,
+                    full = st.full,
+                    "slow routing table rebuild"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "routing table rebuild panicked"),
             }
         }
     }
@@ -876,5 +950,7 @@ fn classify_tls_error(e: &io::Error) -> &'static str {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod rebuild_scale;
 #[cfg(test)]
 mod tests;

@@ -1,18 +1,26 @@
 //! The compiled routing table: host name → route, from one applied `ClusterState`.
 //!
-//! A table is immutable once built; the edge rebuilds it on every state change and swaps it in
-//! with `ArcSwap`, so the request path reads it without a lock. Lookup order for a name under a
-//! base domain: instance ids first (the whole first label, then its name part with a port),
-//! then app names. Names outside the base domains are looked up among verified custom domains.
+//! A table is immutable once built; the edge compiles a new one on every state change and
+//! swaps it in with `ArcSwap`, so the request path reads it without a lock. Lookup order for a
+//! name under a base domain: instance ids first (the whole first label, then its name part with
+//! a port), then app names. Names outside the base domains are looked up among verified custom
+//! domains.
+//!
+//! Compiling: [`RouteTable::build`] reads a whole state; [`RouteTable::update`] derives the next
+//! table from the previous one and the few keys that changed ([`RouteUpdate`]), sharing every
+//! untouched per-app entry and map shard with it, so one CVM registering in a cluster of 65,536
+//! costs microseconds instead of a full rebuild.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use portcullis_raft::state::{App, Domain, Instance};
 use portcullis_raft::ClusterState;
 
 use super::grammar::{self, GrammarError, Mode, ParsedHost};
+use super::sharded::ShardedMap;
 
 /// One registered instance as the data plane needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,11 +84,145 @@ fn join_host_port(host: &str, port: u16) -> String {
     }
 }
 
-struct AppEntry {
-    ports: Vec<u16>,
-    instances: Vec<Arc<Backend>>,
-    /// Round-robin position. Resets when the table is rebuilt, which is harmless.
+impl Backend {
+    fn from_instance(i: &Instance) -> Backend {
+        Backend {
+            instance_id: i.instance_id.clone(),
+            app: i.app.clone(),
+            region: i.region.clone(),
+            tunnel_ip: i.tunnel_ip,
+            backend_addr: i.backend_addr.clone(),
+        }
+    }
+}
+
+/// What the table keeps of an app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AppInfo {
+    pub ports: Vec<u16>,
+    /// The load-balancing policy as stored (the balancer parses it).
+    pub lb: String,
+    pub revision: u64,
+}
+
+impl AppInfo {
+    fn from_app(a: &App) -> AppInfo {
+        AppInfo {
+            ports: a.ports.clone(),
+            lb: a.lb.clone(),
+            revision: a.revision,
+        }
+    }
+}
+
+/// One app name: the app, if it exists, and the instances registered under the name.
+///
+/// Instances can outlive their app only in states written by older builds; such a group
+/// routes nothing, but keeps the instances so that an app created later under that name
+/// picks them up, as a full build would.
+pub(crate) struct AppEntry {
+    pub app: Option<AppInfo>,
+    /// Sorted by instance id (the state's order), which selectors and hashing depend on.
+    pub instances: Vec<Arc<Backend>>,
+    /// Round-robin position. Kept across rebuilds while the app's entry is unchanged.
     next: AtomicUsize,
+}
+
+impl AppEntry {
+    fn ports(&self) -> Option<&[u16]> {
+        self.app.as_ref().map(|a| a.ports.as_slice())
+    }
+}
+
+/// Where a verified custom domain routes: (app, port, passthrough).
+type DomainRoute = (String, u16, bool);
+
+/// The routable form of a custom domain claim, verified ones only.
+fn domain_route(d: &Domain) -> Option<DomainRoute> {
+    d.verified.then(|| (d.app.clone(), d.port, d.passthrough))
+}
+
+/// The keys that changed since the previous table, with their new values (`None`: gone),
+/// copied out of the state under its read lock so compiling can happen outside it.
+#[derive(Debug, Default)]
+pub(crate) struct RouteUpdate {
+    /// By exact instance id.
+    pub instances: Vec<(String, Option<Backend>)>,
+    pub apps: Vec<(String, Option<AppInfo>)>,
+    pub domains: Vec<(String, Option<DomainRoute>)>,
+}
+
+impl RouteUpdate {
+    /// Copies the touched keys' current values out of `state`. O(touched keys).
+    pub fn collect(
+        state: &ClusterState,
+        instances: impl IntoIterator<Item = String>,
+        apps: impl IntoIterator<Item = String>,
+        domains: impl IntoIterator<Item = String>,
+    ) -> RouteUpdate {
+        RouteUpdate {
+            instances: instances
+                .into_iter()
+                .map(|id| {
+                    let b = state.instances.get(&id).map(Backend::from_instance);
+                    (id, b)
+                })
+                .collect(),
+            apps: apps
+                .into_iter()
+                .map(|n| {
+                    let a = state.apps.get(&n).map(AppInfo::from_app);
+                    (n, a)
+                })
+                .collect(),
+            domains: domains
+                .into_iter()
+                .map(|n| {
+                    let d = state.domains.get(&n).and_then(domain_route);
+                    (n, d)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// An app entry being edited by [`RouteTable::update`].
+struct EntryEdit {
+    app: Option<AppInfo>,
+    instances: Vec<Arc<Backend>>,
+    next: usize,
+}
+
+impl EntryEdit {
+    fn freeze(self) -> AppEntry {
+        AppEntry {
+            app: self.app,
+            instances: self.instances,
+            next: AtomicUsize::new(self.next),
+        }
+    }
+
+    /// The edit of app `name`, started from its entry in `apps` on first use.
+    fn of<'a>(
+        edits: &'a mut HashMap<String, EntryEdit>,
+        apps: &ShardedMap<Arc<AppEntry>>,
+        name: &str,
+    ) -> &'a mut EntryEdit {
+        edits
+            .entry(name.to_string())
+            .or_insert_with(|| match apps.get(name) {
+                Some(e) => EntryEdit {
+                    app: e.app.clone(),
+                    instances: e.instances.clone(),
+                    next: e.next.load(Ordering::Relaxed),
+                },
+                None => EntryEdit {
+                    app: None,
+                    instances: Vec::new(),
+                    next: 0,
+                },
+            })
+    }
 }
 
 /// Where a request or connection goes.
@@ -125,64 +267,267 @@ pub enum RouteError {
 }
 
 /// The routing table built from one applied state.
+///
+/// Cloning is cheap (shard pointers and `Arc`s): [`RouteTable::update`] clones the previous
+/// table and replaces only what changed.
+#[derive(Clone)]
 pub struct RouteTable {
     bases: Vec<String>,
-    apps: HashMap<String, AppEntry>,
-    instances: HashMap<String, Arc<Backend>>,
+    /// By app name; see [`AppEntry`].
+    apps: ShardedMap<Arc<AppEntry>>,
+    /// By lowercased instance id (host names are case-insensitive). Ids that differ only in
+    /// case share a key: the greatest id wins, as iterating the state in order and inserting
+    /// each would leave it.
+    instances: ShardedMap<Arc<Backend>>,
+    /// The losers of such case collisions, by lowercased id, so that the next one up can take
+    /// over when the winner goes. Empty in practice.
+    shadowed: ShardedMap<Vec<Arc<Backend>>>,
     /// Verified custom domains: name → (app, port, passthrough).
-    domains: HashMap<String, (String, u16, bool)>,
+    domains: Arc<HashMap<String, DomainRoute>>,
     /// The Raft log index this table reflects.
     pub applied_index: u64,
+    /// The state-change journal position this table (and its snapshot) reflects; `None` for
+    /// a table not compiled by `Edge::rebuild`, which the next rebuild replaces in full.
+    pub(crate) changes: Option<portcullis_raft::changes::ChangeCursor>,
 }
 
 impl RouteTable {
     pub fn build(state: &ClusterState, bases: &[String], applied_index: u64) -> Self {
-        let mut instances = HashMap::new();
-        let mut apps: HashMap<String, AppEntry> = state
+        let mut edits: HashMap<&str, EntryEdit> = state
             .apps
             .values()
             .map(|a| {
-                (
-                    a.name.clone(),
-                    AppEntry {
-                        ports: a.ports.clone(),
-                        instances: Vec::new(),
-                        next: AtomicUsize::new(0),
-                    },
-                )
+                let e = EntryEdit {
+                    app: Some(AppInfo::from_app(a)),
+                    instances: Vec::new(),
+                    next: 0,
+                };
+                (a.name.as_str(), e)
             })
             .collect();
+        let mut t = RouteTable {
+            bases: bases.to_vec(),
+            apps: ShardedMap::default(),
+            instances: ShardedMap::default(),
+            shadowed: ShardedMap::default(),
+            domains: Arc::new(
+                state
+                    .domains
+                    .values()
+                    .filter_map(|d| Some((d.name.clone(), domain_route(d)?)))
+                    .collect(),
+            ),
+            applied_index,
+            changes: None,
+        };
+        // In id order, so every app's list comes out sorted.
         for i in state.instances.values() {
-            let b = Arc::new(Backend {
-                instance_id: i.instance_id.clone(),
-                app: i.app.clone(),
-                region: i.region.clone(),
-                tunnel_ip: i.tunnel_ip,
-                backend_addr: i.backend_addr.clone(),
-            });
-            // Host names are case-insensitive; instance ids are matched the same way.
-            instances.insert(i.instance_id.to_ascii_lowercase(), b.clone());
-            if let Some(app) = apps.get_mut(&i.app) {
-                app.instances.push(b);
+            let b = Arc::new(Backend::from_instance(i));
+            t.add_instance(b.clone());
+            edits
+                .entry(i.app.as_str())
+                .or_insert_with(|| EntryEdit {
+                    app: None,
+                    instances: Vec::new(),
+                    next: 0,
+                })
+                .instances
+                .push(b);
+        }
+        for (name, e) in edits {
+            t.apps.insert(name.to_string(), Arc::new(e.freeze()));
+        }
+        t
+    }
+
+    /// The table after `u`, sharing everything `u` does not touch with `self`, and the names
+    /// of the apps whose entry changed (their backends, ports or policy).
+    pub(crate) fn update(
+        &self,
+        u: &RouteUpdate,
+        applied_index: u64,
+    ) -> (RouteTable, BTreeSet<String>) {
+        let mut t = self.clone();
+        t.applied_index = applied_index;
+        let mut edits: HashMap<String, EntryEdit> = HashMap::new();
+        for (id, new) in &u.instances {
+            let old = t.exact_instance(id).cloned();
+            if old.as_deref() == new.as_ref() {
+                // A renewal: nothing the data plane sees changed.
+                continue;
+            }
+            if let Some(old) = old {
+                t.remove_instance(&old);
+                let e = EntryEdit::of(&mut edits, &t.apps, &old.app);
+                if let Ok(pos) = e
+                    .instances
+                    .binary_search_by(|b| b.instance_id.as_str().cmp(id))
+                {
+                    e.instances.remove(pos);
+                }
+            }
+            if let Some(new) = new {
+                let b = Arc::new(new.clone());
+                t.add_instance(b.clone());
+                let e = EntryEdit::of(&mut edits, &t.apps, &b.app);
+                match e
+                    .instances
+                    .binary_search_by(|x| x.instance_id.as_str().cmp(id))
+                {
+                    Ok(pos) => e.instances[pos] = b,
+                    Err(pos) => e.instances.insert(pos, b),
+                }
             }
         }
-        let domains = state
+        for (name, app) in &u.apps {
+            let unchanged = t.apps.get(name).map(|e| &e.app) == Some(app)
+                || (app.is_none() && !t.apps.contains_key(name));
+            if !unchanged {
+                EntryEdit::of(&mut edits, &t.apps, name).app = app.clone();
+            }
+        }
+        let mut changed = BTreeSet::new();
+        for (name, e) in edits {
+            if e.app.is_none() && e.instances.is_empty() {
+                t.apps.remove(&name);
+            } else {
+                t.apps.insert(name.clone(), Arc::new(e.freeze()));
+            }
+            changed.insert(name);
+        }
+        let domains_changed = u
             .domains
-            .values()
-            .filter(|d| d.verified)
-            .map(|d| (d.name.clone(), (d.app.clone(), d.port, d.passthrough)))
-            .collect();
-        RouteTable {
-            bases: bases.to_vec(),
-            apps,
-            instances,
-            domains,
-            applied_index,
+            .iter()
+            .any(|(name, d)| t.domains.get(name) != d.as_ref());
+        if domains_changed {
+            let mut domains = (*t.domains).clone();
+            for (name, d) in &u.domains {
+                match d {
+                    Some(d) => domains.insert(name.clone(), d.clone()),
+                    None => domains.remove(name),
+                };
+            }
+            t.domains = Arc::new(domains);
+        }
+        (t, changed)
+    }
+
+    /// The instance with exactly this id.
+    pub(crate) fn exact_instance(&self, id: &str) -> Option<&Arc<Backend>> {
+        let key = id.to_ascii_lowercase();
+        match self.instances.get(&key) {
+            Some(b) if b.instance_id == id => Some(b),
+            Some(_) => self
+                .shadowed
+                .get(&key)?
+                .iter()
+                .find(|b| b.instance_id == id),
+            None => None,
+        }
+    }
+
+    /// Adds `b` (absent before) to the case-insensitive index.
+    fn add_instance(&mut self, b: Arc<Backend>) {
+        let key = b.instance_id.to_ascii_lowercase();
+        let loser = match self.instances.get(&key) {
+            None => {
+                self.instances.insert(key, b);
+                return;
+            }
+            Some(w) if w.instance_id < b.instance_id => {
+                let w = w.clone();
+                self.instances.insert(key.clone(), b);
+                w
+            }
+            Some(_) => b,
+        };
+        let mut v = self.shadowed.get(&key).cloned().unwrap_or_default();
+        v.push(loser);
+        self.shadowed.insert(key, v);
+    }
+
+    /// Removes `b` (present) from the case-insensitive index.
+    fn remove_instance(&mut self, b: &Backend) {
+        let key = b.instance_id.to_ascii_lowercase();
+        let mut v = match self.shadowed.get(&key) {
+            Some(v) => v.clone(),
+            None => {
+                self.instances.remove(&key);
+                return;
+            }
+        };
+        if self
+            .instances
+            .get(&key)
+            .is_some_and(|w| w.instance_id == b.instance_id)
+        {
+            // The next greatest id takes over (lists are never stored empty).
+            let next = v
+                .iter()
+                .enumerate()
+                .max_by(|(_, x), (_, y)| x.instance_id.cmp(&y.instance_id))
+                .map(|(i, _)| i);
+            match next {
+                Some(i) => {
+                    let w = v.swap_remove(i);
+                    self.instances.insert(key.clone(), w);
+                }
+                None => {
+                    self.instances.remove(&key);
+                }
+            }
+        } else {
+            v.retain(|x| x.instance_id != b.instance_id);
+        }
+        if v.is_empty() {
+            self.shadowed.remove(&key);
+        } else {
+            self.shadowed.insert(key, v);
         }
     }
 
     pub fn bases(&self) -> &[String] {
         &self.bases
+    }
+
+    /// Everything the table holds, in a canonical order, for comparing two tables.
+    #[cfg(test)]
+    pub(crate) fn dump(&self) -> String {
+        use std::collections::BTreeMap;
+        type Apps = BTreeMap<String, (Option<AppInfo>, Vec<Backend>)>;
+        let apps: Apps = self
+            .apps
+            .iter()
+            .map(|(n, e)| {
+                let v = e.instances.iter().map(|b| (**b).clone()).collect();
+                (n.clone(), (e.app.clone(), v))
+            })
+            .collect();
+        let instances: BTreeMap<_, _> = self.instances.iter().collect();
+        let shadowed: BTreeMap<_, BTreeSet<&str>> = self
+            .shadowed
+            .iter()
+            .map(|(k, v)| (k, v.iter().map(|b| b.instance_id.as_str()).collect()))
+            .collect();
+        let domains: BTreeMap<_, _> = self.domains.iter().collect();
+        format!("{:#?}", (&self.bases, apps, instances, shadowed, domains))
+    }
+
+    /// An existing app's entry.
+    fn app(&self, name: &str) -> Option<&AppEntry> {
+        self.apps
+            .get(name)
+            .map(|e| e.as_ref())
+            .filter(|e| e.app.is_some())
+    }
+
+    /// Every app name with an entry (existing apps, and names with leftover instances).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&String, &Arc<AppEntry>)> {
+        self.apps.iter()
+    }
+
+    pub(crate) fn entry(&self, name: &str) -> Option<&Arc<AppEntry>> {
+        self.apps.get(name)
     }
 
     /// An instance by id (case-insensitive, like host names).
@@ -196,10 +541,7 @@ impl RouteTable {
         self.instances
             .values()
             .filter_map(|b| {
-                let port = self
-                    .apps
-                    .get(&b.app)
-                    .and_then(|a| a.ports.first().copied())?;
+                let port = self.app(&b.app).and_then(|a| a.ports()?.first().copied())?;
                 Some((b.instance_id.clone(), b.address(port, port)?))
             })
             .collect()
@@ -218,8 +560,7 @@ impl RouteTable {
                     }
                 }
                 let app = self
-                    .apps
-                    .get(&label.name)
+                    .app(&label.name)
                     .ok_or_else(|| RouteError::UnknownName(label.whole.clone()))?;
                 self.app_route(&label.name, app, label.port, label.mode)
             }
@@ -238,8 +579,7 @@ impl RouteTable {
                     .get(&host)
                     .ok_or(RouteError::UnknownDomain(host))?;
                 let app = self
-                    .apps
-                    .get(app_name)
+                    .app(app_name)
                     .ok_or_else(|| RouteError::UnknownName(app_name.clone()))?;
                 let mode = if *passthrough {
                     Mode::Passthrough
@@ -266,8 +606,7 @@ impl RouteTable {
         passthrough: bool,
     ) -> Result<Route, RouteError> {
         let entry = self
-            .apps
-            .get(app)
+            .app(app)
             .ok_or_else(|| RouteError::UnknownName(app.to_string()))?;
         let mode = if passthrough {
             Mode::Passthrough
@@ -284,9 +623,10 @@ impl RouteTable {
         port: Option<u16>,
         mode: Mode,
     ) -> Result<Route, RouteError> {
-        let default_port = app.ports.first().copied().unwrap_or(80);
+        let ports = app.ports().unwrap_or_default();
+        let default_port = ports.first().copied().unwrap_or(80);
         let port = port.unwrap_or(default_port);
-        if !app.ports.contains(&port) {
+        if !ports.contains(&port) {
             return Err(RouteError::UnknownPort {
                 app: name.to_string(),
                 port,
@@ -304,9 +644,8 @@ impl RouteTable {
 
     fn pinned(&self, b: &Arc<Backend>, port: Option<u16>, mode: Mode) -> Result<Route, RouteError> {
         let default_port = self
-            .apps
-            .get(&b.app)
-            .and_then(|a| a.ports.first().copied())
+            .app(&b.app)
+            .and_then(|a| a.ports()?.first().copied())
             .unwrap_or(80);
         Ok(Route {
             app: Arc::from(b.app.as_str()),
@@ -325,7 +664,7 @@ impl RouteTable {
         if let Some(b) = &route.pinned {
             return Some(b.clone());
         }
-        let app = self.apps.get(route.app.as_ref())?;
+        let app = self.app(route.app.as_ref())?;
         if app.instances.is_empty() {
             return None;
         }

@@ -134,16 +134,19 @@ struct Parsed {
 }
 
 /// Certificates by name: exact names, and `*.suffix` wildcards keyed by `suffix`.
-#[derive(Default)]
+///
+/// Cloning is cheap (`Arc`s): a state change that touches no certificate keeps the table.
+#[derive(Default, Clone)]
 pub struct CertTable {
-    exact: HashMap<String, (u64, Arc<CertifiedKey>)>,
-    wildcard: HashMap<String, (u64, Arc<CertifiedKey>)>,
+    exact: Arc<HashMap<String, (u64, Arc<CertifiedKey>)>>,
+    wildcard: Arc<HashMap<String, (u64, Arc<CertifiedKey>)>>,
     /// Parsed entries by stored name, reused by the next build when unchanged (parsing keys on
-    /// every state tick would cost a lot with many certificates).
-    parsed: HashMap<String, Parsed>,
+    /// every state tick would cost a lot with many certificates). In name order: where two
+    /// certificates claim a name with the same expiry, the first one in name order serves.
+    parsed: Arc<BTreeMap<String, Arc<Parsed>>>,
     /// Stored (chain, key) that failed to load, by name: not retried or reported again until
     /// the stored value changes.
-    rejected: HashMap<String, (String, Vec<u8>)>,
+    rejected: Arc<HashMap<String, (String, Vec<u8>)>>,
 }
 
 impl CertTable {
@@ -156,72 +159,130 @@ impl CertTable {
         previous: Option<&CertTable>,
         keyring: &Keyring,
     ) -> (CertTable, Vec<CertError>) {
-        let mut t = CertTable::default();
+        let mut parsed = BTreeMap::new();
+        let mut rejected = HashMap::new();
         let mut errors = Vec::new();
         for c in certs.values() {
-            let prev_parsed = previous.and_then(|p| p.parsed.get(&c.name));
-            let same = |chain: &str, key: &[u8]| chain == c.chain_pem && key == c.key.as_slice();
-            let loaded = match prev_parsed.filter(|p| same(&p.chain_pem, &p.key)) {
-                Some(p) => Some(p.ck.clone()),
-                None => {
-                    let known_bad = previous
-                        .and_then(|p| p.rejected.get(&c.name))
-                        .is_some_and(|(chain, key)| same(chain, key));
-                    if known_bad {
-                        None
-                    } else {
-                        match load(c, keyring) {
-                            Ok(ck) => Some(Arc::new(ck)),
-                            Err(e) => {
-                                errors.push(e);
-                                None
-                            }
+            if let Some(p) = Self::entry(c, previous, keyring, &mut rejected, &mut errors) {
+                parsed.insert(c.name.clone(), p);
+            }
+        }
+        (Self::index(parsed, rejected), errors)
+    }
+
+    /// The table after the certificates named in `touched` changed to the given values
+    /// (`None`: removed); the others keep their entries. The same result as [`CertTable::build`]
+    /// over the whole new state with `self` as `previous`, at the cost of the touched ones.
+    pub(crate) fn update(
+        &self,
+        touched: &[(String, Option<Certificate>)],
+        keyring: &Keyring,
+    ) -> (CertTable, Vec<CertError>) {
+        if touched.is_empty() {
+            return (self.clone(), Vec::new());
+        }
+        let mut parsed = (*self.parsed).clone();
+        let mut rejected = (*self.rejected).clone();
+        let mut errors = Vec::new();
+        for (name, c) in touched {
+            parsed.remove(name);
+            rejected.remove(name);
+            let Some(c) = c else { continue };
+            if let Some(p) = Self::entry(c, Some(self), keyring, &mut rejected, &mut errors) {
+                parsed.insert(c.name.clone(), p);
+            }
+        }
+        (Self::index(parsed, rejected), errors)
+    }
+
+    /// What serves for stored certificate `c`: its previous parse when unchanged, a fresh
+    /// parse, or (when that fails) the previous version, if any.
+    fn entry(
+        c: &Certificate,
+        previous: Option<&CertTable>,
+        keyring: &Keyring,
+        rejected: &mut HashMap<String, (String, Vec<u8>)>,
+        errors: &mut Vec<CertError>,
+    ) -> Option<Arc<Parsed>> {
+        let prev_parsed = previous.and_then(|p| p.parsed.get(&c.name));
+        let same = |chain: &str, key: &[u8]| chain == c.chain_pem && key == c.key.as_slice();
+        if let Some(p) = prev_parsed.filter(|p| same(&p.chain_pem, &p.key)) {
+            // Nothing changed at all: share the entry instead of copying its PEM.
+            let same_names = p
+                .names
+                .split_last()
+                .is_some_and(|(last, rest)| *last == c.name && rest == c.names.as_slice());
+            if p.not_after == c.not_after && same_names {
+                return Some(p.clone());
+            }
+        }
+        let loaded = match prev_parsed.filter(|p| same(&p.chain_pem, &p.key)) {
+            Some(p) => Some(p.ck.clone()),
+            None => {
+                let known_bad = previous
+                    .and_then(|p| p.rejected.get(&c.name))
+                    .is_some_and(|(chain, key)| same(chain, key));
+                if known_bad {
+                    None
+                } else {
+                    match load(c, keyring) {
+                        Ok(ck) => Some(Arc::new(ck)),
+                        Err(e) => {
+                            errors.push(e);
+                            None
                         }
                     }
                 }
-            };
-            let entry = match loaded {
-                Some(ck) => {
-                    let mut names = c.names.clone();
-                    names.push(c.name.clone());
-                    Parsed {
-                        chain_pem: c.chain_pem.clone(),
-                        key: c.key.clone(),
-                        names,
-                        not_after: c.not_after,
-                        ck,
-                    }
-                }
-                None => {
-                    t.rejected
-                        .insert(c.name.clone(), (c.chain_pem.clone(), c.key.clone()));
-                    match prev_parsed {
-                        Some(p) => Parsed {
-                            chain_pem: p.chain_pem.clone(),
-                            key: p.key.clone(),
-                            names: p.names.clone(),
-                            not_after: p.not_after,
-                            ck: p.ck.clone(),
-                        },
-                        None => continue,
-                    }
-                }
-            };
+            }
+        };
+        match loaded {
+            Some(ck) => {
+                let mut names = c.names.clone();
+                names.push(c.name.clone());
+                Some(Arc::new(Parsed {
+                    chain_pem: c.chain_pem.clone(),
+                    key: c.key.clone(),
+                    names,
+                    not_after: c.not_after,
+                    ck,
+                }))
+            }
+            None => {
+                rejected.insert(c.name.clone(), (c.chain_pem.clone(), c.key.clone()));
+                prev_parsed.cloned()
+            }
+        }
+    }
+
+    /// The name maps over `parsed`, in name order.
+    fn index(
+        parsed: BTreeMap<String, Arc<Parsed>>,
+        rejected: HashMap<String, (String, Vec<u8>)>,
+    ) -> CertTable {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for entry in parsed.values() {
             for n in &entry.names {
                 let n = n.to_ascii_lowercase();
                 let (map, key) = match n.strip_prefix("*.") {
-                    Some(suffix) => (&mut t.wildcard, suffix.to_string()),
-                    None => (&mut t.exact, n),
+                    Some(suffix) => (&mut wildcard, suffix.to_string()),
+                    None => (&mut exact, n),
                 };
                 // Two certificates for one name: serve the one that expires last.
-                let newer = map.get(&key).is_none_or(|(na, _)| *na < entry.not_after);
+                let newer = map
+                    .get(&key)
+                    .is_none_or(|(na, _): &(u64, _)| *na < entry.not_after);
                 if newer {
                     map.insert(key, (entry.not_after, entry.ck.clone()));
                 }
             }
-            t.parsed.insert(c.name.clone(), entry);
         }
-        (t, errors)
+        CertTable {
+            exact: Arc::new(exact),
+            wildcard: Arc::new(wildcard),
+            parsed: Arc::new(parsed),
+            rejected: Arc::new(rejected),
+        }
     }
 
     /// Exact name first, then a wildcard one label up (`*.example.com` covers `a.example.com`,
@@ -236,6 +297,29 @@ impl CertTable {
 
     pub fn len(&self) -> usize {
         self.parsed.len()
+    }
+
+    /// Every name with its expiry and leaf certificate, and the rejected names, in a canonical
+    /// order, for comparing two tables.
+    #[cfg(test)]
+    pub(crate) fn dump(&self) -> String {
+        let names = |m: &HashMap<String, (u64, Arc<CertifiedKey>)>| {
+            let v: BTreeMap<String, (u64, Vec<u8>)> = m
+                .iter()
+                .map(|(k, (na, ck))| (k.clone(), (*na, ck.cert[0].to_vec())))
+                .collect();
+            v
+        };
+        let parsed: Vec<_> = self
+            .parsed
+            .iter()
+            .map(|(n, p)| (n.clone(), p.names.clone(), p.not_after, p.chain_pem.len()))
+            .collect();
+        let rejected: BTreeMap<_, _> = self.rejected.iter().collect();
+        format!(
+            "{:?}",
+            (names(&self.exact), names(&self.wildcard), parsed, rejected)
+        )
     }
 
     pub fn is_empty(&self) -> bool {

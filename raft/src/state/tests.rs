@@ -14,7 +14,7 @@ fn app_name() -> impl Strategy<Value = String> {
     ]
 }
 
-fn command() -> impl Strategy<Value = Command> {
+pub(crate) fn command() -> impl Strategy<Value = Command> {
     let leaf = prop_oneof![
         (
             app_name(),
