@@ -135,6 +135,7 @@ impl Metrics {
             ("connects_failed", s.connects_failed),
             ("accepted", s.accepted),
             ("accept_overflow", s.accept_overflow),
+            ("stack_panics", s.stack_panics),
         ] {
             let counter = self.wg_events.get_or_create(&WgEventLabels { event });
             let current = counter.get();

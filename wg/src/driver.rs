@@ -140,6 +140,9 @@ pub(crate) struct Driver<S> {
     start: Instant,
     rx_buf: Vec<u8>,
     out_buf: Vec<u8>,
+    /// Makes the next stack pass panic (the panic-containment test).
+    #[cfg(test)]
+    panic_next_poll: bool,
 }
 
 impl<S: DatagramSocket> Driver<S> {
@@ -210,6 +213,8 @@ impl<S: DatagramSocket> Driver<S> {
             // instead of silently truncated.
             rx_buf: vec![0u8; 65536],
             out_buf: vec![0u8; 65536 + 256],
+            #[cfg(test)]
+            panic_next_poll: false,
             cfg,
         }
     }
@@ -467,13 +472,9 @@ impl<S: DatagramSocket> Driver<S> {
         // Bounded: each round can only make progress the previous one enabled.
         for _ in 0..4 {
             let now = self.smol_now();
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
-            while self.device.tx.len() < EGRESS_BATCH
-                && self
-                    .iface
-                    .poll_egress(now, &mut self.device, &mut self.sockets)
-                    == PollResult::SocketStateChanged
-            {}
+            if !self.poll_stack(now) {
+                return;
+            }
             self.flush_tx().await;
             let conns_changed = self.service_conns();
             let listeners_changed = self.service_listeners();
@@ -481,6 +482,73 @@ impl<S: DatagramSocket> Driver<S> {
                 break;
             }
         }
+    }
+
+    /// One pass of the TCP/IP stack: ingress, then egress up to `EGRESS_BATCH` packets.
+    ///
+    /// smoltcp asserts its sequence-number invariants with panics (smoltcp#1048 was one, fixed
+    /// in 0.13.1). A panic here would end this task, and with it every tunnel of the node, so
+    /// it is caught: the connections are dropped instead, and WireGuard sessions, peers and
+    /// listeners stay. Returns false after such a panic.
+    fn poll_stack(&mut self, now: smoltcp::time::Instant) -> bool {
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            if std::mem::take(&mut self.panic_next_poll) {
+                panic!("injected stack panic");
+            }
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            while self.device.tx.len() < EGRESS_BATCH
+                && self
+                    .iface
+                    .poll_egress(now, &mut self.device, &mut self.sockets)
+                    == PollResult::SocketStateChanged
+            {}
+        }));
+        match polled {
+            Ok(()) => true,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, conns = self.conns.len(), "tcp/ip stack panicked; dropping every tunnel connection");
+                Counters::inc(&self.counters.stack_panics);
+                self.drop_all_conns();
+                false
+            }
+        }
+    }
+
+    /// Forgets every TCP socket after a stack panic: which one broke is unknown, and a broken
+    /// one must never be polled again. Applications see their streams end; listeners get
+    /// fresh sockets; packets the failed pass queued are discarded.
+    fn drop_all_conns(&mut self) {
+        for (h, _) in self.conns.drain() {
+            self.sockets.remove(h);
+        }
+        self.ports_in_use.clear();
+        let ports: Vec<u16> = self.listeners.keys().copied().collect();
+        for port in ports {
+            let Some(old) = self
+                .listeners
+                .get_mut(&port)
+                .map(|l| std::mem::take(&mut l.ready))
+            else {
+                continue;
+            };
+            for h in &old {
+                self.sockets.remove(*h);
+            }
+            let fresh: Vec<SocketHandle> = old
+                .iter()
+                .map(|_| self.new_listening_socket(port))
+                .collect();
+            if let Some(l) = self.listeners.get_mut(&port) {
+                l.ready = fresh;
+            }
+        }
+        self.device.tx.clear();
     }
 
     fn handle_command(&mut self, cmd: Command) {
@@ -989,4 +1057,61 @@ fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
     // whatever the window allows and melts lossy paths.
     s.set_congestion_control(CongestionControl::Reno);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::PrivateKey;
+
+    /// A panic inside the stack costs the connections, not the endpoint: the pending connect
+    /// learns it failed, listeners keep listening on fresh sockets, the panic is counted, and
+    /// the next pass and the next connect work.
+    #[tokio::test]
+    async fn a_stack_panic_drops_connections_and_the_endpoint_goes_on() {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind udp");
+        let cfg = EndpointConfig::new(PrivateKey::generate(), "198.18.0.1".parse().expect("ip"));
+        let counters = Arc::new(Counters::default());
+        let mut d = Driver::new(cfg, udp, counters.clone(), Arc::new(Notify::new()));
+        let peer_ip: IpAddr = "100.64.0.7".parse().expect("ip");
+        d.peers
+            .set(vec![PeerConfig::new(
+                PrivateKey::generate().public_key(),
+                peer_ip,
+            )])
+            .expect("peer");
+        let _listener = d.listen(8080).expect("listen");
+        let backlog = d.listeners[&8080].ready.len();
+        let (tx, pending) = oneshot::channel();
+        d.connect(SocketAddr::new(peer_ip, 80), tx)
+            .expect("connect queued");
+        assert_eq!(d.conns.len(), 1);
+
+        d.panic_next_poll = true;
+        assert!(
+            !d.poll_stack(d.smol_now()),
+            "the injected panic was not seen"
+        );
+        assert_eq!(counters.snapshot().stack_panics, 1);
+        assert!(d.conns.is_empty() && d.ports_in_use.is_empty());
+        assert!(
+            pending.await.is_err(),
+            "the pending connect was not told it failed"
+        );
+        let ready = &d.listeners[&8080].ready;
+        assert_eq!(ready.len(), backlog);
+        for &h in ready {
+            assert_eq!(d.sockets.get::<tcp::Socket>(h).state(), State::Listen);
+        }
+        // Only the fresh listening sockets are left in the set.
+        assert_eq!(d.sockets.iter().count(), backlog);
+
+        assert!(d.poll_stack(d.smol_now()), "the stack stays broken");
+        let (tx, _pending) = oneshot::channel();
+        d.connect(SocketAddr::new(peer_ip, 80), tx)
+            .expect("connect after the panic");
+        assert_eq!(d.conns.len(), 1);
+    }
 }

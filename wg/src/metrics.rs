@@ -56,6 +56,9 @@ pub struct Counters {
     pub accepted: AtomicU64,
     /// Accepted connections reset because the listener's queue was full.
     pub accept_overflow: AtomicU64,
+    /// Panics inside the TCP/IP stack, each of which dropped every tunnel TCP connection of
+    /// this endpoint (WireGuard sessions survive).
+    pub stack_panics: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -85,6 +88,7 @@ pub struct CountersSnapshot {
     pub connects_failed: u64,
     pub accepted: u64,
     pub accept_overflow: u64,
+    pub stack_panics: u64,
 }
 
 impl Counters {
@@ -123,6 +127,7 @@ impl Counters {
             connects_failed: g(&self.connects_failed),
             accepted: g(&self.accepted),
             accept_overflow: g(&self.accept_overflow),
+            stack_panics: g(&self.stack_panics),
         }
     }
 }
