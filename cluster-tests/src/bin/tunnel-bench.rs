@@ -1,5 +1,6 @@
 //! Throughput and request rate through the Portcullis tunnel (issue 4, "Measured"), beside the
-//! same backend reached over wireguard-go ↔ wireguard-go and over a bare veth link.
+//! same gateway without the tunnel and the same backend reached over wireguard-go ↔ wireguard-go
+//! and over a bare veth link.
 //!
 //! ```text
 //! cargo build --release -p portcullis-node -p portcullis-cluster-tests
@@ -8,21 +9,28 @@
 //!
 //! Needs root (network namespaces, TUN) and wireguard-go; prints why and exits 0 otherwise. Not
 //! part of any test run. Targets, all serving the same backend (this binary's hidden `backend`
-//! subcommand: `GET /bulk/N` streams N bytes, anything else answers 128 bytes):
+//! subcommand: `GET /bulk/N` streams N bytes, `POST /upload` reads and discards the body and
+//! answers its length in decimal, anything else answers 128 bytes):
 //!
 //! * `gateway`: a one-node Portcullis cluster (`portcullis up`) whose app instance is a CVM
 //!   running wireguard-go on a TUN device in its own namespace, configured by
 //!   `portcullis cvm-agent --print-wg-config` (as in tests/t81). The client speaks HTTPS to the
 //!   gateway, which proxies over its user-space WireGuard endpoint (boringtun + smoltcp) to the
 //!   backend on the CVM's tunnel address, where kernel TCP answers.
+//! * `gwtcp`: the same gateway and the same backend process, but through a second app whose
+//!   instance has a plain `backend_addr` (`portcullis cvm register --backend`): the CVM
+//!   namespace's address on a veth pair to the root namespace (10.213.0.1 ↔ .2). The gateway
+//!   proxies over kernel TCP, no tunnel, so `gateway` − `gwtcp` is the tunnel's cost and `gwtcp`
+//!   − `veth` roughly that of TLS and proxying.
 //! * `wggo`: plain HTTP from namespace A to namespace B over wireguard-go ↔ wireguard-go (TUN,
 //!   MTU 1420), whose UDP runs over a veth pair.
 //! * `veth`: plain HTTP over that veth pair, no tunnel.
 //!
 //! Measures per target: `bulk` (one connection, one `GET` of `--bulk-mb` MiB, MB/s from request
-//! to last byte) and `rps` (`--conns` keep-alive HTTP/1.1 connections, one request in flight on
-//! each, for `--duration` s after a 1 s warm-up; latency per request into hdrhistogram). The load
-//! generator is this binary's hidden `client` subcommand, run as a separate process (inside
+//! to last byte), `upload` (one connection, one `POST` of `--upload-mb` MiB, MB/s from request to
+//! the backend's answer, whose byte count the client checks) and `rps` (`--conns` keep-alive
+//! HTTP/1.1 connections, one request in flight on each, for `--duration` s after a 1 s warm-up;
+//! latency per request into hdrhistogram). The load generator is this binary's hidden `client` subcommand, run as a separate process (inside
 //! namespace A for `wggo`/`veth`), so every target is driven by the same code. Targets take
 //! turns within each round; medians over rounds are reported with the load average.
 
@@ -38,6 +46,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::client::conn::http1;
@@ -55,16 +64,26 @@ use tokio::net::{TcpListener, TcpStream};
 
 const SMALL: &[u8] = &[b'x'; 128];
 const CHUNK: usize = 256 * 1024;
+/// Most bytes of a response body the client keeps (the upload's decimal byte count).
+const HEAD_MAX: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything a bulk transfer may take (256 MiB at a few MB/s on a loaded machine).
 const BULK_TIMEOUT: Duration = Duration::from_secs(300);
 const WARMUP: Duration = Duration::from_secs(1);
 const APP: &str = "tbench";
+/// The app whose instance is reached over plain TCP (`backend_addr`), not the tunnel.
+const APP_TCP: &str = "tbenchtcp";
 const PORT: u16 = 8080;
+/// The veth pair between the root namespace (the gateway) and the CVM's namespace: `.1` in the
+/// root namespace, `.2` in the CVM's. Outside the tunnel pool (100.64.0.0/10), so the gateway
+/// dials it directly.
+const CVM_VETH: [u8; 3] = [10, 213, 0];
 
 #[derive(Parser)]
-#[command(about = "Throughput and request rate: Portcullis tunnel vs wireguard-go vs veth")]
+#[command(
+    about = "Throughput and request rate: Portcullis gateway with and without its tunnel vs wireguard-go vs veth"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Sub>,
@@ -76,14 +95,18 @@ struct Cli {
     /// Size of the bulk download, MiB.
     #[arg(long, default_value_t = 256)]
     bulk_mb: u64,
+    /// Size of the bulk upload, MiB. The gateway answers 413 to bodies over its
+    /// `edge.max_request_body_bytes` (default 100 MiB), hence the largest size below that.
+    #[arg(long, default_value_t = 96)]
+    upload_mb: u64,
     /// Keep-alive connections of the request-rate test.
     #[arg(long, default_value_t = 16)]
     conns: usize,
     /// Measured seconds of the request-rate test (after a 1 s warm-up).
     #[arg(long, default_value_t = 5)]
     duration: u64,
-    /// Comma-separated subset of gateway,wggo,veth.
-    #[arg(long, default_value = "gateway,wggo,veth")]
+    /// Comma-separated subset of gateway,gwtcp,wggo,veth.
+    #[arg(long, default_value = "gateway,gwtcp,wggo,veth")]
     targets: String,
 }
 
@@ -107,7 +130,7 @@ struct ClientArgs {
     tls_host: Option<String>,
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// `bulk` or `rps`.
+    /// `bulk` (download), `upload` or `rps`.
     #[arg(long)]
     mode: String,
     #[arg(long, default_value_t = 0)]
@@ -138,33 +161,66 @@ fn main() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Backend.
 
+/// Request and response bodies on both sides.
+type Body = BoxBody<Bytes, Infallible>;
+
+/// `n` bytes in `CHUNK`-sized frames, generated as they are sent: the backend's downloads and
+/// the client's uploads.
+fn generated(n: u64) -> Body {
+    let chunk = Bytes::from(vec![b'b'; CHUNK]);
+    let full = n / CHUNK as u64;
+    let tail = (n % CHUNK as u64) as usize;
+    let chunks = std::iter::repeat_n(chunk.clone(), full as usize)
+        .chain((tail > 0).then(|| chunk.slice(..tail)));
+    BodyExt::boxed(StreamBody::new(
+        futures::stream::iter(chunks).map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    ))
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// Reads a body to its end, counting the bytes and keeping the first `HEAD_MAX` of them.
+async fn drain<B>(mut body: B) -> Result<(u64, Vec<u8>), B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let (mut n, mut head) = (0u64, Vec::new());
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame?.data_ref() {
+            n += d.len() as u64;
+            let keep = HEAD_MAX.saturating_sub(head.len()).min(d.len());
+            head.extend_from_slice(&d[..keep]);
+        }
+    }
+    Ok((n, head))
+}
+
 async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
-    let bulk = req
-        .uri()
-        .path()
+) -> Result<hyper::Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let bulk = path
         .strip_prefix("/bulk/")
         .and_then(|n| n.parse::<u64>().ok());
-    let resp = match bulk {
-        Some(n) => {
-            let chunk = Bytes::from(vec![b'b'; CHUNK]);
-            let full = n / CHUNK as u64;
-            let tail = (n % CHUNK as u64) as usize;
-            let chunks = std::iter::repeat_n(chunk.clone(), full as usize)
-                .chain((tail > 0).then(|| chunk.slice(..tail)));
-            let body = StreamBody::new(
-                futures::stream::iter(chunks).map(|b| Ok::<_, Infallible>(Frame::data(b))),
-            );
-            hyper::Response::builder()
-                .header("content-length", n)
-                .body(BodyExt::boxed(body))
+    let resp = if req.method() == hyper::Method::POST && path == "/upload" {
+        match drain(req.into_body()).await {
+            Ok((n, _)) => hyper::Response::builder().body(full(n.to_string())),
+            Err(e) => hyper::Response::builder()
+                .status(hyper::StatusCode::BAD_REQUEST)
+                .body(full(format!("reading the body: {e}"))),
         }
-        None => hyper::Response::builder()
+    } else if let Some(n) = bulk {
+        hyper::Response::builder()
+            .header("content-length", n)
+            .body(generated(n))
+    } else {
+        hyper::Response::builder()
             .header("content-length", SMALL.len())
-            .body(Full::new(Bytes::from_static(SMALL)).boxed()),
+            .body(full(Bytes::from_static(SMALL)))
     };
-    Ok(resp.unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()).boxed())))
+    Ok(resp.unwrap_or_else(|_| hyper::Response::new(full(Bytes::new()))))
 }
 
 async fn backend(listen: SocketAddr) -> anyhow::Result<()> {
@@ -187,7 +243,7 @@ async fn backend(listen: SocketAddr) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Load generator.
 
-type Sender = http1::SendRequest<Empty<Bytes>>;
+type Sender = http1::SendRequest<Body>;
 
 async fn handshake<S>(s: S) -> anyhow::Result<Sender>
 where
@@ -215,28 +271,31 @@ async fn open(a: &ClientArgs, tls: &Option<tokio_rustls::TlsConnector>) -> anyho
     }
 }
 
-fn request(a: &ClientArgs, path: &str) -> anyhow::Result<hyper::Request<Empty<Bytes>>> {
+/// A `GET` of `path`, or with `upload: Some(n)` a `POST` of `n` generated bytes.
+fn request(
+    a: &ClientArgs,
+    path: &str,
+    upload: Option<u64>,
+) -> anyhow::Result<hyper::Request<Body>> {
     let host = a.tls_host.clone().unwrap_or_else(|| a.connect.to_string());
-    Ok(hyper::Request::get(path)
-        .header("host", host)
-        .body(Empty::new())?)
+    let b = hyper::Request::builder().uri(path).header("host", host);
+    Ok(match upload {
+        Some(n) => b
+            .method(hyper::Method::POST)
+            .header("content-length", n)
+            .body(generated(n))?,
+        None => b.body(Empty::new().boxed())?,
+    })
 }
 
-/// One request; returns the body length.
-async fn fetch(send: &mut Sender, req: hyper::Request<Empty<Bytes>>) -> anyhow::Result<u64> {
+/// One request; returns the body length and its first `HEAD_MAX` bytes.
+async fn fetch(send: &mut Sender, req: hyper::Request<Body>) -> anyhow::Result<(u64, Vec<u8>)> {
     send.ready().await?;
     let resp = send.send_request(req).await?;
     if !resp.status().is_success() {
         bail!("status {}", resp.status());
     }
-    let mut body = resp.into_body();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Some(d) = frame?.data_ref() {
-            n += d.len() as u64;
-        }
-    }
-    Ok(n)
+    Ok(drain(resp.into_body()).await?)
 }
 
 async fn client(a: ClientArgs) -> anyhow::Result<serde_json::Value> {
@@ -258,18 +317,34 @@ async fn client(a: ClientArgs) -> anyhow::Result<serde_json::Value> {
         None => None,
     };
     match a.mode.as_str() {
-        "bulk" => {
+        "bulk" | "upload" => {
+            let upload = a.mode == "upload";
             let mut send = open(&a, &tls).await?;
-            let req = request(&a, &format!("/bulk/{}", a.bytes))?;
+            let req = if upload {
+                request(&a, "/upload", Some(a.bytes))?
+            } else {
+                request(&a, &format!("/bulk/{}", a.bytes), None)?
+            };
             let start = Instant::now();
-            let n = tokio::time::timeout(BULK_TIMEOUT, fetch(&mut send, req))
+            let (n, head) = tokio::time::timeout(BULK_TIMEOUT, fetch(&mut send, req))
                 .await
-                .context("bulk download timed out")??;
+                .with_context(|| format!("{} timed out", a.mode))??;
             let secs = start.elapsed().as_secs_f64();
-            if n != a.bytes {
-                bail!("got {n} bytes, wanted {}", a.bytes);
+            // What arrived at the far end: the response body, or the count the backend read.
+            let arrived = if upload {
+                std::str::from_utf8(&head)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .with_context(|| {
+                        format!("upload answer {:?}", String::from_utf8_lossy(&head))
+                    })?
+            } else {
+                n
+            };
+            if arrived != a.bytes {
+                bail!("{}: {arrived} bytes arrived, wanted {}", a.mode, a.bytes);
             }
-            Ok(json!({ "mbps": n as f64 / secs / 1e6 }))
+            Ok(json!({ "mbps": a.bytes as f64 / secs / 1e6 }))
         }
         "rps" => {
             let start = Instant::now();
@@ -287,7 +362,7 @@ async fn client(a: ClientArgs) -> anyhow::Result<serde_json::Value> {
                         let t = Instant::now();
                         let r = tokio::time::timeout(
                             REQUEST_TIMEOUT,
-                            fetch(&mut send, request(&a, "/small")?),
+                            fetch(&mut send, request(&a, "/small", None)?),
                         )
                         .await;
                         match r {
@@ -418,13 +493,77 @@ impl TwoNs {
     }
 }
 
-/// A one-node cluster and a CVM running wireguard-go with the backend on its tunnel address.
+/// A veth pair from the root namespace (`CVM_VETH`.1) into namespace `ns` (`CVM_VETH`.2).
+/// Deleting either end deletes both; the namespace's deletion would too.
+struct Veth {
+    root: String,
+}
+
+impl Veth {
+    fn new(ns: &str, sfx: &str) -> anyhow::Result<Self> {
+        let (root, inner) = (format!("pctbv{sfx}"), format!("pctbw{sfx}"));
+        // A leftover from a crashed run with the same pid suffix would make `add` fail.
+        let _ = wggo::run("ip", &["link", "del", &root]);
+        wggo::run(
+            "ip",
+            &["link", "add", &root, "type", "veth", "peer", "name", &inner],
+        )?;
+        let veth = Self { root };
+        wggo::run("ip", &["link", "set", &inner, "netns", ns])?;
+        let [a, b, c] = CVM_VETH;
+        wggo::run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{a}.{b}.{c}.1/24"),
+                "dev",
+                &veth.root,
+            ],
+        )?;
+        wggo::run("ip", &["link", "set", &veth.root, "up"])?;
+        wggo::ns_exec(
+            ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{a}.{b}.{c}.2/24"),
+                "dev",
+                &inner,
+            ],
+        )?;
+        wggo::ns_exec(ns, &["ip", "link", "set", &inner, "up"])?;
+        Ok(veth)
+    }
+
+    /// Bytes received and sent by the root namespace's end.
+    fn counters(&self) -> String {
+        let read = |what: &str| {
+            std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{what}", self.root))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        format!("rx {} tx {}", read("rx_bytes"), read("tx_bytes"))
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = wggo::run("ip", &["link", "del", &self.root]);
+    }
+}
+
+/// A one-node cluster and a CVM running wireguard-go, with the backend on all of the CVM
+/// namespace's addresses: its tunnel address (app `APP`) and its end of a veth pair to the root
+/// namespace (app `APP_TCP`, an instance with a plain `backend_addr`).
 struct GatewayCvm {
     agent_cfg: PathBuf,
     tunnel_ip: IpAddr,
     ifname: String,
-    // Drop order: backend, wireguard-go, namespace, cluster.
+    // Drop order: backend, veth, wireguard-go, namespace, cluster.
     _backend: Proc,
+    veth: Veth,
     _cvm: WgGoCvm,
     tc: TestCluster,
 }
@@ -432,10 +571,20 @@ struct GatewayCvm {
 impl GatewayCvm {
     fn new() -> anyhow::Result<Self> {
         let tc = TestCluster::up(1);
-        let out = tc.cli(&["app", "create", APP, "--port", &PORT.to_string()]);
-        if !out.status.success() {
-            bail!("app create: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let cli = |args: &[&str]| {
+            let out = tc.cli(args);
+            if !out.status.success() {
+                bail!(
+                    "{}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        };
+        let port = PORT.to_string();
+        cli(&["app", "create", APP, "--port", &port])?;
+        cli(&["app", "create", APP_TCP, "--port", &port])?;
         issue_credential(&tc, APP, "cvm-tbench");
         let agent_cfg = agent_config(
             &tc,
@@ -458,25 +607,43 @@ impl GatewayCvm {
             format!("pctcvm{sfx}"),
         )?;
         let ifname = cvm.ifname.clone();
-        let backend = backend_in_ns(&cvm.ns.name, SocketAddr::new(tunnel_ip, PORT))?;
+        let veth = Veth::new(&cvm.ns.name, &sfx)?;
+        let [a, b, c] = CVM_VETH;
+        cli(&[
+            "cvm",
+            "register",
+            "--instance-id",
+            "tbenchtcp-1",
+            "--app",
+            APP_TCP,
+            "--region",
+            "us-east",
+            "--backend",
+            &format!("{a}.{b}.{c}.2"),
+        ])?;
+        // One process behind both apps, so the two gateway rows differ only in the path.
+        let backend = backend_in_ns(&cvm.ns.name, SocketAddr::from(([0, 0, 0, 0], PORT)))?;
         Ok(Self {
             agent_cfg,
             tunnel_ip,
             ifname,
             _backend: backend,
+            veth,
             _cvm: cvm,
             tc,
         })
     }
 
-    fn target(&self) -> anyhow::Result<Target> {
+    /// The client's view of app `app` on the gateway (HTTPS on the node's port, from the root
+    /// namespace).
+    fn target(&self, name: &'static str, label: &'static str, app: &str) -> anyhow::Result<Target> {
         let https: SocketAddr = self.tc.node(1).https_addr.parse()?;
         Ok(Target {
-            name: "gateway",
-            label: "client →TLS→ portcullis gateway → tunnel (boringtun+smoltcp) → wireguard-go (TUN, kernel TCP)",
+            name,
+            label,
             ns: None,
             connect: SocketAddr::from(([127, 0, 0, 1], https.port())),
-            tls_host: Some(format!("{APP}.portcullis.localhost")),
+            tls_host: Some(format!("{app}.portcullis.localhost")),
             ca: Some(self.tc.path().join("pki/dev-ca.pem")),
         })
     }
@@ -496,6 +663,20 @@ fn median(v: &mut [f64]) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// One column of the table.
+struct Col {
+    header: String,
+    /// Which client run of a round it comes from (an index into the runs in `orchestrate`).
+    run: usize,
+    /// The field of that run's JSON answer.
+    field: &'static str,
+    decimals: usize,
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
 fn orchestrate(cli: &Cli) -> anyhow::Result<()> {
     if let Some(why) = wggo::skip_reason() {
         println!("SKIPPED tunnel-bench: {why}");
@@ -505,7 +686,7 @@ fn orchestrate(cli: &Cli) -> anyhow::Result<()> {
     std::env::set_var("PORTCULLIS_BIN", std::fs::canonicalize(&cli.portcullis)?);
     let want: Vec<&str> = cli.targets.split(',').map(str::trim).collect();
 
-    let gw = if want.contains(&"gateway") {
+    let gw = if want.contains(&"gateway") || want.contains(&"gwtcp") {
         Some(GatewayCvm::new()?)
     } else {
         None
@@ -518,28 +699,46 @@ fn orchestrate(cli: &Cli) -> anyhow::Result<()> {
     let mut targets = Vec::new();
     if let Some(g) = &gw {
         println!("CVM tunnel address {}", g.tunnel_ip);
-        targets.push(g.target()?);
+        for (name, label, app) in [
+            (
+                "gateway",
+                "client →TLS→ portcullis gateway → tunnel (boringtun+smoltcp) → wireguard-go (TUN, kernel TCP)",
+                APP,
+            ),
+            (
+                "gwtcp",
+                "client →TLS→ portcullis gateway → plain TCP over veth (no tunnel) → kernel TCP in the CVM netns",
+                APP_TCP,
+            ),
+        ] {
+            if want.contains(&name) {
+                targets.push(g.target(name, label, app)?);
+            }
+        }
     }
     if let Some(t) = &two {
-        if want.contains(&"wggo") {
-            targets.push(Target {
-                name: "wggo",
-                label: "client → wireguard-go ↔ wireguard-go (TUN, 2 netns over veth) → kernel TCP",
-                ns: Some(t.a.clone()),
-                connect: SocketAddr::from(([10, 212, 0, 2], PORT)),
-                tls_host: None,
-                ca: None,
-            });
-        }
-        if want.contains(&"veth") {
-            targets.push(Target {
-                name: "veth",
-                label: "client → bare veth (kernel TCP, 2 netns)",
-                ns: Some(t.a.clone()),
-                connect: SocketAddr::from(([10, 211, 0, 2], PORT)),
-                tls_host: None,
-                ca: None,
-            });
+        for (name, label, ip) in [
+            (
+                "wggo",
+                "client → wireguard-go ↔ wireguard-go (TUN, 2 netns over veth) → kernel TCP",
+                [10, 212, 0, 2],
+            ),
+            (
+                "veth",
+                "client → bare veth (kernel TCP, 2 netns)",
+                [10, 211, 0, 2],
+            ),
+        ] {
+            if want.contains(&name) {
+                targets.push(Target {
+                    name,
+                    label,
+                    ns: Some(t.a.clone()),
+                    connect: SocketAddr::from((ip, PORT)),
+                    tls_host: None,
+                    ca: None,
+                });
+            }
         }
     }
     for t in &targets {
@@ -548,73 +747,84 @@ fn orchestrate(cli: &Cli) -> anyhow::Result<()> {
 
     let load_before = loadavg();
     println!(
-        "tunnel-bench: bulk {} MiB, rps {} conns × {} s, {} rounds; load average {load_before}",
-        cli.bulk_mb, cli.conns, cli.duration, cli.rounds
+        "tunnel-bench: download {} MiB, upload {} MiB, rps {} conns × {} s, {} rounds; load average {load_before}",
+        cli.bulk_mb, cli.upload_mb, cli.conns, cli.duration, cli.rounds
     );
-    let bulk_args: Vec<String> = vec![
-        "--mode".into(),
-        "bulk".into(),
-        "--bytes".into(),
-        (cli.bulk_mb * 1024 * 1024).to_string(),
+    let mib = |n: u64| (n * 1024 * 1024).to_string();
+    // The client runs of one target in one round, in order.
+    let runs = [
+        args(&["--mode", "bulk", "--bytes", &mib(cli.bulk_mb)]),
+        args(&["--mode", "upload", "--bytes", &mib(cli.upload_mb)]),
+        args(&[
+            "--mode",
+            "rps",
+            "--conns",
+            &cli.conns.to_string(),
+            "--duration",
+            &cli.duration.to_string(),
+        ]),
     ];
-    let rps_args: Vec<String> = vec![
-        "--mode".into(),
-        "rps".into(),
-        "--conns".into(),
-        cli.conns.to_string(),
-        "--duration".into(),
-        cli.duration.to_string(),
+    let col = |header: &str, run, field, decimals| Col {
+        header: header.to_string(),
+        run,
+        field,
+        decimals,
+    };
+    let cols = [
+        col("download MB/s", 0, "mbps", 0),
+        col("upload MB/s", 1, "mbps", 0),
+        col(&format!("req/s ({} conns)", cli.conns), 2, "rps", 0),
+        col("p50 ms", 2, "p50_ms", 2),
+        col("p99 ms", 2, "p99_ms", 2),
     ];
-    let n = targets.len();
-    let (mut bulk, mut rps, mut p50, mut p99) = (
-        vec![vec![]; n],
-        vec![vec![]; n],
-        vec![vec![]; n],
-        vec![vec![]; n],
-    );
+    // samples[target][column]: one value per round.
+    let mut samples = vec![vec![Vec::<f64>::new(); cols.len()]; targets.len()];
     for round in 0..cli.rounds {
         if let Some(g) = &gw {
             // Keeps the registration fresh however long the run takes.
             register_once(&g.agent_cfg).map_err(|e| anyhow::anyhow!("re-register: {e}"))?;
         }
         // Rotate the order so no target always runs first (or right after another's load).
-        for k in 0..n {
-            let i = (k + round) % n;
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
             let t = &targets[i];
-            let b = t.run_client(&bulk_args)?;
-            let r = t.run_client(&rps_args)?;
-            let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-            eprintln!(
-                "round {round} {:8} bulk {:7.1} MB/s  rps {:8.0}  p50 {:.2} ms  p99 {:.2} ms  errors {}",
-                t.name,
-                get(&b, "mbps"),
-                get(&r, "rps"),
-                get(&r, "p50_ms"),
-                get(&r, "p99_ms"),
-                r["errors"]
-            );
-            bulk[i].push(get(&b, "mbps"));
-            rps[i].push(get(&r, "rps"));
-            p50[i].push(get(&r, "p50_ms"));
-            p99[i].push(get(&r, "p99_ms"));
+            let answers = match runs
+                .iter()
+                .map(|r| t.run_client(r))
+                .collect::<anyhow::Result<Vec<_>>>()
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    // The cluster's directory goes with it: show why the gateway gave up first.
+                    if let Some(g) = &gw {
+                        let log = g.tc.node_log(1);
+                        let lines: Vec<&str> = log.lines().collect();
+                        let tail = &lines[lines.len().saturating_sub(40)..];
+                        eprintln!("gateway node log, last lines:\n{}", tail.join("\n"));
+                    }
+                    return Err(e);
+                }
+            };
+            let mut line = format!("round {round} {:8}", t.name);
+            for (c, col) in cols.iter().enumerate() {
+                let v = answers[col.run][col.field].as_f64().unwrap_or(f64::NAN);
+                line += &format!("  {} {v:.*}", col.header, col.decimals.max(1));
+                samples[i][c].push(v);
+            }
+            eprintln!("{line}  errors {}", answers[2]["errors"]);
         }
     }
     println!();
-    println!(
-        "| path | bulk MB/s | req/s ({} conns) | p50 ms | p99 ms |",
-        cli.conns
-    );
-    println!("|---|---|---|---|---|");
-    for i in 0..n {
-        let m = |v: &mut Vec<f64>| median(v).unwrap_or(f64::NAN);
-        println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} |",
-            targets[i].label,
-            m(&mut bulk[i]),
-            m(&mut rps[i]),
-            m(&mut p50[i]),
-            m(&mut p99[i])
-        );
+    let headers: Vec<&str> = cols.iter().map(|c| c.header.as_str()).collect();
+    println!("| path | {} |", headers.join(" | "));
+    println!("|---|{}", "---|".repeat(cols.len()));
+    for (t, per_col) in targets.iter().zip(&mut samples) {
+        let cells: Vec<String> = cols
+            .iter()
+            .zip(per_col)
+            .map(|(c, v)| format!("{:.*}", c.decimals, median(v).unwrap_or(f64::NAN)))
+            .collect();
+        println!("| {} | {} |", t.label, cells.join(" | "));
     }
     println!(
         "\nmedians of {} rounds; load average before {load_before}, after {}",
@@ -622,9 +832,11 @@ fn orchestrate(cli: &Cli) -> anyhow::Result<()> {
         loadavg()
     );
     if let Some(g) = &gw {
-        // Evidence that the gateway's traffic really crossed the CVM's wireguard-go.
+        // Evidence that the gateway's traffic really crossed the CVM's wireguard-go, and that
+        // the no-tunnel row's crossed the veth (wireguard-go's UDP runs on loopback, not there).
         let t = wggo::run("wg", &["show", &g.ifname, "transfer"])?;
         println!("CVM wireguard-go transfer (peer, rx bytes, tx bytes): {t}");
+        println!("veth to the CVM netns, root end: {}", g.veth.counters());
     }
     Ok(())
 }
