@@ -100,16 +100,7 @@ impl PeerTable {
         let mut ips: HashMap<IpAddr, PublicKey> = HashMap::with_capacity(peers.len());
         for p in &peers {
             self.check(p)?;
-            if !keys.insert(p.public_key) {
-                return Err(WgError::DuplicatePeer(p.public_key));
-            }
-            if let Some(first) = ips.insert(p.tunnel_ip, p.public_key) {
-                return Err(WgError::DuplicatePeerIp {
-                    ip: p.tunnel_ip,
-                    first,
-                    second: p.public_key,
-                });
-            }
+            unique(p, &mut keys, &mut ips)?;
         }
 
         let mut diff = PeerDiff::default();
@@ -156,16 +147,10 @@ impl PeerTable {
         let mut added = 0usize;
         for p in &upsert {
             self.check(p)?;
-            if !keys.insert(p.public_key) || remove.contains(&p.public_key) {
+            if remove.contains(&p.public_key) {
                 return Err(WgError::DuplicatePeer(p.public_key));
             }
-            if let Some(first) = ips.insert(p.tunnel_ip, p.public_key) {
-                return Err(WgError::DuplicatePeerIp {
-                    ip: p.tunnel_ip,
-                    first,
-                    second: p.public_key,
-                });
-            }
+            unique(p, &mut keys, &mut ips)?;
             added += usize::from(!self.by_key.contains_key(&p.public_key));
         }
         for p in &upsert {
@@ -332,6 +317,25 @@ fn new_tunn(static_private: &x25519::StaticSecret, cfg: &PeerConfig, index: u32)
         // driver's endpoint-wide limiter screens every handshake before it gets here.
         None,
     )
+}
+
+/// Records `p`'s key and address, refusing a second peer with either in one update.
+fn unique(
+    p: &PeerConfig,
+    keys: &mut HashSet<PublicKey>,
+    ips: &mut HashMap<IpAddr, PublicKey>,
+) -> Result<(), WgError> {
+    if !keys.insert(p.public_key) {
+        return Err(WgError::DuplicatePeer(p.public_key));
+    }
+    if let Some(first) = ips.insert(p.tunnel_ip, p.public_key) {
+        return Err(WgError::DuplicatePeerIp {
+            ip: p.tunnel_ip,
+            first,
+            second: p.public_key,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

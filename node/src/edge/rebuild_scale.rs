@@ -81,18 +81,8 @@ pub(crate) fn big_state(apps: usize) -> ClusterState {
         let name = format!("*.c{c}.{BASE}");
         let leaf =
             crate::pki::issue_dev_cert(dir.path(), std::slice::from_ref(&name)).expect("leaf");
-        s.certificates.insert(
-            name.clone(),
-            Certificate {
-                name: name.clone(),
-                names: vec![name],
-                chain_pem: leaf.cert_pem,
-                key: leaf.key_pem.into_bytes(),
-                key_encryption: "none".into(),
-                not_after: 1,
-                issuer: "test".into(),
-            },
-        );
+        s.certificates
+            .insert(name.clone(), super::tests::stored_certificate(name, leaf));
     }
     s
 }

@@ -83,18 +83,9 @@ pub(super) async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
         },
     );
     let name = format!("*.{BASE}");
-    state.certificates.insert(
-        name.clone(),
-        Certificate {
-            name: name.clone(),
-            names: vec![name],
-            chain_pem: leaf.cert_pem,
-            key: leaf.key_pem.into_bytes(),
-            key_encryption: "none".into(),
-            not_after: 1,
-            issuer: "test".into(),
-        },
-    );
+    state
+        .certificates
+        .insert(name.clone(), stored_certificate(name, leaf));
     let shared = SharedState::detached(state);
 
     let mut cfg = EdgeConfig {
@@ -172,6 +163,19 @@ async fn get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, host: &str, path: &str
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A dev certificate for `name` as the replicated store holds it (key unsealed).
+pub(super) fn stored_certificate(name: String, leaf: portcullis_raft::tls::Issued) -> Certificate {
+    Certificate {
+        name: name.clone(),
+        names: vec![name],
+        chain_pem: leaf.cert_pem,
+        key: leaf.key_pem.into_bytes(),
+        key_encryption: "none".into(),
+        not_after: 1,
+        issuer: "test".into(),
+    }
 }
 
 fn body_json(resp: &str) -> serde_json::Value {
