@@ -497,26 +497,11 @@ pub fn read_cluster_json(dir: &Path) -> ClusterJson {
     serde_json::from_str(&text).expect("parse cluster.json")
 }
 
-/// Is `pid` running (not gone, not a zombie)?
-///
-/// A process whose main thread has exited shows `Z` in `/proc/PID/stat`
-/// while its other threads are still tearing down and still hold its files
-/// (the sled lock among them), so it counts as alive until it is the only
-/// task left.
+/// Is `pid` running (not gone, not a zombie)? A process whose main thread has exited counts as
+/// running until its last thread is gone, because those threads still hold its files (the sled
+/// lock among them).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let zombie = s
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-            !zombie || live_threads(pid) > 1
-        }
-        Err(_) => false,
-    }
-}
-
-fn live_threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+    portcullis_node::launcher::running(pid)
 }
 
 /// Runs an outside command with no stdin and collects its output.

@@ -2,6 +2,7 @@
 //! drivers for benchmarks and chaos runs.
 //!
 //! Layout:
+//! - [`backend`]: the HTTP/1.1 backend loop of the benchmark drivers.
 //! - [`harness`]: start a local cluster, run CLI commands, kill/restart nodes, wait for conditions.
 //! - [`cvm`]: CVM-side helpers (agent configurations, registrations) for the tunnel tests.
 //! - `wgl`: a per-key linearizability checker for recorded histories.
@@ -11,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod chaos;
 pub mod cvm;
 pub mod harness;

@@ -575,6 +575,11 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Is `pid` a process (of any program) that has not finished? The test harness asks the same.
+pub fn running(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && !zombie(pid)
+}
+
 /// A finished process. A main thread that has exited shows `Z` while the
 /// other threads still tear down and hold the process's files (a node's sled
 /// lock among them), so it is only finished once it is the last task left.

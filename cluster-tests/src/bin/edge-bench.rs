@@ -232,22 +232,9 @@ async fn backend(b: BackendArgs) -> anyhow::Result<()> {
     let secure = TcpListener::bind(b.tls_listen)
         .await
         .with_context(|| format!("bind {}", b.tls_listen))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = plain.accept().await else {
-                // Out of descriptors, most likely: let some connections close first.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            let _ = s.set_nodelay(true);
-            // No header-read timeout: only the local proxies connect here, and it would close
-            // their pooled connections while other targets are being measured.
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), hyper::service::service_fn(answer)),
-            );
-        }
-    });
+    tokio::spawn(portcullis_cluster_tests::backend::serve_http1(
+        plain, answer,
+    ));
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = secure.accept().await else {

@@ -227,17 +227,8 @@ async fn backend(listen: SocketAddr) -> anyhow::Result<()> {
     let l = TcpListener::bind(listen)
         .await
         .with_context(|| format!("bind {listen}"))?;
-    loop {
-        let Ok((s, _)) = l.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = s.set_nodelay(true);
-        tokio::spawn(
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(s), hyper::service::service_fn(answer)),
-        );
-    }
+    portcullis_cluster_tests::backend::serve_http1(l, answer).await;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

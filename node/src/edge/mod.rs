@@ -489,22 +489,10 @@ impl Edge {
             tracker.spawn(balance::geo_reload_loop(db, shutdown.clone()));
         }
         // Redirects and ACME HTTP-01 are little work: the plain port stays on the shared runtime.
-        let edge = self.clone();
-        let t = tracker.clone();
-        let sd = shutdown.clone();
-        tracker.spawn(async move {
-            edge.accept_loop(listeners.http, Listener::Http, t, sd)
-                .await
-        });
+        self.accept_on_shared(listeners.http, Listener::Http, tracker, &shutdown);
         let workers = self.cfg.worker_threads();
         if workers == 0 {
-            let edge = self.clone();
-            let t = tracker.clone();
-            tracker.spawn(async move {
-                edge.accept_loop(listeners.https, Listener::Https, t, shutdown)
-                    .await
-            });
-            return;
+            return self.accept_on_shared(listeners.https, Listener::Https, tracker, &shutdown);
         }
         let std = match listeners.https.into_std() {
             Ok(l) => l,
@@ -524,16 +512,24 @@ impl Edge {
             // Whichever workers started keep serving; the shared runtime accepts beside them.
             tracing::error!(error = %e, workers, "not every data-plane worker started");
             match TcpListener::from_std(std) {
-                Ok(https) => {
-                    let edge = self.clone();
-                    let t = tracker.clone();
-                    tracker.spawn(async move {
-                        edge.accept_loop(https, Listener::Https, t, shutdown).await
-                    });
-                }
+                Ok(https) => self.accept_on_shared(https, Listener::Https, tracker, &shutdown),
                 Err(e) => tracing::error!(error = %e, "https listener lost"),
             }
         }
+    }
+
+    /// Runs an accept loop on the node's shared runtime.
+    fn accept_on_shared(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        kind: Listener,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let edge = self.clone();
+        let t = tracker.clone();
+        let sd = shutdown.clone();
+        tracker.spawn(async move { edge.accept_loop(listener, kind, t, sd).await });
     }
 
     async fn watch(self: Arc<Self>, shared: SharedState, shutdown: CancellationToken) {
@@ -541,8 +537,8 @@ impl Edge {
         // apps' selectors, still cost real CPU. Under a burst of writes (hundreds per second)
         // rebuilding after every entry would spend it on snapshots that are replaced a
         // millisecond later; at most one rebuild per interval lets the watch channel coalesce
-        // a burst into one. Routes still change
-        // within this interval plus one rebuild, far inside the 1 s promise.
+        // a burst into one. Routes still change within this interval plus one rebuild, far
+        // inside the 1 s promise.
         const MIN_REBUILD_INTERVAL: Duration = Duration::from_millis(25);
         let mut rx = shared.subscribe();
         let mut last = tokio::time::Instant::now();
