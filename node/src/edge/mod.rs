@@ -25,6 +25,7 @@
 pub mod balance;
 pub mod clienthello;
 pub mod grammar;
+pub mod h1client;
 pub mod h3;
 pub mod limits;
 pub mod proxy;
@@ -485,6 +486,10 @@ impl Edge {
             )
             .instrument(tracing::info_span!("health_probes")),
         );
+        let edge = self.clone();
+        let sd = shutdown.clone();
+        let idle = Duration::from_millis(self.cfg.backend_pool_idle_timeout_ms);
+        tracker.spawn(async move { edge.proxy.reap_idle(idle, sd).await });
         if let Some(db) = self.balancer.reloading_db() {
             tracker.spawn(balance::geo_reload_loop(db, shutdown.clone()));
         }

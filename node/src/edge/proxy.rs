@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::balance::{self, Balancer, NoCandidate};
 use super::grammar::{GrammarError, Mode};
+use super::h1client::H1Pool;
 use super::limits::{Activity, ActivityClock, Cidrs};
 use super::route::{Route, RouteError, RouteTable};
 use super::upstream::{HyperConnector, Upstream};
@@ -65,15 +66,9 @@ pub enum ProxyError {
     #[error("backend {backend} did not answer within {timeout:?}")]
     Timeout { backend: String, timeout: Duration },
     #[error("cannot connect to backend {backend}: {source}")]
-    Connect {
-        backend: String,
-        source: hyper_util::client::legacy::Error,
-    },
+    Connect { backend: String, source: BoxError },
     #[error("backend {backend} failed: {source}")]
-    Upstream {
-        backend: String,
-        source: hyper_util::client::legacy::Error,
-    },
+    Upstream { backend: String, source: BoxError },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -228,6 +223,9 @@ pub struct Pooling {
 
 /// One event loop's backend connection pools.
 struct Pools {
+    /// Requests without a body to HTTP/1.1 backends: the bulk of the traffic (`h1client`).
+    direct: H1Pool,
+    /// Requests with a body, and upgrades.
     http1: Client<HyperConnector, ProxyBody>,
     h2c: Client<HyperConnector, ProxyBody>,
 }
@@ -411,7 +409,7 @@ impl Proxy {
         (balancer, xff_from): (Arc<Balancer>, Cidrs),
     ) -> Self {
         let connector = HyperConnector {
-            upstream,
+            upstream: upstream.clone(),
             timeout: pooling.connect_timeout,
         };
         let mut b = Client::builder(TokioExecutor::new());
@@ -420,6 +418,12 @@ impl Proxy {
             .pool_timer(TokioTimer::new());
         let pools = (0..=pooling.workers)
             .map(|_| Pools {
+                direct: H1Pool::new(
+                    upstream.clone(),
+                    pooling.connect_timeout,
+                    pooling.idle,
+                    pooling.max_idle,
+                ),
                 http1: b.build(connector.clone()),
                 h2c: b.clone().http2_only(true).build(connector.clone()),
             })
@@ -431,6 +435,22 @@ impl Proxy {
             balancer,
             xff_from,
             custom: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Closes the direct client's backend connections that sat idle past the pool's idle
+    /// timeout, every half of it, until shutdown. (hyper's pools reap their own.)
+    pub async fn reap_idle(&self, idle: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for p in self.pools.iter() {
+                p.direct.reap();
+            }
         }
     }
 
@@ -663,9 +683,12 @@ impl Proxy {
         } else {
             &pools.http1
         };
+        // Bodiless requests to HTTP/1.1 backends skip hyper's client (`h1client`); a request
+        // with a body, an upgrade or an h2c backend needs it.
+        let direct = route.mode == Mode::Http && !upgrade && resendable;
         let timeout = self.settings.request_timeout;
         let mut attempt = candidates.into_iter().peekable();
-        let (mut resp, load_guard) = loop {
+        let (resp, load_guard) = loop {
             let Some(cand) = attempt.next() else {
                 return Err(ProxyError::NoHealthyBackend(route.app.to_string()));
             };
@@ -673,37 +696,55 @@ impl Proxy {
             let Some(addr) = cand.backend.address(route.port, route.default_port) else {
                 continue;
             };
-            let out_body = match (resendable, body.take()) {
-                (true, _) => http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-                (false, Some(b)) => Limited::new(
-                    b,
-                    usize::try_from(self.settings.max_body).unwrap_or(usize::MAX),
-                )
-                .boxed(),
-                (false, None) => return Err(ProxyError::NoHealthyBackend(route.app.to_string())),
-            };
-            let mut out = Request::new(out_body);
-            *out.method_mut() = parts.method.clone();
-            *out.uri_mut() = backend_uri(&addr, &pq)
-                .map_err(|e| ProxyError::Internal(format!("backend uri for {addr}: {e}")))?;
-            *out.version_mut() = parts.version;
-            // Only a later attempt needs the headers again.
-            *out.headers_mut() = if attempt.peek().is_some() {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
             let guard = cand.load.as_ref().map(|l| l.acquire());
-            match tokio::time::timeout(timeout, client.request(out)).await {
-                Err(_) => {
+            let sent = if direct {
+                let send = pools
+                    .direct
+                    .send(&addr, &parts.method, pq.as_str(), &parts.headers);
+                match tokio::time::timeout(timeout, send).await {
+                    Err(_) => Err(None),
+                    Ok(Ok(r)) => Ok(Sent::Direct(r)),
+                    Ok(Err(e)) => Err(Some((e.is_connect(), BoxError::from(e)))),
+                }
+            } else {
+                let out_body = match (resendable, body.take()) {
+                    (true, _) => http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed(),
+                    (false, Some(b)) => Limited::new(
+                        b,
+                        usize::try_from(self.settings.max_body).unwrap_or(usize::MAX),
+                    )
+                    .boxed(),
+                    (false, None) => {
+                        return Err(ProxyError::NoHealthyBackend(route.app.to_string()))
+                    }
+                };
+                let mut out = Request::new(out_body);
+                *out.method_mut() = parts.method.clone();
+                *out.uri_mut() = backend_uri(&addr, &pq)
+                    .map_err(|e| ProxyError::Internal(format!("backend uri for {addr}: {e}")))?;
+                *out.version_mut() = parts.version;
+                // Only a later attempt needs the headers again.
+                *out.headers_mut() = if attempt.peek().is_some() {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+                match tokio::time::timeout(timeout, client.request(out)).await {
+                    Err(_) => Err(None),
+                    Ok(Ok(r)) => Ok(Sent::Hyper(r)),
+                    Ok(Err(e)) => Err(Some((e.is_connect(), BoxError::from(e)))),
+                }
+            };
+            match sent {
+                Err(None) => {
                     return Err(ProxyError::Timeout {
                         backend: addr,
                         timeout,
                     })
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Err(Some((true, e))) => {
                     if let Some(h) = &cand.health {
                         if h.record_connect_failure(self.balancer.health.passive_fall) {
                             tracing::warn!(instance = %cand.backend.instance_id, backend = %addr, "instance ejected after consecutive connect failures");
@@ -718,11 +759,11 @@ impl Proxy {
                         source: e,
                     });
                 }
-                Ok(Err(e)) => {
+                Err(Some((false, e))) => {
                     // A body over the limit surfaces as a body error while sending, one or
                     // two causes down (hyper's error may sit in between).
                     let over_limit =
-                        std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                        std::iter::successors(Some(&*e as &dyn std::error::Error), |s| s.source())
                             .any(|s| s.is::<http_body_util::LengthLimitError>());
                     if over_limit {
                         return Err(ProxyError::BodyTooLarge(self.settings.max_body));
@@ -732,13 +773,17 @@ impl Proxy {
                         source: e,
                     });
                 }
-                Ok(Ok(r)) => {
+                Ok(r) => {
                     if let Some(h) = &cand.health {
                         h.record_connect_success();
                     }
                     break (r, guard);
                 }
             }
+        };
+        let mut resp = match resp {
+            Sent::Direct(r) => return Ok(relay_response(r, load_guard)),
+            Sent::Hyper(r) => r,
         };
 
         if let Some(key) = &ws_key {
@@ -804,19 +849,7 @@ impl Proxy {
                 ));
             }
         }
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
-        // The client's protocol, not the backend's, decides the response version.
-        parts.version = Version::HTTP_11;
-        // The instance counts as loaded (least-conn, bounded load) until the body is done.
-        let body = body.map_frame(move |f| {
-            let _held = &load_guard;
-            f
-        });
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(BoxError::from).boxed(),
-        ))
+        Ok(relay_response(resp, load_guard))
     }
 
     fn forwarded_headers(
@@ -846,6 +879,33 @@ impl Proxy {
         h.insert(FORWARDED, a.forwarded);
         h.insert(header::HOST, a.host);
     }
+}
+
+/// What a backend answered, through whichever client sent the request.
+enum Sent {
+    Direct(Response<super::h1client::H1Body>),
+    Hyper(Response<hyper::body::Incoming>),
+}
+
+/// A backend's response as the client gets it: hop-by-hop fields gone, the client's protocol
+/// version, and the instance counted as loaded (least-conn, bounded load) until the body is
+/// done.
+fn relay_response<B>(
+    resp: Response<B>,
+    load_guard: Option<portcullis_geo::LoadGuard>,
+) -> Response<ProxyBody>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    parts.version = Version::HTTP_11;
+    let body = body.map_frame(move |f| {
+        let _held = &load_guard;
+        f
+    });
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
 /// Relays an upgraded (WebSocket) or passthrough connection until either side closes or no

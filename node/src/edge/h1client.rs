@@ -1,0 +1,1093 @@
+//! A pooled HTTP/1.1 client for requests without a body, run inside the request's own task.
+//!
+//! Most of what a gateway forwards is `GET`s with no body. hyper's pooled client sends each
+//! one through channels to a task that owns the connection, and streams the response body
+//! back through another: two task switches, a pool lock keyed by a hashed URI and a handful of
+//! allocations per request. Here the request's task writes the head, parses the response
+//! (httparse) and reads the body straight off the connection, which goes back to its pool as
+//! soon as the body is complete. Requests with a body, upgrades and h2c backends stay on
+//! hyper's client (`super::proxy`): streaming a body up while a response streams down needs
+//! both directions driven at once, which is exactly what hyper's connection task is for.
+//!
+//! Idle connections are kept per backend address, per event loop (as hyper's pools are), and
+//! checked before reuse: one the backend closed while it sat idle is dropped, not written to.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use sync_wrapper::SyncWrapper;
+use tokio::io::AsyncWriteExt;
+
+use super::upstream::{connect_with_timeout, BoxedIo, Target, Upstream};
+
+/// Response header fields accepted from a backend (hyper's client allows 100).
+const MAX_HEADERS: usize = 128;
+/// A response head larger than this is refused (hyper's client default is ~400 KiB).
+const MAX_HEAD_BYTES: usize = 256 * 1024;
+/// A chunk-size line or trailer block larger than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
+/// Read buffers grow by this much when they run low.
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened: nothing reached the backend, so another may be tried.
+    #[error("{0}")]
+    Connect(io::Error),
+    #[error("{0}")]
+    Io(io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+}
+
+impl SendError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+/// One event loop's idle connections to every backend it used.
+pub struct H1Pool {
+    upstream: Arc<dyn Upstream>,
+    connect_timeout: Duration,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Closed after this long unused.
+    idle: Duration,
+    max_idle: usize,
+    /// Uncontended: only its event loop uses it, besides the reaper every `idle / 2`. Never
+    /// held across an await.
+    conns: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+struct Conn {
+    io: BoxedIo,
+    /// Read but not yet consumed; empty whenever the connection is idle.
+    buf: BytesMut,
+}
+
+impl H1Pool {
+    pub fn new(
+        upstream: Arc<dyn Upstream>,
+        connect_timeout: Duration,
+        idle: Duration,
+        max_idle: usize,
+    ) -> Self {
+        H1Pool {
+            upstream,
+            connect_timeout,
+            shared: Arc::new(Shared {
+                idle,
+                max_idle,
+                conns: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Closes connections idle for longer than the idle timeout.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        let idle = self.shared.idle;
+        let mut conns = self.shared.lock();
+        conns.retain(|_, v| {
+            v.retain(|c| now.duration_since(c.since) < idle);
+            !v.is_empty()
+        });
+    }
+
+    /// Idle connections kept, over all backends.
+    pub fn idle_count(&self) -> usize {
+        self.shared.lock().values().map(Vec::len).sum()
+    }
+
+    /// Sends a request with no body to `addr` (`host:port`), reusing an idle connection when
+    /// one is alive, and returns the response once its head has arrived; the body streams.
+    pub async fn send(
+        &self,
+        addr: &str,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response<H1Body>, SendError> {
+        let head = encode_head(method, path_and_query, headers);
+        let no_body = *method == Method::HEAD;
+        // A pooled connection can have been closed by the backend the moment it was picked.
+        // Then nothing was answered, and an idempotent request is sent again on another one
+        // (RFC 9110 §9.2.2); others get the error rather than risk running twice.
+        let idempotent = matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        while let Some(conn) = self.shared.checkout(addr) {
+            match exchange(conn, &head, no_body).await {
+                Ok((parts, framing, conn)) => return Ok(self.response(addr, parts, framing, conn)),
+                Err((e, answered)) if answered || !idempotent => return Err(e),
+                Err((e, _)) => {
+                    tracing::debug!(error = %e, backend = addr, "pooled connection was closed; trying another");
+                }
+            }
+        }
+        let target = Target::parse(addr).ok_or_else(|| {
+            SendError::Connect(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr:?} is not host:port"),
+            ))
+        })?;
+        let io = connect_with_timeout(&*self.upstream, &target, self.connect_timeout)
+            .await
+            .map_err(SendError::Connect)?;
+        let conn = Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        };
+        let (parts, framing, conn) = exchange(conn, &head, no_body).await.map_err(|(e, _)| e)?;
+        Ok(self.response(addr, parts, framing, conn))
+    }
+
+    fn response(
+        &self,
+        addr: &str,
+        parts: http::response::Parts,
+        framing: Framing,
+        conn: Conn,
+    ) -> Response<H1Body> {
+        let mut body = H1Body {
+            framing,
+            conn: Some(SyncWrapper::new(Lease {
+                conn,
+                pool: self.shared.clone(),
+                key: addr.into(),
+            })),
+            done: false,
+        };
+        if body.framing.complete() {
+            body.finish();
+        }
+        Response::from_parts(parts, body)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used live connection to `addr`.
+    fn checkout(&self, addr: &str) -> Option<Conn> {
+        let now = Instant::now();
+        let mut conns = self.lock();
+        let list = conns.get_mut(addr)?;
+        while let Some(Idle { mut conn, since }) = list.pop() {
+            if now.duration_since(since) < self.idle && conn.still_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: Box<str>, conn: Conn) {
+        let mut conns = self.lock();
+        let list = conns.entry(key).or_default();
+        if list.len() < self.max_idle {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Conn {
+    /// Whether an idle connection can carry a request: nothing is readable on it. A backend
+    /// that closed it (EOF), reset it, or sent bytes nobody asked for has made it unusable.
+    fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut rb = tokio::io::ReadBuf::new(&mut probe);
+        matches!(
+            Pin::new(&mut *self.io).poll_read(&mut cx, &mut rb),
+            Poll::Pending
+        )
+    }
+
+    /// Reads more bytes; `Ok(0)` is end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+}
+
+/// `METHOD path HTTP/1.1`, the header fields, and the blank line.
+fn encode_head(method: &Method, path_and_query: &str, headers: &HeaderMap) -> Vec<u8> {
+    let mut size = method.as_str().len() + path_and_query.len() + 14;
+    for (k, v) in headers {
+        size += k.as_str().len() + v.len() + 4;
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut cookies = 0;
+    for (k, v) in headers {
+        if k == header::COOKIE {
+            cookies += 1;
+            continue;
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if cookies > 0 {
+        // HTTP/2 and HTTP/3 clients may split Cookie into one field per pair; an HTTP/1.1
+        // server expects one field, joined with "; " (RFC 9113 §8.2.3).
+        out.extend_from_slice(b"cookie: ");
+        for (i, v) in headers.get_all(header::COOKIE).iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(v.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// How the response body is delimited (RFC 9112 §6.3), and whether the connection can be
+/// reused after it.
+#[derive(Debug)]
+enum Framing {
+    Length {
+        remaining: u64,
+        reuse: bool,
+    },
+    Chunked {
+        state: Chunk,
+        reuse: bool,
+    },
+    /// Until the backend closes the connection.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then a blank line.
+    Trailers,
+    Done,
+}
+
+impl Framing {
+    fn complete(&self) -> bool {
+        matches!(
+            self,
+            Framing::Length { remaining: 0, .. }
+                | Framing::Chunked {
+                    state: Chunk::Done,
+                    ..
+                }
+        )
+    }
+
+    fn reusable(&self) -> bool {
+        match self {
+            Framing::Length { reuse, .. } | Framing::Chunked { reuse, .. } => *reuse,
+            Framing::Close => false,
+        }
+    }
+}
+
+/// The error of an exchange, and whether any byte of a response had arrived.
+type ExchangeError = (SendError, bool);
+
+/// Writes the request head, then reads until a final response head is parsed.
+async fn exchange(
+    mut conn: Conn,
+    head: &[u8],
+    head_request: bool,
+) -> Result<(http::response::Parts, Framing, Conn), ExchangeError> {
+    let io_err = |e: io::Error, answered: bool| (SendError::Io(e), answered);
+    conn.io
+        .write_all(head)
+        .await
+        .map_err(|e| io_err(e, false))?;
+    conn.io.flush().await.map_err(|e| io_err(e, false))?;
+    let mut answered = false;
+    loop {
+        if !conn.buf.is_empty() {
+            answered = true;
+            match parse_head(&mut conn.buf, head_request).map_err(|e| (e, true))? {
+                Parsed::Final(parts, framing) => return Ok((parts, framing, conn)),
+                Parsed::Informational => continue,
+                Parsed::Partial => {}
+            }
+        }
+        if conn.buf.len() > MAX_HEAD_BYTES {
+            return Err((
+                SendError::Malformed(format!("response head over {MAX_HEAD_BYTES} bytes")),
+                true,
+            ));
+        }
+        let n = conn.fill().await.map_err(|e| io_err(e, answered))?;
+        if n == 0 {
+            let e = io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "backend closed the connection before a complete response head",
+            );
+            return Err(io_err(e, answered));
+        }
+    }
+}
+
+enum Parsed {
+    Final(http::response::Parts, Framing),
+    /// A 1xx other than 101 was consumed; another head follows.
+    Informational,
+    Partial,
+}
+
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, SendError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut fields);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(e) => return Err(SendError::Malformed(e.to_string())),
+    };
+    let code = r.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| SendError::Malformed(format!("status {code}")))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // Only requests that asked for an upgrade may get one, and they go through hyper.
+        return Err(SendError::Malformed(
+            "101 to a request that asked for no upgrade".into(),
+        ));
+    }
+    if status.is_informational() {
+        buf.advance(len);
+        return Ok(Parsed::Informational);
+    }
+    let http11 = r.version == Some(1);
+    // The field values point into the head; they are kept as slices of it, not copied.
+    let offsets: Vec<(HeaderName, std::ops::Range<usize>)> = {
+        let base = buf.as_ptr() as usize;
+        let mut v = Vec::with_capacity(r.headers.len());
+        for f in r.headers.iter() {
+            let name = HeaderName::from_bytes(f.name.as_bytes())
+                .map_err(|_| SendError::Malformed(format!("field name {:?}", f.name)))?;
+            let start = f.value.as_ptr() as usize - base;
+            v.push((name, start..start + f.value.len()));
+        }
+        v
+    };
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(offsets.len());
+    for (name, range) in offsets {
+        let value = HeaderValue::from_maybe_shared(head.slice(range))
+            .map_err(|_| SendError::Malformed(format!("value of {name}")))?;
+        headers.append(name, value);
+    }
+    let framing = framing(status, http11, head_request, &headers)?;
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = if http11 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    parts.headers = headers;
+    Ok(Parsed::Final(parts, framing))
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// RFC 9112 §6.3, in its order.
+fn framing(
+    status: StatusCode,
+    http11: bool,
+    head_request: bool,
+    headers: &HeaderMap,
+) -> Result<Framing, SendError> {
+    let reuse = if http11 {
+        !has_token(headers, header::CONNECTION, "close")
+    } else {
+        has_token(headers, header::CONNECTION, "keep-alive")
+    };
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Length {
+            remaining: 0,
+            reuse,
+        });
+    }
+    if let Some(last) = headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+        let chunked = last
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        // With both Transfer-Encoding and Content-Length the message may have been meant to
+        // smuggle another: use it, then close (§6.3 item 3).
+        let reuse = reuse && !headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(if chunked {
+            Framing::Chunked {
+                state: Chunk::Size,
+                reuse,
+            }
+        } else {
+            Framing::Close
+        });
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let part = part.trim();
+            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| SendError::Malformed(format!("Content-Length {part:?}")))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(SendError::Malformed(
+                    "conflicting Content-Length values".into(),
+                ));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(remaining) => Framing::Length { remaining, reuse },
+        None => Framing::Close,
+    })
+}
+
+/// The connection a response body is read from, and where it goes back to.
+struct Lease {
+    conn: Conn,
+    pool: Arc<Shared>,
+    key: Box<str>,
+}
+
+/// A response body read straight off the backend connection. The connection returns to its
+/// pool when the body is complete and nothing follows it; dropped early, it is closed.
+pub struct H1Body {
+    framing: Framing,
+    /// Only ever reached through `&mut self`, so the body is `Sync` (as `BoxBody` wants)
+    /// though the stream is not.
+    conn: Option<SyncWrapper<Lease>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for H1Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Body")
+            .field("framing", &self.framing)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H1Body {
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(lease) = self.conn.take().map(SyncWrapper::into_inner) {
+            // Bytes past the end of the response were never asked for: not a clean connection.
+            if self.framing.reusable() && lease.conn.buf.is_empty() {
+                let Lease { conn, pool, key } = lease;
+                pool.put(key, conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.done = true;
+        self.conn = None;
+        Poll::Ready(Some(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            e.into(),
+        ))))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let Some(lease) = this.conn.as_mut().map(SyncWrapper::get_mut) else {
+                return Poll::Ready(None);
+            };
+            let conn = &mut lease.conn;
+            match &mut this.framing {
+                Framing::Length { remaining, .. } => {
+                    if conn.buf.is_empty() {
+                        match std::task::ready!(conn.poll_fill(cx)) {
+                            Ok(0) => return this.fail("backend closed the connection mid-body"),
+                            Ok(_) => {}
+                            Err(e) => {
+                                this.conn = None;
+                                this.done = true;
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                        }
+                    }
+                    let n = (conn.buf.len() as u64).min(*remaining) as usize;
+                    let data = conn.buf.split_to(n).freeze();
+                    *remaining -= n as u64;
+                    if *remaining == 0 {
+                        // Back to the pool before the last frame is even sent, so the next
+                        // request on this event loop finds the connection free.
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match std::task::ready!(conn.poll_fill(cx)) {
+                        Ok(0) => {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            this.conn = None;
+                            this.done = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                }
+                Framing::Chunked { state, .. } => match decode_chunk(&mut conn.buf, state) {
+                    Ok(Decoded::Data(d)) => {
+                        if *state == Chunk::Done {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    }
+                    Ok(Decoded::Trailers(t)) => {
+                        this.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::Progress) => {
+                        if *state == Chunk::Done {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                    }
+                    Ok(Decoded::NeedMore) => match std::task::ready!(conn.poll_fill(cx)) {
+                        Ok(0) => return this.fail("backend closed the connection mid-body"),
+                        Ok(_) => {}
+                        Err(e) => {
+                            this.conn = None;
+                            this.done = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    },
+                    Err(e) => return this.fail(e),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.framing, self.done) {
+            (_, true) => SizeHint::with_exact(0),
+            (Framing::Length { remaining, .. }, false) => SizeHint::with_exact(*remaining),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The state moved on without a frame to give.
+    Progress,
+    NeedMore,
+}
+
+/// One step of the chunked decoder (RFC 9112 §7.1) over what is buffered.
+fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String> {
+    match *state {
+        Chunk::Size => {
+            let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                if buf.len() > MAX_CHUNK_LINE {
+                    return Err("chunk-size line too long".into());
+                }
+                return Ok(Decoded::NeedMore);
+            };
+            if nl > MAX_CHUNK_LINE {
+                return Err("chunk-size line too long".into());
+            }
+            let line = &buf[..nl];
+            let line = line
+                .strip_suffix(b"\r")
+                .ok_or("chunk-size line without CR")?;
+            // Extensions (`;name=value`) are allowed and meaningless here.
+            let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+            let digits = std::str::from_utf8(digits)
+                .map_err(|_| "chunk size is not ASCII")?
+                .trim_end_matches([' ', '\t']);
+            if digits.is_empty() || digits.len() > 15 {
+                return Err(format!("chunk size {digits:?}"));
+            }
+            let size =
+                u64::from_str_radix(digits, 16).map_err(|_| format!("chunk size {digits:?}"))?;
+            buf.advance(nl + 1);
+            *state = if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            };
+            Ok(Decoded::Progress)
+        }
+        Chunk::Data(remaining) => {
+            if buf.is_empty() {
+                return Ok(Decoded::NeedMore);
+            }
+            let n = (buf.len() as u64).min(remaining) as usize;
+            let data = buf.split_to(n).freeze();
+            *state = match remaining - n as u64 {
+                0 => Chunk::DataEnd,
+                left => Chunk::Data(left),
+            };
+            Ok(Decoded::Data(data))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Decoded::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err("chunk data not followed by CRLF".into());
+            }
+            buf.advance(2);
+            *state = Chunk::Size;
+            Ok(Decoded::Progress)
+        }
+        Chunk::Trailers => {
+            if buf.len() >= 2 && &buf[..2] == b"\r\n" {
+                buf.advance(2);
+                *state = Chunk::Done;
+                return Ok(Decoded::Progress);
+            }
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if buf.len() > MAX_TRAILER_BYTES {
+                    return Err("trailer section too large".into());
+                }
+                return Ok(Decoded::NeedMore);
+            };
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let parsed = httparse::parse_headers(&buf[..end + 4], &mut fields)
+                .map_err(|e| format!("trailers: {e}"))?;
+            let httparse::Status::Complete((_, fields)) = parsed else {
+                return Err("trailers: incomplete".into());
+            };
+            let mut trailers = HeaderMap::with_capacity(fields.len());
+            for f in fields {
+                let name = HeaderName::from_bytes(f.name.as_bytes())
+                    .map_err(|_| format!("trailer name {:?}", f.name))?;
+                let value = HeaderValue::from_bytes(f.value)
+                    .map_err(|_| format!("trailer value of {name}"))?;
+                trailers.append(name, value);
+            }
+            buf.advance(end + 4);
+            *state = Chunk::Done;
+            Ok(Decoded::Trailers(trailers))
+        }
+        Chunk::Done => Ok(Decoded::Progress),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use crate::edge::upstream::TcpUpstream;
+
+    fn pool() -> H1Pool {
+        H1Pool::new(
+            Arc::new(TcpUpstream),
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+            4,
+        )
+    }
+
+    /// A backend that answers each request it reads with the next canned response, then
+    /// closes after the last one. Returns its address and every request head it read.
+    async fn backend(
+        responses: Vec<&'static [u8]>,
+    ) -> (String, tokio::task::JoinHandle<(Vec<String>, usize)>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let h = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            let mut accepted = 0;
+            let mut responses = responses.into_iter();
+            'conns: loop {
+                let (mut s, _) = l.accept().await.expect("accept");
+                accepted += 1;
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            continue 'conns;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        continue;
+                    };
+                    heads.push(String::from_utf8_lossy(&buf[..end + 4]).into_owned());
+                    buf.drain(..end + 4);
+                    let Some(r) = responses.next() else {
+                        return (heads, accepted);
+                    };
+                    s.write_all(r).await.expect("write");
+                    if responses.len() == 0 {
+                        return (heads, accepted);
+                    }
+                }
+            }
+        });
+        (addr, h)
+    }
+
+    fn get_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("app.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+        h
+    }
+
+    async fn body_of(r: Response<H1Body>) -> Result<(Bytes, Option<HeaderMap>), io::Error> {
+        let c = r.into_body().collect().await?;
+        let trailers = c.trailers().cloned();
+        Ok((c.to_bytes(), trailers))
+    }
+
+    #[tokio::test]
+    async fn content_length_bodies_reuse_one_connection() {
+        let (addr, h) = backend(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\nno!",
+        ])
+        .await;
+        let p = pool();
+        let r = p
+            .send(&addr, &Method::GET, "/a?b=c", &get_headers())
+            .await
+            .expect("first");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["x-a"], "1");
+        assert_eq!(body_of(r).await.expect("body").0, "hello");
+        assert_eq!(p.idle_count(), 1, "the connection went back to the pool");
+        let r = p
+            .send(&addr, &Method::GET, "/second", &get_headers())
+            .await
+            .expect("second");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(body_of(r).await.expect("body").0, "no!");
+        let (heads, accepted) = h.await.expect("backend");
+        assert_eq!(accepted, 1, "both requests on one connection");
+        assert!(
+            heads[0].starts_with("GET /a?b=c HTTP/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(heads[0].contains("host: app.example\r\n"));
+        assert!(heads[0].contains("x-forwarded-for: 192.0.2.1\r\n"));
+        assert!(heads[1].starts_with("GET /second HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_with_trailers_and_informational_heads() {
+        let (addr, h) = backend(vec![
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Checksum: 42\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ])
+        .await;
+        let p = pool();
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("first");
+        assert_eq!(r.status(), StatusCode::OK);
+        let (body, trailers) = body_of(r).await.expect("body");
+        assert_eq!(body, "hello world");
+        assert_eq!(trailers.expect("trailers")["x-checksum"], "42");
+        assert_eq!(p.idle_count(), 1);
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("second");
+        assert_eq!(body_of(r).await.expect("body").0, "abc");
+        assert_eq!(h.await.expect("backend").1, 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_delimited_by_close_is_read_to_the_end_and_not_pooled() {
+        let (addr, h) = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]).await;
+        let p = pool();
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("send");
+        // The backend task returns after writing, which closes the connection.
+        h.await.expect("backend");
+        assert_eq!(body_of(r).await.expect("body").0, "until the end");
+        assert_eq!(p.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn head_and_no_content_have_no_body_whatever_they_declare() {
+        let (addr, _h) = backend(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ])
+        .await;
+        let p = pool();
+        let r = p
+            .send(&addr, &Method::HEAD, "/", &get_headers())
+            .await
+            .expect("head");
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], "1000");
+        assert!(r.body().is_end_stream());
+        assert_eq!(body_of(r).await.expect("body").0, "");
+        let r = p
+            .send(&addr, &Method::DELETE, "/", &get_headers())
+            .await
+            .expect("204");
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        assert_eq!(body_of(r).await.expect("body").0, "");
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("get");
+        assert_eq!(body_of(r).await.expect("body").0, "ok");
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_http10_are_not_pooled() {
+        let (addr, h) = backend(vec![
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\na",
+        ])
+        .await;
+        let p = pool();
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("send");
+        assert_eq!(body_of(r).await.expect("body").0, "a");
+        assert_eq!(p.idle_count(), 0);
+        h.await.expect("backend");
+        let (addr, _h) = backend(vec![b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nb"]).await;
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("send");
+        assert_eq!(body_of(r).await.expect("body").0, "b");
+        assert_eq!(p.idle_count(), 0);
+    }
+
+    fn pooled_open(p: &H1Pool) -> bool {
+        let mut conns = p.shared.lock();
+        let mut all = conns.values_mut().flat_map(|v| v.iter_mut());
+        all.any(|c| c.conn.still_open())
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_backend_closed_is_replaced() {
+        // The backend answers once per connection, then closes it: the pooled connection is
+        // dead by the time of the second request.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.expect("accept");
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                drop(s);
+            }
+        });
+        let p = pool();
+        for i in 0..4 {
+            let r = p
+                .send(&addr, &Method::GET, "/", &get_headers())
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(body_of(r).await.expect("body").0, "ok");
+            // Odd rounds wait until the backend's close has reached us, so the dead connection
+            // is refused at checkout; even rounds go at once and may find out by writing to
+            // it, which must be retried as well.
+            if i % 2 == 1 {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pooled_open(&p) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn malformed_responses_are_errors() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            b"NOT HTTP AT ALL\r\n\r\n",
+        ] {
+            let (addr, _h) = backend(vec![bad]).await;
+            let e = pool()
+                .send(&addr, &Method::GET, "/", &get_headers())
+                .await
+                .expect_err("malformed");
+            assert!(matches!(e, SendError::Malformed(_)), "{e:?}");
+        }
+        let (addr, _h) = backend(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ])
+        .await;
+        let r = pool()
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("head is fine");
+        assert!(body_of(r).await.is_err(), "a bad chunk size fails the body");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        drop(l);
+        let e = pool()
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect_err("nothing listens");
+        assert!(e.is_connect(), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_reaped() {
+        let (addr, _h) = backend(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ])
+        .await;
+        let p = H1Pool::new(
+            Arc::new(TcpUpstream),
+            Duration::from_secs(2),
+            Duration::from_millis(1),
+            4,
+        );
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("send");
+        body_of(r).await.expect("body");
+        assert_eq!(p.idle_count(), 1);
+        let since = Instant::now();
+        while since.elapsed() < Duration::from_millis(2) {
+            tokio::task::yield_now().await;
+        }
+        p.reap();
+        assert_eq!(p.idle_count(), 0);
+    }
+
+    #[test]
+    fn split_cookies_are_joined_into_one_field() {
+        let mut h = get_headers();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        let head = String::from_utf8(encode_head(&Method::GET, "/", &h)).expect("ascii");
+        assert_eq!(head.matches("cookie").count(), 1, "{head}");
+        assert!(head.contains("\r\ncookie: a=1; b=2\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn chunk_decoder_handles_bytes_arriving_one_at_a_time() {
+        let wire = b"4\r\nwiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nA: b\r\n\r\n";
+        let mut buf = BytesMut::new();
+        let mut state = Chunk::Size;
+        let mut body = Vec::new();
+        let mut trailers = None;
+        for &b in wire.iter() {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match decode_chunk(&mut buf, &mut state).expect("valid") {
+                    Decoded::Data(d) => body.extend_from_slice(&d),
+                    Decoded::Trailers(t) => trailers = Some(t),
+                    Decoded::Progress if state != Chunk::Done => continue,
+                    Decoded::Progress | Decoded::NeedMore => break,
+                }
+            }
+        }
+        assert_eq!(state, Chunk::Done);
+        assert_eq!(body, b"wikipedia in\r\n\r\nchunks.");
+        assert_eq!(trailers.expect("trailers")["a"], "b");
+        assert!(buf.is_empty());
+    }
+}
