@@ -26,6 +26,7 @@ pub mod balance;
 pub mod clienthello;
 pub mod grammar;
 pub mod h1client;
+pub mod h1wire;
 pub mod h3;
 pub mod limits;
 pub mod proxy;
