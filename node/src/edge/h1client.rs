@@ -63,7 +63,7 @@ struct Shared {
     max_idle: usize,
     /// Uncontended: only its event loop uses it, besides the reaper every `idle / 2`. Never
     /// held across an await.
-    conns: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    conns: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
 }
 
 struct Idle {
@@ -72,6 +72,8 @@ struct Idle {
 }
 
 struct Conn {
+    /// The backend address it is pooled under.
+    key: Arc<str>,
     io: BoxedIo,
     /// Read but not yet consumed; empty whenever the connection is idle.
     buf: BytesMut,
@@ -136,7 +138,7 @@ impl H1Pool {
         );
         while let Some(conn) = self.shared.checkout(addr) {
             match exchange(conn, &head, no_body).await {
-                Ok((parts, framing, conn)) => return Ok(self.response(addr, parts, framing, conn)),
+                Ok((parts, framing, conn)) => return Ok(self.response(parts, framing, conn)),
                 Err((e, answered)) if answered || !idempotent => return Err(e),
                 Err((e, _)) => {
                     tracing::debug!(error = %e, backend = addr, "pooled connection was closed; trying another");
@@ -153,16 +155,16 @@ impl H1Pool {
             .await
             .map_err(SendError::Connect)?;
         let conn = Conn {
+            key: addr.into(),
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
         };
         let (parts, framing, conn) = exchange(conn, &head, no_body).await.map_err(|(e, _)| e)?;
-        Ok(self.response(addr, parts, framing, conn))
+        Ok(self.response(parts, framing, conn))
     }
 
     fn response(
         &self,
-        addr: &str,
         parts: http::response::Parts,
         framing: Framing,
         conn: Conn,
@@ -172,7 +174,6 @@ impl H1Pool {
             conn: Some(SyncWrapper::new(Lease {
                 conn,
                 pool: self.shared.clone(),
-                key: addr.into(),
             })),
             done: false,
         };
@@ -184,7 +185,7 @@ impl H1Pool {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Vec<Idle>>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -201,9 +202,9 @@ impl Shared {
         None
     }
 
-    fn put(&self, key: Box<str>, conn: Conn) {
+    fn put(&self, conn: Conn) {
         let mut conns = self.lock();
-        let list = conns.entry(key).or_default();
+        let list = conns.entry(conn.key.clone()).or_default();
         if list.len() < self.max_idle {
             list.push(Idle {
                 conn,
@@ -287,7 +288,6 @@ async fn exchange(
 struct Lease {
     conn: Conn,
     pool: Arc<Shared>,
-    key: Box<str>,
 }
 
 /// A response body read straight off the backend connection. The connection returns to its
@@ -315,8 +315,7 @@ impl H1Body {
         if let Some(lease) = self.conn.take().map(SyncWrapper::into_inner) {
             // Bytes past the end of the response were never asked for: not a clean connection.
             if self.framing.reusable() && lease.conn.buf.is_empty() {
-                let Lease { conn, pool, key } = lease;
-                pool.put(key, conn);
+                lease.pool.put(lease.conn);
             }
         }
     }

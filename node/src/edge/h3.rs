@@ -349,6 +349,7 @@ async fn serve_connection(
         trusted,
         inflight: AtomicUsize::new(0),
         forwarded: Default::default(),
+        last_route: Default::default(),
     });
 
     let streams = TaskTracker::new();

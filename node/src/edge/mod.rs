@@ -743,6 +743,7 @@ impl Edge {
             trusted,
             inflight: AtomicUsize::new(0),
             forwarded: Default::default(),
+            last_route: Default::default(),
         });
         self.serve_http(tls, ctx, shutdown).await;
     }
@@ -829,6 +830,7 @@ impl Edge {
             trusted: true,
             inflight: AtomicUsize::new(0),
             forwarded: Default::default(),
+            last_route: Default::default(),
         };
         self.proxy.handle(&self.snapshot, &ctx, req).await
     }
@@ -853,6 +855,7 @@ impl Edge {
             trusted: self.trusted.contains(peer.ip()),
             inflight: AtomicUsize::new(0),
             forwarded: Default::default(),
+            last_route: Default::default(),
         });
         self.serve_http(stream, ctx, shutdown).await;
     }

@@ -23,6 +23,8 @@ pub(super) struct Env {
     pub(super) roots: rustls::RootCertStore,
     pub(super) metrics: Arc<EdgeMetrics>,
     pub(super) shutdown: CancellationToken,
+    /// The replicated state the edge serves from; `apply_detached` changes it.
+    shared: SharedState,
     _dir: tempfile::TempDir,
 }
 
@@ -112,7 +114,7 @@ pub(super) async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
     .expect("edge");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    edge.spawn(listeners, shared, &tracker, shutdown.clone());
+    edge.spawn(listeners, shared.clone(), &tracker, shutdown.clone());
 
     let mut roots = rustls::RootCertStore::empty();
     let ca_pem = std::fs::read_to_string(ca).expect("ca");
@@ -125,6 +127,7 @@ pub(super) async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
         roots,
         metrics,
         shutdown,
+        shared,
         _dir: dir,
     }
 }
@@ -366,4 +369,71 @@ async fn oversized_client_hello_is_refused() {
         })
         .get();
     assert_eq!(limit, 1);
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_follows_route_changes() {
+    // Each connection remembers its last route while the routing snapshot is unchanged; a
+    // change must still reach the next request of an open connection.
+    let env = start(|_| {}).await;
+    let host = format!("demo.{BASE}");
+    let io = hyper_util::rt::TokioIo::new(env.tls(&host).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let get = |sender: &mut hyper::client::conn::http1::SendRequest<String>| {
+        let req = hyper::Request::get("/x")
+            .header(hyper::header::HOST, host.as_str())
+            .body(String::new())
+            .expect("request");
+        let sent = sender.send_request(req);
+        async move { sent.await.expect("response").status().as_u16() }
+    };
+    for _ in 0..3 {
+        assert_eq!(get(&mut sender).await, 200);
+    }
+    // Without its instance the app has nothing to serve (503). Without the app, the name has
+    // no route: 404 on a new connection, 421 on the open one, whose TLS name chose a route that
+    // is gone. A connection that kept its old route would still answer 503.
+    use portcullis_raft::state::Command;
+    for (cmd, status) in [
+        (
+            Command::RemoveInstance {
+                instance_id: "i1".into(),
+            },
+            (503, 503),
+        ),
+        (
+            Command::DeleteApp {
+                name: "demo".into(),
+            },
+            (404, 421),
+        ),
+    ] {
+        let (fresh, open) = status;
+        env.shared.apply_detached(&cmd);
+        // A new connection shows when the edge has rebuilt.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let resp = get_on_new_connection(&env, &host).await;
+            if resp.starts_with(&format!("HTTP/1.1 {fresh}")) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never rebuilt: {resp}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            get(&mut sender).await,
+            open,
+            "the open connection saw {cmd:?}"
+        );
+    }
+}
+
+async fn get_on_new_connection(env: &Env, host: &str) -> String {
+    get(env.tls(host).await, host, "/x").await
 }
