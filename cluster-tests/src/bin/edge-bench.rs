@@ -433,6 +433,8 @@ fn version_line(bin: &Path, arg: &str) -> String {
 struct Target {
     kind: Kind,
     addr: SocketAddr,
+    /// The process whose CPU time, with its descendants' (nginx's workers), is the target's.
+    pid: u32,
 }
 
 struct Pki {
@@ -649,11 +651,16 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
     let mut p = Proc::spawn("backend", &mut cmd, dir.path().join("backend.log"))?;
     p.wait_listening(plain).await?;
     p.wait_listening(tls).await?;
+    let backend_pid = p.child.id();
     procs.push(p);
     let mut targets = Vec::new();
     for &k in &a.targets {
         match k {
-            Kind::Direct => targets.push(Target { kind: k, addr: tls }),
+            Kind::Direct => targets.push(Target {
+                kind: k,
+                addr: tls,
+                pid: backend_pid,
+            }),
             Kind::Portcullis => {
                 let cli = |args: &[&str]| {
                     let mut c = Command::new(&portcullis);
@@ -687,6 +694,7 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
                 targets.push(Target {
                     kind: k,
                     addr: https,
+                    pid: node.pid,
                 });
             }
             Kind::Nginx => {
@@ -708,8 +716,9 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
                 drop(l);
                 let mut p = Proc::spawn("nginx", &mut cmd, ndir.join("stderr.log"))?;
                 p.wait_listening(addr).await?;
+                let pid = p.child.id();
                 procs.push(p);
-                targets.push(Target { kind: k, addr });
+                targets.push(Target { kind: k, addr, pid });
             }
             Kind::Haproxy => {
                 let hdir = dir.path().join("haproxy");
@@ -729,8 +738,9 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
                 drop(l);
                 let mut p = Proc::spawn("haproxy", &mut cmd, hdir.join("haproxy.log"))?;
                 p.wait_listening(addr).await?;
+                let pid = p.child.id();
                 procs.push(p);
-                targets.push(Target { kind: k, addr });
+                targets.push(Target { kind: k, addr, pid });
             }
         }
     }
@@ -1108,6 +1118,46 @@ async fn newconn_loop(c: Arc<Client>, addr: SocketAddr, w: Window) -> Stats {
 struct Run {
     stats: Stats,
     secs: f64,
+    /// CPU seconds the target (with its child processes) used in the measured window.
+    cpu: Option<f64>,
+}
+
+/// User + system CPU seconds of `root` and its descendants, from /proc (Linux only).
+fn tree_cpu(root: u32) -> Option<f64> {
+    let mut procs = Vec::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the parenthesized command name: state, ppid, …; utime and stime are fields
+        // 14 and 15 of the whole line (11 and 12 after the name).
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(ppid), Some(u), Some(s)) = (num(1), num(11), num(12)) {
+            procs.push((pid, ppid as u32, u + s));
+        }
+    }
+    let mut tree = vec![root];
+    let mut ticks = 0;
+    while let Some(p) = tree.pop() {
+        for &(pid, ppid, t) in &procs {
+            if pid == p {
+                ticks += t;
+            }
+            if ppid == p {
+                tree.push(pid);
+            }
+        }
+    }
+    // /proc counts in USER_HZ, which the kernel fixes at 100 for user space on every
+    // architecture (sysconf(_SC_CLK_TCK)).
+    Some(ticks as f64 / 100.0)
 }
 
 async fn measure(c: &Arc<Client>, t: &Target, mode: Mode, a: &Args) -> anyhow::Result<Run> {
@@ -1127,6 +1177,14 @@ async fn measure(c: &Arc<Client>, t: &Target, mode: Mode, a: &Args) -> anyhow::R
             Mode::H3 => tokio::spawn(h3_loop(c, addr, a.streams, w)),
         });
     }
+    // The target's CPU time over exactly the measured window.
+    let pid = t.pid;
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(w.start.into()).await;
+        let before = tree_cpu(pid)?;
+        tokio::time::sleep_until(w.end.into()).await;
+        Some(tree_cpu(pid)? - before)
+    });
     let mut stats = Stats::new();
     for t in tasks {
         stats.merge(t.await?)?;
@@ -1134,6 +1192,7 @@ async fn measure(c: &Arc<Client>, t: &Target, mode: Mode, a: &Args) -> anyhow::R
     Ok(Run {
         stats,
         secs: a.duration as f64,
+        cpu: cpu.await?,
     })
 }
 
@@ -1172,6 +1231,8 @@ struct Merged {
     stats: Stats,
     secs: f64,
     per_round: Vec<f64>,
+    /// The target's CPU seconds over all measured windows, when every round had them.
+    cpu: Option<f64>,
 }
 
 impl Merged {
@@ -1180,6 +1241,11 @@ impl Merged {
     }
     fn ms(&self, q: f64) -> f64 {
         self.stats.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+    /// Target CPU microseconds per completed request.
+    fn cpu_us(&self) -> Option<f64> {
+        let n = self.stats.hist.len();
+        self.cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64)
     }
 }
 
@@ -1194,9 +1260,9 @@ fn report(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
     let mut s = String::new();
     s.push_str(
         "| mode | target | req/s | p50 ms | p99 ms | p99.9 ms | errors | req/s ÷ best proxy | \
-         p50 ÷ best proxy | p99 ÷ best proxy | req/s per round |\n",
+         p50 ÷ best proxy | p99 ÷ best proxy | CPU µs/req | CPU ÷ best proxy | req/s per round |\n",
     );
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &mode in &a.modes {
         // "Best proxy" per metric: the better of nginx and HAProxy on that metric.
         let proxies: Vec<&Merged> = [Kind::Nginx, Kind::Haproxy]
@@ -1206,13 +1272,15 @@ fn report(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
         let best_rate = proxies.iter().map(|m| m.rate()).reduce(f64::max);
         let best_p50 = proxies.iter().map(|m| m.ms(0.5)).reduce(f64::min);
         let best_p99 = proxies.iter().map(|m| m.ms(0.99)).reduce(f64::min);
+        let best_cpu = proxies.iter().filter_map(|m| m.cpu_us()).reduce(f64::min);
         for &kind in &a.targets {
             let Some(m) = results.get(&(mode, kind)) else {
                 continue;
             };
             let rounds: Vec<String> = m.per_round.iter().map(|r| format!("{r:.0}")).collect();
+            let cpu = m.cpu_us();
             s.push_str(&format!(
-                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
                 mode.label(),
                 kind.label(),
                 m.rate(),
@@ -1223,6 +1291,8 @@ fn report(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
                 ratio(m.rate(), best_rate),
                 ratio(m.ms(0.5), best_p50),
                 ratio(m.ms(0.99), best_p99),
+                cpu.map_or("–".into(), |c| format!("{c:.1}")),
+                cpu.map_or("–".into(), |c| ratio(c, best_cpu)),
                 rounds.join(", "),
             ));
         }
@@ -1278,6 +1348,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                         m.stats.merge(r.stats)?;
                         m.secs += r.secs;
                         m.per_round.push(rate);
+                        m.cpu = m.cpu.zip(r.cpu).map(|(x, y)| x + y);
                     }
                     None => {
                         results.insert(
@@ -1286,6 +1357,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                                 stats: r.stats,
                                 secs: r.secs,
                                 per_round: vec![rate],
+                                cpu: r.cpu,
                             },
                         );
                     }
