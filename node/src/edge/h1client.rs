@@ -54,6 +54,8 @@ impl SendError {
 pub struct H1Pool {
     upstream: Arc<dyn Upstream>,
     connect_timeout: Duration,
+    /// A response body that brings no byte for this long fails.
+    body_stall: Duration,
     shared: Arc<Shared>,
 }
 
@@ -85,10 +87,12 @@ impl H1Pool {
         connect_timeout: Duration,
         idle: Duration,
         max_idle: usize,
+        body_stall: Duration,
     ) -> Self {
         H1Pool {
             upstream,
             connect_timeout,
+            body_stall,
             shared: Arc::new(Shared {
                 idle,
                 max_idle,
@@ -176,6 +180,11 @@ impl H1Pool {
                 pool: self.shared.clone(),
             })),
             done: false,
+            stall: Stall {
+                limit: self.body_stall,
+                timer: None,
+                armed: false,
+            },
         };
         if body.framing.complete() {
             body.finish();
@@ -298,6 +307,41 @@ pub struct H1Body {
     /// though the stream is not.
     conn: Option<SyncWrapper<Lease>>,
     done: bool,
+    stall: Stall,
+}
+
+/// The deadline for the next byte of a body. The timer exists only once a read has had to
+/// wait: most bodies arrive with their head, and a timer per request is measurable CPU.
+struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the timer counts from the current wait (it is reset when bytes arrive).
+    armed: bool,
+}
+
+impl Stall {
+    /// Reads more of the body, failing with `TimedOut` after `limit` without a byte.
+    fn poll_fill(&mut self, conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(r) = conn.poll_fill(cx) {
+            self.armed = false;
+            return Poll::Ready(r);
+        }
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match std::future::Future::poll(timer.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the backend sent no byte of the body for {:?}", self.limit),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl std::fmt::Debug for H1Body {
@@ -350,7 +394,7 @@ impl Body for H1Body {
             match &mut this.framing {
                 Framing::Length { remaining, .. } => {
                     if conn.buf.is_empty() {
-                        match std::task::ready!(conn.poll_fill(cx)) {
+                        match std::task::ready!(this.stall.poll_fill(conn, cx)) {
                             Ok(0) => return this.fail("backend closed the connection mid-body"),
                             Ok(_) => {}
                             Err(e) => {
@@ -375,7 +419,7 @@ impl Body for H1Body {
                         let data = conn.buf.split().freeze();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    match std::task::ready!(conn.poll_fill(cx)) {
+                    match std::task::ready!(this.stall.poll_fill(conn, cx)) {
                         Ok(0) => {
                             this.finish();
                             return Poll::Ready(None);
@@ -405,15 +449,17 @@ impl Body for H1Body {
                             return Poll::Ready(None);
                         }
                     }
-                    Ok(Decoded::NeedMore) => match std::task::ready!(conn.poll_fill(cx)) {
-                        Ok(0) => return this.fail("backend closed the connection mid-body"),
-                        Ok(_) => {}
-                        Err(e) => {
-                            this.conn = None;
-                            this.done = true;
-                            return Poll::Ready(Some(Err(e)));
+                    Ok(Decoded::NeedMore) => {
+                        match std::task::ready!(this.stall.poll_fill(conn, cx)) {
+                            Ok(0) => return this.fail("backend closed the connection mid-body"),
+                            Ok(_) => {}
+                            Err(e) => {
+                                this.conn = None;
+                                this.done = true;
+                                return Poll::Ready(Some(Err(e)));
+                            }
                         }
-                    },
+                    }
                     Err(e) => return this.fail(e),
                 },
             }
@@ -450,6 +496,7 @@ mod tests {
             Duration::from_secs(2),
             Duration::from_secs(30),
             4,
+            Duration::from_secs(30),
         )
     }
 
@@ -727,6 +774,7 @@ mod tests {
             Duration::from_secs(2),
             Duration::from_millis(1),
             4,
+            Duration::from_secs(30),
         );
         let r = p
             .send(&addr, &Method::GET, "/", &get_headers())
@@ -739,6 +787,44 @@ mod tests {
             tokio::task::yield_now().await;
         }
         p.reap();
+        assert_eq!(p.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_fails_after_the_stall_limit() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                .await;
+            // Holds the connection open without another byte.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let stall = Duration::from_millis(200);
+        let p = H1Pool::new(
+            Arc::new(TcpUpstream),
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+            4,
+            stall,
+        );
+        let r = p
+            .send(&addr, &Method::GET, "/", &get_headers())
+            .await
+            .expect("head");
+        let start = Instant::now();
+        let e = body_of(r).await.expect_err("stalled body");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(start.elapsed() >= stall, "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(p.idle_count(), 0);
     }
 }

@@ -445,6 +445,7 @@ impl Proxy {
                     pooling.connect_timeout,
                     pooling.idle,
                     pooling.max_idle,
+                    settings.upgrade_idle_timeout,
                 ),
                 http1: b.build(connector.clone()),
                 h2c: b.clone().http2_only(true).build(connector.clone()),
