@@ -547,6 +547,10 @@ mod tests {
         h
     }
 
+    async fn get(p: &H1Pool, addr: &str, path: &str) -> Result<Response<H1Body>, SendError> {
+        p.send(addr, &Method::GET, path, &get_headers()).await
+    }
+
     async fn body_of(r: Response<H1Body>) -> Result<(Bytes, Option<HeaderMap>), io::Error> {
         let c = r.into_body().collect().await?;
         let trailers = c.trailers().cloned();
@@ -561,18 +565,12 @@ mod tests {
         ])
         .await;
         let p = pool();
-        let r = p
-            .send(&addr, &Method::GET, "/a?b=c", &get_headers())
-            .await
-            .expect("first");
+        let r = get(&p, &addr, "/a?b=c").await.expect("first");
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["x-a"], "1");
         assert_eq!(body_of(r).await.expect("body").0, "hello");
         assert_eq!(p.idle_count(), 1, "the connection went back to the pool");
-        let r = p
-            .send(&addr, &Method::GET, "/second", &get_headers())
-            .await
-            .expect("second");
+        let r = get(&p, &addr, "/second").await.expect("second");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(body_of(r).await.expect("body").0, "no!");
         let (heads, accepted) = h.await.expect("backend");
@@ -595,19 +593,13 @@ mod tests {
         ])
         .await;
         let p = pool();
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("first");
+        let r = get(&p, &addr, "/").await.expect("first");
         assert_eq!(r.status(), StatusCode::OK);
         let (body, trailers) = body_of(r).await.expect("body");
         assert_eq!(body, "hello world");
         assert_eq!(trailers.expect("trailers")["x-checksum"], "42");
         assert_eq!(p.idle_count(), 1);
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("second");
+        let r = get(&p, &addr, "/").await.expect("second");
         assert_eq!(body_of(r).await.expect("body").0, "abc");
         assert_eq!(h.await.expect("backend").1, 1);
     }
@@ -616,10 +608,7 @@ mod tests {
     async fn a_body_delimited_by_close_is_read_to_the_end_and_not_pooled() {
         let (addr, h) = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]).await;
         let p = pool();
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("send");
+        let r = get(&p, &addr, "/").await.expect("send");
         // The backend task returns after writing, which closes the connection.
         h.await.expect("backend");
         assert_eq!(body_of(r).await.expect("body").0, "until the end");
@@ -648,10 +637,7 @@ mod tests {
             .expect("204");
         assert_eq!(r.status(), StatusCode::NO_CONTENT);
         assert_eq!(body_of(r).await.expect("body").0, "");
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("get");
+        let r = get(&p, &addr, "/").await.expect("get");
         assert_eq!(body_of(r).await.expect("body").0, "ok");
     }
 
@@ -662,18 +648,12 @@ mod tests {
         ])
         .await;
         let p = pool();
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("send");
+        let r = get(&p, &addr, "/").await.expect("send");
         assert_eq!(body_of(r).await.expect("body").0, "a");
         assert_eq!(p.idle_count(), 0);
         h.await.expect("backend");
         let (addr, _h) = backend(vec![b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nb"]).await;
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("send");
+        let r = get(&p, &addr, "/").await.expect("send");
         assert_eq!(body_of(r).await.expect("body").0, "b");
         assert_eq!(p.idle_count(), 0);
     }
@@ -706,8 +686,7 @@ mod tests {
         });
         let p = pool();
         for i in 0..4 {
-            let r = p
-                .send(&addr, &Method::GET, "/", &get_headers())
+            let r = get(&p, &addr, "/")
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(body_of(r).await.expect("body").0, "ok");
@@ -733,20 +712,14 @@ mod tests {
             b"NOT HTTP AT ALL\r\n\r\n",
         ] {
             let (addr, _h) = backend(vec![bad]).await;
-            let e = pool()
-                .send(&addr, &Method::GET, "/", &get_headers())
-                .await
-                .expect_err("malformed");
+            let e = get(&pool(), &addr, "/").await.expect_err("malformed");
             assert!(matches!(e, SendError::Malformed(_)), "{e:?}");
         }
         let (addr, _h) = backend(vec![
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         ])
         .await;
-        let r = pool()
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("head is fine");
+        let r = get(&pool(), &addr, "/").await.expect("head is fine");
         assert!(body_of(r).await.is_err(), "a bad chunk size fails the body");
     }
 
@@ -755,10 +728,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         drop(l);
-        let e = pool()
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect_err("nothing listens");
+        let e = get(&pool(), &addr, "/").await.expect_err("nothing listens");
         assert!(e.is_connect(), "{e:?}");
     }
 
@@ -776,10 +746,7 @@ mod tests {
             4,
             Duration::from_secs(30),
         );
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("send");
+        let r = get(&p, &addr, "/").await.expect("send");
         body_of(r).await.expect("body");
         assert_eq!(p.idle_count(), 1);
         let since = Instant::now();
@@ -812,10 +779,7 @@ mod tests {
             4,
             stall,
         );
-        let r = p
-            .send(&addr, &Method::GET, "/", &get_headers())
-            .await
-            .expect("head");
+        let r = get(&p, &addr, "/").await.expect("head");
         let start = Instant::now();
         let e = body_of(r).await.expect_err("stalled body");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
