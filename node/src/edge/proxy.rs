@@ -700,9 +700,9 @@ impl Proxy {
                     .direct
                     .send(&addr, &parts.method, pq.as_str(), &parts.headers);
                 match tokio::time::timeout(timeout, send).await {
-                    Err(_) => Err(None),
+                    Err(_) => Err(Failed::Timeout),
                     Ok(Ok(r)) => Ok(Sent::Direct(r)),
-                    Ok(Err(e)) => Err(Some((e.is_connect(), BoxError::from(e)))),
+                    Ok(Err(e)) => Err(Failed::new(e.is_connect(), e)),
                 }
             } else {
                 let out_body = match (resendable, body.take()) {
@@ -730,19 +730,19 @@ impl Proxy {
                     std::mem::take(&mut parts.headers)
                 };
                 match tokio::time::timeout(timeout, client.request(out)).await {
-                    Err(_) => Err(None),
+                    Err(_) => Err(Failed::Timeout),
                     Ok(Ok(r)) => Ok(Sent::Hyper(r)),
-                    Ok(Err(e)) => Err(Some((e.is_connect(), BoxError::from(e)))),
+                    Ok(Err(e)) => Err(Failed::new(e.is_connect(), e)),
                 }
             };
             match sent {
-                Err(None) => {
+                Err(Failed::Timeout) => {
                     return Err(ProxyError::Timeout {
                         backend: addr,
                         timeout,
                     })
                 }
-                Err(Some((true, e))) => {
+                Err(Failed::Connect(e)) => {
                     if let Some(h) = &cand.health {
                         if h.record_connect_failure(self.balancer.health.passive_fall) {
                             tracing::warn!(instance = %cand.backend.instance_id, backend = %addr, "instance ejected after consecutive connect failures");
@@ -757,7 +757,7 @@ impl Proxy {
                         source: e,
                     });
                 }
-                Err(Some((false, e))) => {
+                Err(Failed::Other(e)) => {
                     // A body over the limit surfaces as a body error while sending, one or
                     // two causes down (hyper's error may sit in between).
                     let over_limit =
@@ -942,6 +942,24 @@ impl Proxy {
 fn cand_id(b: &Option<Arc<super::route::Backend>>) -> String {
     b.as_ref()
         .map_or_else(String::new, |b| b.instance_id.clone())
+}
+
+/// Why an attempt got no response head.
+enum Failed {
+    Timeout,
+    /// No connection: nothing reached the backend, so another one may be tried.
+    Connect(BoxError),
+    Other(BoxError),
+}
+
+impl Failed {
+    fn new(connect: bool, e: impl Into<BoxError>) -> Self {
+        if connect {
+            Failed::Connect(e.into())
+        } else {
+            Failed::Other(e.into())
+        }
+    }
 }
 
 /// What a backend answered, through whichever client sent the request.
