@@ -14,7 +14,6 @@ use std::any::Any;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -341,16 +340,7 @@ async fn serve_connection(
             return;
         }
     };
-    let ctx = Arc::new(ConnCtx {
-        client,
-        scheme: "https",
-        sni,
-        sni_route: route,
-        trusted,
-        inflight: AtomicUsize::new(0),
-        forwarded: Default::default(),
-        last_route: Default::default(),
-    });
+    let ctx = Arc::new(ConnCtx::new(client, "https", sni, route, trusted));
 
     let streams = TaskTracker::new();
     let idle = Duration::from_millis(cfg.idle_timeout_ms);

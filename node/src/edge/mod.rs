@@ -14,6 +14,8 @@
 //!   passive ejection, client location.
 //! - [`tls`]: certificates from the replicated store; the rustls config.
 //! - [`proxy`]: per-request forwarding, forwarded headers, WebSocket upgrades, error mapping.
+//! - [`h1client`]: the pooled HTTP/1.1 client for bodiless requests, run in the request's task;
+//!   [`h1wire`]: its wire format (pure, fuzzed).
 //! - [`upstream`]: the `Upstream` connector trait and its TCP implementation.
 //! - [`limits`]: connection limits, activity tracking for idle timeouts, replayed prefixes.
 //! - [`redirect`]: the plain HTTP port (308, ACME HTTP-01 hook).
@@ -41,7 +43,7 @@ pub mod worker;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -735,16 +737,7 @@ impl Edge {
             }
             Ok(Ok(s)) => s,
         };
-        let ctx = Arc::new(ConnCtx {
-            client: pre.client,
-            scheme: "https",
-            sni,
-            sni_route: route,
-            trusted,
-            inflight: AtomicUsize::new(0),
-            forwarded: Default::default(),
-            last_route: Default::default(),
-        });
+        let ctx = Arc::new(ConnCtx::new(pre.client, "https", sni, route, trusted));
         self.serve_http(tls, ctx, shutdown).await;
     }
 
@@ -822,16 +815,7 @@ impl Edge {
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
         B::Error: Into<proxy::BoxError>,
     {
-        let ctx = ConnCtx {
-            client,
-            scheme: "http",
-            sni: None,
-            sni_route: None,
-            trusted: true,
-            inflight: AtomicUsize::new(0),
-            forwarded: Default::default(),
-            last_route: Default::default(),
-        };
+        let ctx = ConnCtx::new(client, "http", None, None, true);
         self.proxy.handle(&self.snapshot, &ctx, req).await
     }
 
@@ -847,16 +831,13 @@ impl Edge {
             self.metrics.limit(e.reason());
             return;
         }
-        let ctx = Arc::new(ConnCtx {
-            client: peer,
-            scheme: "http",
-            sni: None,
-            sni_route: None,
-            trusted: self.trusted.contains(peer.ip()),
-            inflight: AtomicUsize::new(0),
-            forwarded: Default::default(),
-            last_route: Default::default(),
-        });
+        let ctx = Arc::new(ConnCtx::new(
+            peer,
+            "http",
+            None,
+            None,
+            self.trusted.contains(peer.ip()),
+        ));
         self.serve_http(stream, ctx, shutdown).await;
     }
 

@@ -142,6 +142,27 @@ pub struct ConnCtx {
     pub last_route: std::sync::Mutex<Option<LastRoute>>,
 }
 
+impl ConnCtx {
+    pub fn new(
+        client: SocketAddr,
+        scheme: &'static str,
+        sni: Option<String>,
+        sni_route: Option<Route>,
+        trusted: bool,
+    ) -> Self {
+        ConnCtx {
+            client,
+            scheme,
+            sni,
+            sni_route,
+            trusted,
+            inflight: AtomicUsize::new(0),
+            forwarded: Default::default(),
+            last_route: Default::default(),
+        }
+    }
+}
+
 /// A route that passed every check for this connection (SNI match, trusted networks, not
 /// passthrough), for the authority exactly as the client sent it.
 pub struct LastRoute {
