@@ -112,6 +112,11 @@ impl H1Pool {
         });
     }
 
+    /// How long a connection may sit idle in the pool.
+    pub fn idle_timeout(&self) -> Duration {
+        self.shared.idle
+    }
+
     /// Idle connections kept, over all backends.
     pub fn idle_count(&self) -> usize {
         self.shared.lock().values().map(Vec::len).sum()
@@ -364,13 +369,15 @@ impl H1Body {
         }
     }
 
-    fn fail(&mut self, e: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    /// Ends the body with an error; the connection is closed, never pooled.
+    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.done = true;
         self.conn = None;
-        Poll::Ready(Some(Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            e.into(),
-        ))))
+        Poll::Ready(Some(Err(e)))
+    }
+
+    fn malformed(&mut self, e: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.fail(io::Error::new(io::ErrorKind::InvalidData, e.into()))
     }
 }
 
@@ -395,13 +402,11 @@ impl Body for H1Body {
                 Framing::Length { remaining, .. } => {
                     if conn.buf.is_empty() {
                         match std::task::ready!(this.stall.poll_fill(conn, cx)) {
-                            Ok(0) => return this.fail("backend closed the connection mid-body"),
-                            Ok(_) => {}
-                            Err(e) => {
-                                this.conn = None;
-                                this.done = true;
-                                return Poll::Ready(Some(Err(e)));
+                            Ok(0) => {
+                                return this.malformed("backend closed the connection mid-body")
                             }
+                            Ok(_) => {}
+                            Err(e) => return this.fail(e),
                         }
                     }
                     let n = (conn.buf.len() as u64).min(*remaining) as usize;
@@ -425,11 +430,7 @@ impl Body for H1Body {
                             return Poll::Ready(None);
                         }
                         Ok(_) => continue,
-                        Err(e) => {
-                            this.conn = None;
-                            this.done = true;
-                            return Poll::Ready(Some(Err(e)));
-                        }
+                        Err(e) => return this.fail(e),
                     }
                 }
                 Framing::Chunked { state, .. } => match decode_chunk(&mut conn.buf, state) {
@@ -451,16 +452,14 @@ impl Body for H1Body {
                     }
                     Ok(Decoded::NeedMore) => {
                         match std::task::ready!(this.stall.poll_fill(conn, cx)) {
-                            Ok(0) => return this.fail("backend closed the connection mid-body"),
-                            Ok(_) => {}
-                            Err(e) => {
-                                this.conn = None;
-                                this.done = true;
-                                return Poll::Ready(Some(Err(e)));
+                            Ok(0) => {
+                                return this.malformed("backend closed the connection mid-body")
                             }
+                            Ok(_) => {}
+                            Err(e) => return this.fail(e),
                         }
                     }
-                    Err(e) => return this.fail(e),
+                    Err(e) => return this.malformed(e),
                 },
             }
         }

@@ -491,8 +491,7 @@ impl Edge {
         );
         let edge = self.clone();
         let sd = shutdown.clone();
-        let idle = Duration::from_millis(self.cfg.backend_pool_idle_timeout_ms);
-        tracker.spawn(async move { edge.proxy.reap_idle(idle, sd).await });
+        tracker.spawn(async move { edge.proxy.reap_idle(sd).await });
         if let Some(db) = self.balancer.reloading_db() {
             tracker.spawn(balance::geo_reload_loop(db, shutdown.clone()));
         }

@@ -484,7 +484,8 @@ impl Proxy {
 
     /// Closes the direct client's backend connections that sat idle past the pool's idle
     /// timeout, every half of it, until shutdown. (hyper's pools reap their own.)
-    pub async fn reap_idle(&self, idle: Duration, shutdown: tokio_util::sync::CancellationToken) {
+    pub async fn reap_idle(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let idle = self.pools[0].direct.idle_timeout();
         let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
