@@ -95,6 +95,14 @@ struct Args {
     nginx: PathBuf,
     #[arg(long, default_value = "haproxy")]
     haproxy: PathBuf,
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
+    #[arg(long, default_value = "h2load")]
+    h2load: PathBuf,
+    /// Threads of wrk and h2load (modes `wrk`, `h2load`). One leaves the most CPU to the
+    /// target on a small machine; each tool spreads `--connections` over its threads.
+    #[arg(long, default_value_t = 1)]
+    tool_threads: usize,
     /// Measured seconds per target, mode and round.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -143,6 +151,10 @@ enum Mode {
     /// HTTP/3 over QUIC, Portcullis only: Debian's nginx 1.22 has no `http_v3_module` and its
     /// HAProxy 2.6 is built without QUIC, so there is no same-run peer to compare against.
     H3,
+    /// `h1` driven by wrk (C, OpenSSL) instead of this binary's client.
+    Wrk,
+    /// `h2` driven by h2load (nghttp2's, C, OpenSSL) instead of this binary's client.
+    H2load,
 }
 
 impl Mode {
@@ -152,6 +164,17 @@ impl Mode {
             Mode::H2 => "h2",
             Mode::Newconn => "new TLS conn",
             Mode::H3 => "h3",
+            Mode::Wrk => "h1 keep-alive (wrk)",
+            Mode::H2load => "h2 (h2load)",
+        }
+    }
+
+    /// Driven by an outside program rather than this binary's client.
+    fn tool(self) -> Option<&'static str> {
+        match self {
+            Mode::Wrk => Some("wrk"),
+            Mode::H2load => Some("h2load"),
+            _ => None,
         }
     }
 }
@@ -553,6 +576,7 @@ struct Setup {
     _cluster: Option<Cluster>,
     targets: Vec<Target>,
     pki: Pki,
+    tools: Tools,
     versions: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -590,12 +614,40 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
             a.haproxy.display()
         ));
     }
+    let mut tool = |mode: Mode, bin: &Path| {
+        let found = find_bin(bin);
+        if a.modes.contains(&mode) && found.is_none() {
+            missing.push(format!(
+                "{} (apt-get install -y {}, or leave mode {} out with --modes)",
+                bin.display(),
+                mode.tool().unwrap_or_default(),
+                mode.tool().unwrap_or_default(),
+            ));
+        }
+        found.filter(|_| a.modes.contains(&mode))
+    };
+    let wrk = tool(Mode::Wrk, &a.wrk);
+    let h2load = tool(Mode::H2load, &a.h2load);
     if !missing.is_empty() {
         bail!("missing:\n  {}", missing.join("\n  "));
     }
 
     let dir = tempfile::Builder::new().prefix("edge-bench-").tempdir()?;
     let mut versions = vec![version_line(&portcullis, "--version")];
+    if let Some(w) = &wrk {
+        versions.push(version_line(w, "-v"));
+    }
+    if let Some(h) = &h2load {
+        versions.push(version_line(h, "--version"));
+    }
+    let wrk_script = dir.path().join("wrk.lua");
+    std::fs::write(&wrk_script, WRK_SCRIPT)?;
+    let tools = Tools {
+        wrk,
+        h2load,
+        wrk_script,
+        h2load_log: dir.path().join("h2load.log"),
+    };
     let state = dir.path().join("portcullis");
     eprintln!(
         "starting a 1-node portcullis cluster in {}",
@@ -749,6 +801,7 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
         _cluster: Some(cluster),
         targets,
         pki,
+        tools,
         versions,
         _dir: dir,
     })
@@ -1175,6 +1228,7 @@ async fn measure(c: &Arc<Client>, t: &Target, mode: Mode, a: &Args) -> anyhow::R
             Mode::H2 => tokio::spawn(h2_loop(c, addr, a.streams, w)),
             Mode::Newconn => tokio::spawn(newconn_loop(c, addr, w)),
             Mode::H3 => tokio::spawn(h3_loop(c, addr, a.streams, w)),
+            Mode::Wrk | Mode::H2load => bail!("{mode:?} is driven by an outside tool"),
         });
     }
     // The target's CPU time over exactly the measured window.
@@ -1222,6 +1276,174 @@ async fn check(c: &Client, t: &Target) -> anyhow::Result<()> {
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outside load generators: wrk (HTTP/1.1) and h2load (HTTP/2), the clients the data-plane issue
+// names. C and single-threaded by default, they leave the target more of the machine than this
+// binary's client does, so their figures are higher; both are reported.
+
+struct Tools {
+    wrk: Option<PathBuf>,
+    h2load: Option<PathBuf>,
+    wrk_script: PathBuf,
+    h2load_log: PathBuf,
+}
+
+/// wrk resolves the URL's host itself and has no `--resolve`; the script points every thread
+/// at the target's address while the URL keeps the name for SNI and Host. At the end it prints
+/// wrk's whole latency distribution (each distinct µs value and its count), so rounds merge
+/// into one hdrhistogram exactly as this binary's own samples do.
+const WRK_SCRIPT: &str = r#"
+function wrk.resolve(host, service)
+  wrk.addrs = wrk.lookup(os.getenv("BENCH_IP"), os.getenv("BENCH_PORT"))
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    e.connect, e.read, e.write, e.timeout, e.status))
+  for i = 1, #latency do
+    local v, n = latency(i)
+    if n > 0 then io.write(string.format("HIST %d %d\n", v, n)) end
+  end
+end
+"#;
+
+/// Runs `mode`'s tool against `t` for `secs` seconds and reads its samples.
+async fn tool_run(
+    tools: &Tools,
+    t: &Target,
+    mode: Mode,
+    a: &Args,
+    secs: u64,
+) -> anyhow::Result<Stats> {
+    let url = format!("https://{APP}.portcullis.localhost:{}/", t.addr.port());
+    let threads = a.tool_threads.clamp(1, a.connections).to_string();
+    let conns = a.connections.to_string();
+    let mut cmd = match mode {
+        Mode::Wrk => {
+            let mut c = tokio::process::Command::new(tools.wrk.as_ref().context("wrk")?);
+            c.args(["-t", &threads, "-c", &conns, "-d", &format!("{secs}s")])
+                .args(["--timeout", &format!("{}s", REQUEST_TIMEOUT.as_secs())])
+                .arg("-s")
+                .arg(&tools.wrk_script)
+                .arg(&url)
+                .env("BENCH_IP", t.addr.ip().to_string())
+                .env("BENCH_PORT", t.addr.port().to_string());
+            c
+        }
+        Mode::H2load => {
+            // h2load appends to its log.
+            match std::fs::remove_file(&tools.h2load_log) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+            let mut c = tokio::process::Command::new(tools.h2load.as_ref().context("h2load")?);
+            c.args(["-t", &threads, "-c", &conns, "-m", &a.streams.to_string()])
+                .args(["-D", &secs.to_string()])
+                .arg(format!("--connect-to={}", t.addr))
+                .arg(format!("--log-file={}", tools.h2load_log.display()))
+                .arg(&url);
+            c
+        }
+        _ => bail!("{mode:?} is driven by this binary"),
+    };
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let limit = Duration::from_secs(secs) + START_TIMEOUT;
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .with_context(|| format!("{} ran past {limit:?}", mode.label()))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}{}",
+            mode.label(),
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    match mode {
+        Mode::Wrk => wrk_stats(&stdout),
+        _ => h2load_stats(&stdout, &std::fs::read_to_string(&tools.h2load_log)?),
+    }
+}
+
+fn wrk_stats(stdout: &str) -> anyhow::Result<Stats> {
+    let mut st = Stats::new();
+    let mut result = None;
+    for line in stdout.lines() {
+        let mut f = line.split_whitespace();
+        let tag = f.next();
+        let nums: Vec<u64> = f
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .unwrap_or_default();
+        match (tag, nums.as_slice()) {
+            (Some("HIST"), &[v, n]) => st.hist.saturating_record_n(v.max(1), n),
+            (Some("RESULT"), &[_, _, connect, read, write, timeout, status]) => {
+                result = Some((connect + read + write + timeout, status))
+            }
+            _ => {}
+        }
+    }
+    let Some((socket, status)) = result else {
+        bail!("wrk printed no result (is the script running?): {stdout}");
+    };
+    // wrk counts a non-2xx/3xx answer as a completed request (its latency is in the
+    // histogram) and separately as a status error; both kinds are errors here.
+    st.errors = socket + status;
+    if st.errors > 0 {
+        st.first_error = Some(format!(
+            "wrk: {socket} socket errors, {status} non-2xx/3xx answers"
+        ));
+    }
+    Ok(st)
+}
+
+/// h2load's summary has no percentiles; its per-request log (start µs, status, µs to the end of
+/// the response) has every sample.
+fn h2load_stats(stdout: &str, log: &str) -> anyhow::Result<Stats> {
+    let mut st = Stats::new();
+    let mut other = 0u64;
+    for line in log.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        match (f.get(1), f.get(2).and_then(|v| v.parse::<u64>().ok())) {
+            (Some(&"200"), Some(us)) => st.hist.saturating_record(us.max(1)),
+            _ => other += 1,
+        }
+    }
+    // "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+    let done = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" done")))
+        .and_then(|n| n.parse::<u64>().ok())
+        .with_context(|| format!("h2load printed no request counts: {stdout}"))?;
+    st.errors = done.saturating_sub(st.hist.len()).max(other);
+    if st.errors > 0 {
+        st.first_error = Some(format!(
+            "h2load: {} of {done} requests did not end in a 200",
+            st.errors
+        ));
+    }
+    Ok(st)
+}
+
+/// A tool's warm-up is a run of its own: wrk has no warm-up phase, and h2load's would leave its
+/// CPU time inside the window this one measures.
+async fn measure_tool(tools: &Tools, t: &Target, mode: Mode, a: &Args) -> anyhow::Result<Run> {
+    if a.warmup > 0 {
+        tool_run(tools, t, mode, a, a.warmup).await?;
+    }
+    let before = tree_cpu(t.pid);
+    let stats = tool_run(tools, t, mode, a, a.duration).await?;
+    let cpu = before.zip(tree_cpu(t.pid)).map(|(b, e)| e - b);
+    Ok(Run {
+        stats,
+        secs: a.duration as f64,
+        cpu,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1327,7 +1549,11 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                 if mode == Mode::H3 && t.kind != Kind::Portcullis {
                     continue;
                 }
-                let r = measure(&client, t, mode, &a).await?;
+                let r = if mode.tool().is_some() {
+                    measure_tool(&s.tools, t, mode, &a).await?
+                } else {
+                    measure(&client, t, mode, &a).await?
+                };
                 let rate = r.stats.hist.len() as f64 / r.secs;
                 eprintln!(
                     "{} round {} {}: {rate:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{}",
