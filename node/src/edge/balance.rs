@@ -660,12 +660,16 @@ pub fn candidates(
     let input = input(client, location.as_ref(), key);
     let out: Vec<Candidate> = selector
         .iter(&input)
-        .filter(|b| snap.balance.is_healthy(&b.id))
         .filter_map(|b| {
+            // Unknown instances count as healthy, as in `is_healthy`.
+            let health = snap.balance.health(&b.id);
+            if !health.is_none_or(|h| h.is_healthy()) {
+                return None;
+            }
             Some(Candidate {
                 backend: snap.routes.instance(&b.id)?.clone(),
                 load: Some(b.load.clone()),
-                health: snap.balance.health(&b.id).cloned(),
+                health: health.cloned(),
             })
         })
         .take(max.max(1))

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -136,29 +136,36 @@ impl Cidrs {
     }
 }
 
-/// Milliseconds since `epoch` of the last read or write.
+/// When bytes last moved, as far as the connection's watcher has looked.
+///
+/// Reads and writes only set a flag: a clock read on each of them was measurable CPU per
+/// request. The watcher reads the clock instead, on its tick (`idle_for`), so idleness is
+/// known to within one tick.
 #[derive(Clone)]
 pub struct ActivityClock {
-    epoch: Instant,
-    last: Arc<AtomicU64>,
+    moved: Arc<AtomicBool>,
+    /// The watcher's own: when it last saw the flag set (each clone keeps its own).
+    seen: Instant,
 }
 
 impl ActivityClock {
     pub fn new() -> Self {
         ActivityClock {
-            epoch: Instant::now(),
-            last: Arc::new(AtomicU64::new(0)),
+            moved: Arc::new(AtomicBool::new(false)),
+            seen: Instant::now(),
         }
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
-    pub fn idle_for(&self) -> Duration {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)))
+    /// How long no byte has moved, counted from the first call that found none moving.
+    pub fn idle_for(&mut self) -> Duration {
+        if self.moved.swap(false, Ordering::Relaxed) {
+            self.seen = Instant::now();
+        }
+        self.seen.elapsed()
     }
 }
 

@@ -873,7 +873,7 @@ impl Edge {
     where
         I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let clock = ActivityClock::new();
+        let mut clock = ActivityClock::new();
         let io = TokioIo::new(Activity::new(io, clock.clone()));
         let edge = self.clone();
         let svc_ctx = ctx.clone();

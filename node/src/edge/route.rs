@@ -532,7 +532,12 @@ impl RouteTable {
 
     /// An instance by id (case-insensitive, like host names).
     pub fn instance(&self, id: &str) -> Option<&Arc<Backend>> {
-        self.instances.get(&id.to_ascii_lowercase())
+        // Ids are nearly always lower case already; the copy is per request.
+        if id.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.instances.get(&id.to_ascii_lowercase())
+        } else {
+            self.instances.get(id)
+        }
     }
 
     /// Every instance with the address its app's default port is served at: what health

@@ -7,20 +7,22 @@
 //! len / 256 entries); every other shard stays shared with the previous snapshot.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use foldhash::fast::{FixedState, RandomState};
 
 const SHARDS: usize = 256;
 
 #[derive(Clone)]
 pub struct ShardedMap<V> {
-    shards: Vec<Arc<HashMap<String, V>>>,
+    shards: Vec<Arc<HashMap<String, V, RandomState>>>,
 }
 
 impl<V> Default for ShardedMap<V> {
     fn default() -> Self {
         ShardedMap {
-            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Arc::new(HashMap::default())).collect(),
         }
     }
 }
@@ -31,11 +33,14 @@ impl<V> std::fmt::Debug for ShardedMap<V> {
     }
 }
 
-/// Which shard `key` lives in. A fixed (unkeyed) hasher: the shard must not depend on the
-/// process, only on the key, so lookups in a cloned map find what was inserted.
+/// Which shard `key` lives in. A fixed (unkeyed) hasher: the shard must depend only on the
+/// key, so lookups in a cloned map find what was inserted. foldhash, not SipHash: every
+/// request looks up several keys (route, selector, health), and two SipHashes per lookup
+/// were measurable. A fixed hash can be steered, but only into one shard's size (what a
+/// change copies); each shard's own table is randomly seeded, so lookups stay O(1).
 fn shard(key: &str) -> usize {
-    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-    // SHARDS is a power of two; the low bits of SipHash are uniform.
+    let h = FixedState::with_seed(0x5eed_0f_5a4d).hash_one(key);
+    // SHARDS is a power of two; foldhash's low bits are uniform.
     (h as usize) & (SHARDS - 1)
 }
 
@@ -60,7 +65,7 @@ impl<V> ShardedMap<V> {
 
 impl<V: Clone> ShardedMap<V> {
     /// The shard of `key`, copied first if another snapshot shares it.
-    fn shard_mut(&mut self, key: &str) -> &mut HashMap<String, V> {
+    fn shard_mut(&mut self, key: &str) -> &mut HashMap<String, V, RandomState> {
         Arc::make_mut(&mut self.shards[shard(key)])
     }
 
