@@ -39,7 +39,7 @@ impl<V> std::fmt::Debug for ShardedMap<V> {
 /// were measurable. A fixed hash can be steered, but only into one shard's size (what a
 /// change copies); each shard's own table is randomly seeded, so lookups stay O(1).
 fn shard(key: &str) -> usize {
-    let h = FixedState::with_seed(0x5eed_0f_5a4d).hash_one(key);
+    let h = FixedState::with_seed(0x5eed_f5a4).hash_one(key);
     // SHARDS is a power of two; foldhash's low bits are uniform.
     (h as usize) & (SHARDS - 1)
 }
