@@ -3,7 +3,7 @@
 //! that backend served directly over TLS as the ceiling.
 //!
 //! ```text
-//! apt-get install -y nginx haproxy        # once
+//! apt-get install -y nginx haproxy wrk nghttp2-client    # once
 //! cargo build --release -p portcullis-node -p portcullis-cluster-tests
 //! target/release/edge-bench --portcullis target/release/portcullis --duration 10 --rounds 2
 //! ```
@@ -16,6 +16,9 @@
 //! throughput is requests completed inside the measured window over its length. Targets are
 //! interleaved (every target once per round, in a rotated order) so drift on a shared machine
 //! hits all of them alike.
+//!
+//! Modes `wrk` and `h2load` drive the same targets with those outside clients instead (the ones
+//! the data-plane issue names), with the same connection and stream counts.
 //!
 //! The backend is this binary's hidden `backend` subcommand, a fixed 128-byte response from
 //! hyper, rather than `portcullis demo-app`: the demo app echoes the forwarded headers as JSON,

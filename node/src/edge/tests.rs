@@ -437,3 +437,84 @@ async fn a_keep_alive_connection_follows_route_changes() {
 async fn get_on_new_connection(env: &Env, host: &str) -> String {
     get(env.tls(host).await, host, "/x").await
 }
+
+#[tokio::test]
+async fn a_keep_alive_connection_counts_each_request_into_its_own_series() {
+    // A connection keeps the metric handles of its last request; a request with another
+    // status must still count into its own series.
+    let env = start(|c| c.max_request_body_bytes = 4).await;
+    let host = format!("demo.{BASE}");
+    let io = hyper_util::rt::TokioIo::new(env.tls(&host).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    for body in ["", "", "over four bytes", "", ""] {
+        let req = hyper::Request::post("/x")
+            .header(hyper::header::HOST, host.as_str())
+            .body(body.to_string())
+            .expect("request");
+        let status = sender.send_request(req).await.expect("response").status();
+        let want = if body.is_empty() { 200 } else { 413 };
+        assert_eq!(status.as_u16(), want, "body {body:?}");
+    }
+    let count = |status| {
+        env.metrics
+            .requests
+            .get_or_create(&crate::metrics::RequestLabels {
+                app: "demo".into(),
+                status,
+            })
+            .get()
+    };
+    assert_eq!((count(200), count(413)), (4, 1));
+    let http11 = env
+        .metrics
+        .requests_by_protocol
+        .get_or_create(&crate::metrics::ProtocolLabels {
+            protocol: "http/1.1",
+        })
+        .get();
+    assert_eq!(http11, 5);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    // Reads and writes only flag activity; the connection's tick reads the clock. A busy
+    // connection must outlive the idle timeout, and a quiet one must be closed soon after it.
+    let idle = Duration::from_millis(400);
+    let env = start(|c| c.idle_timeout_ms = idle.as_millis() as u64).await;
+    let host = format!("demo.{BASE}");
+    let io = hyper_util::rt::TokioIo::new(env.tls(&host).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    let closed = tokio::spawn(conn);
+    let opened = std::time::Instant::now();
+    // Busy for three idle timeouts: a request every quarter of one.
+    while opened.elapsed() < idle * 3 {
+        let req = hyper::Request::get("/x")
+            .header(hyper::header::HOST, host.as_str())
+            .body(String::new())
+            .expect("request");
+        let status = sender
+            .send_request(req)
+            .await
+            .expect("busy connection served");
+        assert_eq!(status.status().as_u16(), 200);
+        tokio::time::sleep(idle / 4).await;
+    }
+    assert!(!closed.is_finished(), "closed while busy");
+    let quiet = std::time::Instant::now();
+    // Then quiet: closed after the timeout, within a tick or two of it.
+    tokio::time::timeout(idle * 4, closed)
+        .await
+        .expect("an idle connection stayed open")
+        .expect("connection task")
+        .expect("clean close");
+    assert!(
+        quiet.elapsed() >= idle,
+        "closed after {:?}",
+        quiet.elapsed()
+    );
+}
