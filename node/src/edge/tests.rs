@@ -377,11 +377,7 @@ async fn a_keep_alive_connection_follows_route_changes() {
     // change must still reach the next request of an open connection.
     let env = start(|_| {}).await;
     let host = format!("demo.{BASE}");
-    let io = hyper_util::rt::TokioIo::new(env.tls(&host).await);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = keep_alive(&env, &host).await;
     let get = |sender: &mut hyper::client::conn::http1::SendRequest<String>| {
         let req = hyper::Request::get("/x")
             .header(hyper::header::HOST, host.as_str())
@@ -438,17 +434,29 @@ async fn get_on_new_connection(env: &Env, host: &str) -> String {
     get(env.tls(host).await, host, "/x").await
 }
 
+/// An HTTP/1.1 keep-alive connection to `host`, and the task that drives it (finished once
+/// the connection is closed).
+async fn keep_alive(
+    env: &Env,
+    host: &str,
+) -> (
+    hyper::client::conn::http1::SendRequest<String>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let io = hyper_util::rt::TokioIo::new(env.tls(host).await);
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    (sender, tokio::spawn(conn))
+}
+
 #[tokio::test]
 async fn a_keep_alive_connection_counts_each_request_into_its_own_series() {
     // A connection keeps the metric handles of its last request; a request with another
     // status must still count into its own series.
     let env = start(|c| c.max_request_body_bytes = 4).await;
     let host = format!("demo.{BASE}");
-    let io = hyper_util::rt::TokioIo::new(env.tls(&host).await);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = keep_alive(&env, &host).await;
     for body in ["", "", "over four bytes", "", ""] {
         let req = hyper::Request::post("/x")
             .header(hyper::header::HOST, host.as_str())
@@ -485,11 +493,7 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     let idle = Duration::from_millis(400);
     let env = start(|c| c.idle_timeout_ms = idle.as_millis() as u64).await;
     let host = format!("demo.{BASE}");
-    let io = hyper_util::rt::TokioIo::new(env.tls(&host).await);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .expect("handshake");
-    let closed = tokio::spawn(conn);
+    let (mut sender, closed) = keep_alive(&env, &host).await;
     let opened = std::time::Instant::now();
     // Busy for three idle timeouts: a request every quarter of one.
     while opened.elapsed() < idle * 3 {
