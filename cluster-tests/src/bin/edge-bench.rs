@@ -141,6 +141,11 @@ struct Args {
     /// all three, so the comparison is of proxying alone.
     #[arg(long)]
     access_log: bool,
+    /// Let nginx and HAProxy skip the headers Portcullis adds by default (HSTS and Alt-Svc on
+    /// responses, X-Forwarded-Host and Forwarded on requests); without it they add the same
+    /// ones, so every proxy does the same work.
+    #[arg(long)]
+    peers_minimal_headers: bool,
     /// Also write the markdown tables here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -482,6 +487,17 @@ fn nginx_conf(dir: &Path, listen: SocketAddr, backend: SocketAddr, pki: &Pki, a:
     use std::os::unix::fs::MetadataExt;
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     let user = if root { "user root;" } else { "" };
+    let port = listen.port();
+    let same = if a.peers_minimal_headers {
+        String::new()
+    } else {
+        format!(
+            r#"proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header Forwarded "for=$remote_addr;proto=https;host=\"$http_host\"";
+            add_header Strict-Transport-Security "max-age=31536000" always;
+            add_header Alt-Svc 'h3=":{port}"; ma=86400' always;"#
+        )
+    };
     format!(
         r#"{user}
 worker_processes {workers};
@@ -518,6 +534,7 @@ http {{
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $remote_addr;
             proxy_set_header X-Forwarded-Proto https;
+            {same}
         }}
     }}
 }}
@@ -536,6 +553,17 @@ fn haproxy_conf(listen: SocketAddr, backend: SocketAddr, pem: &Path, a: &Args) -
         )
     } else {
         ("", "")
+    };
+    let port = listen.port();
+    let same = if a.peers_minimal_headers {
+        String::new()
+    } else {
+        format!(
+            r#"http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header Forwarded "for=%[src];proto=https;host=\"%[req.hdr(host)]\""
+    http-response set-header Strict-Transport-Security "max-age=31536000"
+    http-response set-header Alt-Svc "h3=\":{port}\"; ma=86400""#
+        )
     };
     format!(
         r#"global
@@ -556,6 +584,7 @@ frontend fe
     bind {listen} ssl crt {pem} alpn h2,http/1.1
     option forwardfor
     http-request set-header X-Forwarded-Proto https
+    {same}
     default_backend be
 backend be
     server b1 {backend}
