@@ -510,10 +510,13 @@ impl Edge {
         };
         let edge = self.clone();
         let sd = shutdown.clone();
-        let serve = move |listener, conns| {
+        let serve = move |listener, conns, seat| {
             let edge = edge.clone();
             let sd = sd.clone();
-            async move { edge.accept_loop(listener, Listener::Https, conns, sd).await }
+            async move {
+                edge.accept_loop(listener, Listener::Https, conns, sd, Some(seat))
+                    .await
+            }
         };
         if let Err(e) = worker::spawn(workers, &std, tracker, serve) {
             // Whichever workers started keep serving; the shared runtime accepts beside them.
@@ -536,7 +539,7 @@ impl Edge {
         let edge = self.clone();
         let t = tracker.clone();
         let sd = shutdown.clone();
-        tracker.spawn(async move { edge.accept_loop(listener, kind, t, sd).await });
+        tracker.spawn(async move { edge.accept_loop(listener, kind, t, sd, None).await });
     }
 
     async fn watch(self: Arc<Self>, shared: SharedState, shutdown: CancellationToken) {
@@ -582,12 +585,16 @@ impl Edge {
         }
     }
 
+    /// Accepts and serves connections. On a data-plane worker (`seat`), connections are
+    /// spread over the workers: some accepted here are served by another, and others arrive
+    /// from them.
     async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
         kind: Listener,
         tracker: TaskTracker,
         shutdown: CancellationToken,
+        mut seat: Option<worker::Seat>,
     ) {
         // Accept errors (EMFILE, ENOBUFS) mean the node is out of something; retrying at once
         // would spin. Back off exponentially, as mini-redis does, and reset on success.
@@ -596,17 +603,35 @@ impl Edge {
         let labels = ListenerLabels {
             listener: kind.name(),
         };
+        enum Next {
+            Accepted(io::Result<(TcpStream, SocketAddr)>),
+            Handed((TcpStream, SocketAddr, worker::Load)),
+        }
+        async fn handed(seat: &mut Option<worker::Seat>) -> (TcpStream, SocketAddr, worker::Load) {
+            match seat {
+                Some(s) => s.handed().await,
+                None => std::future::pending().await,
+            }
+        }
         loop {
-            let accepted = tokio::select! {
+            let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = listener.accept() => r,
+                r = listener.accept() => Next::Accepted(r),
+                h = handed(&mut seat) => Next::Handed(h),
             };
-            let (stream, peer) = match accepted {
-                Ok(x) => {
+            let (stream, peer, load) = match next {
+                Next::Handed((stream, peer, load)) => (stream, peer, Some(load)),
+                Next::Accepted(Ok((stream, peer))) => {
                     backoff = MIN_BACKOFF;
-                    x
+                    match &seat {
+                        None => (stream, peer, None),
+                        Some(seat) => match seat.place(stream, peer) {
+                            Some((stream, load)) => (stream, peer, Some(load)),
+                            None => continue,
+                        },
+                    }
                 }
-                Err(e) => {
+                Next::Accepted(Err(e)) => {
                     tracing::warn!(error = %e, ?backoff, listener = kind.name(), "accept failed; backing off");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -632,6 +657,7 @@ impl Edge {
             tracker.spawn(
                 async move {
                     let _open = OpenGuard(gauge);
+                    let _load = load;
                     let _ = stream.set_nodelay(true);
                     match kind {
                         Listener::Https => edge.serve_tls(stream, peer, permit, sd).await,
