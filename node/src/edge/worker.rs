@@ -220,15 +220,24 @@ mod tests {
 
     use super::*;
 
+    /// A non-blocking loopback listener, its address, a node tracker and a shutdown token.
+    fn setup() -> (
+        std::net::TcpListener,
+        SocketAddr,
+        TaskTracker,
+        CancellationToken,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("local address");
+        (listener, addr, TaskTracker::new(), CancellationToken::new())
+    }
+
     /// Every worker accepts from the one listener, knows its slot, and the node's tracker
     /// waits for all of them to finish after shutdown.
     #[tokio::test]
     async fn workers_share_the_listener_and_drain_on_shutdown() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let addr = listener.local_addr().expect("local address");
-        let node = TaskTracker::new();
-        let shutdown = CancellationToken::new();
+        let (listener, addr, node, shutdown) = setup();
         let sd = shutdown.clone();
         let serve = move |l: tokio::net::TcpListener, conns: TaskTracker, _seat: Seat| {
             let sd = sd.clone();
@@ -296,11 +305,7 @@ mod tests {
     /// counted by the worker slot each serving worker writes back.
     #[tokio::test]
     async fn held_connections_are_spread_over_the_workers() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let addr = listener.local_addr().expect("local address");
-        let node = TaskTracker::new();
-        let shutdown = CancellationToken::new();
+        let (listener, addr, node, shutdown) = setup();
         let sd = shutdown.clone();
         let serve = move |l: tokio::net::TcpListener, conns: TaskTracker, mut seat: Seat| {
             let sd = sd.clone();
