@@ -160,7 +160,8 @@ impl ActivityClock {
         self.moved.store(true, Ordering::Relaxed);
     }
 
-    /// How long no byte has moved, counted from the first call that found none moving.
+    /// How long no byte has moved, counted from the last call that found some had: at most
+    /// one call interval longer than the truth, never shorter.
     pub fn idle_for(&mut self) -> Duration {
         if self.moved.swap(false, Ordering::Relaxed) {
             self.seen = Instant::now();
