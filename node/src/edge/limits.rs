@@ -160,8 +160,9 @@ impl ActivityClock {
         self.moved.store(true, Ordering::Relaxed);
     }
 
-    /// How long no byte has moved, counted from the last call that found some had: at most
-    /// one call interval longer than the truth, never shorter.
+    /// How long no byte has moved, counted from the last call that found some had: never
+    /// longer than the truth and at most one call interval shorter, so a close comes late,
+    /// never early.
     pub fn idle_for(&mut self) -> Duration {
         if self.moved.swap(false, Ordering::Relaxed) {
             self.seen = Instant::now();
