@@ -803,7 +803,7 @@ impl Proxy {
             match sent {
                 Err(Failed::Timeout) => {
                     return Err(ProxyError::Timeout {
-                        backend: addr,
+                        backend: addr.into_owned(),
                         timeout,
                     })
                 }
@@ -818,7 +818,7 @@ impl Proxy {
                         continue;
                     }
                     return Err(ProxyError::Connect {
-                        backend: addr,
+                        backend: addr.into_owned(),
                         source: e,
                     });
                 }
@@ -832,7 +832,7 @@ impl Proxy {
                         return Err(ProxyError::BodyTooLarge(self.settings.max_body));
                     }
                     return Err(ProxyError::Upstream {
-                        backend: addr,
+                        backend: addr.into_owned(),
                         source: e,
                     });
                 }

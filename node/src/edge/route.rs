@@ -11,6 +11,7 @@
 //! untouched per-app entry and map shard with it, so one CVM registering in a cluster of 65,536
 //! costs microseconds instead of a full rebuild.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,19 +41,22 @@ impl Backend {
     /// processes rarely get the port the app declares); other ports go to the same host. A bare
     /// `host` serves every port as declared. Without a `backend_addr`, the instance is reached
     /// at its tunnel IP (the WireGuard upstream).
-    pub fn address(&self, port: u16, default_port: u16) -> Option<String> {
+    ///
+    /// The common case, a request to the default port of a `host:port` backend, borrows the
+    /// stored address: this runs once per proxied request.
+    pub fn address(&self, port: u16, default_port: u16) -> Option<Cow<'_, str>> {
         match &self.backend_addr {
             Some(addr) => {
                 let (host, fixed) = split_host_port(addr);
                 match fixed {
-                    Some(p) if port == default_port => Some(join_host_port(host, p)),
-                    _ => Some(join_host_port(host, port)),
+                    Some(_) if port == default_port => Some(Cow::Borrowed(addr)),
+                    _ => Some(Cow::Owned(join_host_port(host, port))),
                 }
             }
             // SocketAddr brackets an IPv6 address (`[fd00::5]:8080`).
             None => self
                 .tunnel_ip
-                .map(|ip| SocketAddr::new(ip, port).to_string()),
+                .map(|ip| Cow::Owned(SocketAddr::new(ip, port).to_string())),
         }
     }
 }
@@ -547,7 +551,7 @@ impl RouteTable {
             .values()
             .filter_map(|b| {
                 let port = self.app(&b.app).and_then(|a| a.ports()?.first().copied())?;
-                Some((b.instance_id.clone(), b.address(port, port)?))
+                Some((b.instance_id.clone(), b.address(port, port)?.into_owned()))
             })
             .collect()
     }

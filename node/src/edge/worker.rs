@@ -55,15 +55,24 @@ impl Drop for Load {
     }
 }
 
+/// Marks a worker's slot as gone: it takes no hand-offs, and is left out of the least loaded.
+const GONE: usize = usize::MAX / 2;
+
 /// The worker to serve a new connection: `me` unless another serves more than `SLACK` fewer.
-fn pick(open: &[usize], me: usize) -> usize {
-    let (least, &min) = open
-        .iter()
-        .enumerate()
-        .min_by_key(|(_, n)| **n)
-        .unwrap_or((me, &0));
-    if open.get(me).is_some_and(|&mine| mine > min + SLACK) {
-        least
+/// Slots at or above [`GONE`] belong to workers that have stopped.
+fn pick(open: impl Iterator<Item = usize>, me: usize) -> usize {
+    let mut mine = 0;
+    let mut least = (me, usize::MAX);
+    for (i, n) in open.enumerate() {
+        if i == me {
+            mine = n;
+        }
+        if n < least.1 {
+            least = (i, n);
+        }
+    }
+    if least.1 < GONE && mine > least.1 + SLACK {
+        least.0
     } else {
         me
     }
@@ -85,13 +94,8 @@ impl Seat {
         stream: tokio::net::TcpStream,
         peer: SocketAddr,
     ) -> Option<(tokio::net::TcpStream, Load)> {
-        let open: Vec<usize> = self
-            .spread
-            .open
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect();
-        let to = pick(&open, self.me);
+        let open = self.spread.open.iter().map(|n| n.load(Ordering::Relaxed));
+        let to = pick(open, self.me);
         let load = self.count(to);
         if to == self.me {
             return Some((stream, load));
@@ -107,17 +111,18 @@ impl Seat {
         let Err(back) = self.spread.inboxes[to].send(Handoff { stream, peer, load }) else {
             return None;
         };
-        // That worker has stopped (shutdown): serve it here after all.
+        // That worker stopped between the pick and the send: serve it here after all.
         let Handoff { stream, .. } = back.0;
         tokio::net::TcpStream::from_std(stream)
             .ok()
             .map(|s| (s, self.count(self.me)))
     }
 
-    /// The next connection another worker handed to this one. Pending forever once every
-    /// other worker has stopped.
+    /// The next connection another worker handed to this one.
     pub async fn handed(&mut self) -> (tokio::net::TcpStream, SocketAddr, Load) {
         loop {
+            // The shared `Spread` holds every sender, so the inbox never closes while this
+            // seat exists; `None` cannot come, and waiting on is the safe answer if it did.
             let Some(h) = self.inbox.recv().await else {
                 return std::future::pending().await;
             };
@@ -134,6 +139,21 @@ impl Seat {
             spread: self.spread.clone(),
             worker,
         }
+    }
+}
+
+/// Marks its worker's slot [`GONE`] when the worker's thread ends, however it ends, so that
+/// the others stop offering it connections.
+struct Gone {
+    spread: Arc<Spread>,
+    worker: usize,
+}
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        // Any `Load` still counted here subtracts from GONE later; it stays far above any
+        // real count.
+        self.spread.open[self.worker].fetch_add(GONE, Ordering::Relaxed);
     }
 }
 
@@ -180,6 +200,10 @@ where
             .name(format!("edge-worker-{i}"))
             .spawn(move || {
                 WORKER.with(|w| w.set(1 + i));
+                let _gone = Gone {
+                    spread: seat.spread.clone(),
+                    worker: i,
+                };
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -293,12 +317,22 @@ mod tests {
 
     #[test]
     fn a_worker_keeps_its_connection_unless_another_serves_fewer_by_more_than_the_slack() {
+        let pick = |open: &[usize], me| pick(open.iter().copied(), me);
         assert_eq!(pick(&[0, 0], 0), 0);
         assert_eq!(pick(&[1, 0], 0), 0);
         assert_eq!(pick(&[2, 0], 0), 1);
         assert_eq!(pick(&[5, 3, 1], 1), 2);
         assert_eq!(pick(&[5, 3, 1], 2), 2);
         assert_eq!(pick(&[], 0), 0);
+    }
+
+    #[test]
+    fn a_stopped_worker_is_offered_nothing() {
+        let pick = |open: &[usize], me| pick(open.iter().copied(), me);
+        assert_eq!(pick(&[9, GONE], 0), 0);
+        assert_eq!(pick(&[9, GONE, 2], 0), 2);
+        // Connections it still served when it stopped keep it far above any real count.
+        assert_eq!(pick(&[9, GONE + 4], 0), 0);
     }
 
     /// Connections held open end up spread over the workers, whichever of them accepts:
