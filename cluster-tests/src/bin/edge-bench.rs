@@ -1484,9 +1484,17 @@ async fn measure_tool(tools: &Tools, t: &Target, mode: Mode, a: &Args) -> anyhow
 struct Merged {
     stats: Stats,
     secs: f64,
-    per_round: Vec<f64>,
+    per_round: Vec<Round>,
     /// The target's CPU seconds over all measured windows, when every round had them.
     cpu: Option<f64>,
+}
+
+/// One round of one target in one mode, kept apart for the paired comparison.
+#[derive(Clone, Copy)]
+struct Round {
+    rate: f64,
+    p99_ms: f64,
+    cpu_us: Option<f64>,
 }
 
 impl Merged {
@@ -1531,7 +1539,11 @@ fn report(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
             let Some(m) = results.get(&(mode, kind)) else {
                 continue;
             };
-            let rounds: Vec<String> = m.per_round.iter().map(|r| format!("{r:.0}")).collect();
+            let rounds: Vec<String> = m
+                .per_round
+                .iter()
+                .map(|r| format!("{:.0}", r.rate))
+                .collect();
             let cpu = m.cpu_us();
             s.push_str(&format!(
                 "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -1552,6 +1564,88 @@ fn report(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
         }
     }
     s
+}
+
+/// Portcullis against the better proxy *of the same round*, per metric: rounds run back to
+/// back, so a slow spell of this shared machine weighs on both sides of each ratio. Returns
+/// `median (min–max)` and how many rounds Portcullis was at least as good.
+fn paired(
+    results: &BTreeMap<(Mode, Kind), Merged>,
+    mode: Mode,
+    metric: impl Fn(&Round) -> Option<f64>,
+    higher_is_better: bool,
+) -> Option<(String, usize, usize)> {
+    let ours = &results.get(&(mode, Kind::Portcullis))?.per_round;
+    let proxies: Vec<&Vec<Round>> = [Kind::Nginx, Kind::Haproxy]
+        .iter()
+        .filter_map(|k| results.get(&(mode, *k)).map(|m| &m.per_round))
+        .collect();
+    let mut ratios: Vec<f64> = ours
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let best = proxies
+                .iter()
+                .filter_map(|p| p.get(i).and_then(&metric))
+                .reduce(if higher_is_better { f64::max } else { f64::min })?;
+            Some(metric(r)? / best)
+        })
+        .filter(|x| x.is_finite())
+        .collect();
+    if ratios.is_empty() {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = if n % 2 == 1 {
+        ratios[n / 2]
+    } else {
+        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
+    };
+    let as_good = ratios
+        .iter()
+        .filter(|&&x| if higher_is_better { x >= 1.0 } else { x <= 1.0 })
+        .count();
+    Some((
+        format!("{median:.2} ({:.2}–{:.2})", ratios[0], ratios[n - 1]),
+        as_good,
+        n,
+    ))
+}
+
+fn report_paired(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
+    let mut s = String::from(
+        "Paired by round: Portcullis ÷ the better of nginx and HAProxy in the same round, \
+         median (min–max), and the rounds in which Portcullis was at least as good.\n\n\
+         | mode | req/s ratio | rounds ≥ | p99 ratio | rounds ≤ | CPU µs/req ratio | rounds ≤ |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let cell = |x: Option<(String, usize, usize)>| match x {
+        Some((r, good, n)) => (r, format!("{good}/{n}")),
+        None => ("–".into(), "–".into()),
+    };
+    for &mode in &a.modes {
+        let (rate, rate_n) = cell(paired(results, mode, |r| Some(r.rate), true));
+        if rate == "–" {
+            continue;
+        }
+        let (p99, p99_n) = cell(paired(results, mode, |r| Some(r.p99_ms), false));
+        let (cpu, cpu_n) = cell(paired(results, mode, |r| r.cpu_us, false));
+        s.push_str(&format!(
+            "| {} | {rate} | {rate_n} | {p99} | {p99_n} | {cpu} | {cpu_n} |\n",
+            mode.label()
+        ));
+    }
+    s
+}
+
+fn round_of(r: &Run, rate: f64) -> Round {
+    let n = r.stats.hist.len();
+    Round {
+        rate,
+        p99_ms: r.stats.hist.value_at_quantile(0.99) as f64 / 1000.0,
+        cpu_us: r.cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64),
+    }
 }
 
 async fn bench(a: Args) -> anyhow::Result<()> {
@@ -1601,11 +1695,12 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                         .map(|e| format!(" (first: {e})"))
                         .unwrap_or_default()
                 );
+                let this_round = round_of(&r, rate);
                 match results.get_mut(&(mode, t.kind)) {
                     Some(m) => {
                         m.stats.merge(r.stats)?;
                         m.secs += r.secs;
-                        m.per_round.push(rate);
+                        m.per_round.push(this_round);
                         m.cpu = m.cpu.zip(r.cpu).map(|(x, y)| x + y);
                     }
                     None => {
@@ -1614,7 +1709,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                             Merged {
                                 stats: r.stats,
                                 secs: r.secs,
-                                per_round: vec![rate],
+                                per_round: vec![this_round],
                                 cpu: r.cpu,
                             },
                         );
@@ -1640,10 +1735,75 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     }
     out.push('\n');
     out.push_str(&report(&results, &a));
+    out.push('\n');
+    out.push_str(&report_paired(&results, &a));
     println!("{out}");
     if let Some(path) = &a.out {
         std::fs::write(path, &out).with_context(|| format!("write {}", path.display()))?;
     }
     drop(s);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn merged(rounds: &[(f64, f64, Option<f64>)]) -> Merged {
+        Merged {
+            stats: Stats::new(),
+            secs: 1.0,
+            per_round: rounds
+                .iter()
+                .map(|&(rate, p99_ms, cpu_us)| Round {
+                    rate,
+                    p99_ms,
+                    cpu_us,
+                })
+                .collect(),
+            cpu: None,
+        }
+    }
+
+    /// Each round is compared with the better proxy of that same round, not with the merged
+    /// totals: a slow round of Portcullis against a fast round of HAProxy is no comparison.
+    #[test]
+    fn paired_ratios_compare_each_round_with_the_better_proxy_of_that_round() {
+        let mut r = BTreeMap::new();
+        r.insert(
+            (Mode::H2, Kind::Portcullis),
+            merged(&[
+                (100.0, 2.0, Some(10.0)),
+                (50.0, 4.0, None),
+                (90.0, 1.0, Some(9.0)),
+            ]),
+        );
+        r.insert(
+            (Mode::H2, Kind::Nginx),
+            merged(&[
+                (80.0, 1.0, Some(20.0)),
+                (40.0, 8.0, None),
+                (100.0, 2.0, Some(9.0)),
+            ]),
+        );
+        r.insert(
+            (Mode::H2, Kind::Haproxy),
+            merged(&[
+                (50.0, 4.0, Some(5.0)),
+                (45.0, 5.0, None),
+                (60.0, 3.0, Some(12.0)),
+            ]),
+        );
+        // req/s: 100/80, 50/45, 90/100 — two rounds ahead.
+        let (s, good, n) = paired(&r, Mode::H2, |x| Some(x.rate), true).expect("rate");
+        assert_eq!((s.as_str(), good, n), ("1.11 (0.90–1.25)", 2, 3));
+        // p99, lower is better: 2/1, 4/5, 1/2.
+        let (s, good, n) = paired(&r, Mode::H2, |x| Some(x.p99_ms), false).expect("p99");
+        assert_eq!((s.as_str(), good, n), ("0.80 (0.50–2.00)", 2, 3));
+        // CPU: the round without figures is left out; 10/5, 9/9.
+        let (s, good, n) = paired(&r, Mode::H2, |x| x.cpu_us, false).expect("cpu");
+        assert_eq!((s.as_str(), good, n), ("1.50 (1.00–2.00)", 1, 2));
+        // No proxy measured in a mode (HTTP/3): no row.
+        assert!(paired(&r, Mode::H3, |x| Some(x.rate), true).is_none());
+    }
 }
