@@ -300,6 +300,12 @@ pub struct EdgeConfig {
     /// that accepted it, together with its backend connections. Default: the number of CPUs.
     /// 0 serves the data plane on the node's shared runtime instead.
     pub workers: Option<usize>,
+    /// Pins worker `i` to the `i`-th CPU the node may run on (as nginx's
+    /// `worker_cpu_affinity auto` and HAProxy's `cpu-map` do). Default: pin when there are
+    /// exactly as many workers as such CPUs, the default `workers`. Unpinned, the kernel moves
+    /// workers between cores and at times stacks both on one, and every connection a waiting
+    /// worker holds waits with it (docs/data-plane.md, "Worker threads").
+    pub pin_workers: Option<bool>,
 }
 
 impl Default for EdgeConfig {
@@ -336,6 +342,7 @@ impl Default for EdgeConfig {
             http3_max_concurrent_streams: 100,
             http3_request_total_timeout_secs: 300,
             workers: None,
+            pin_workers: None,
         }
     }
 }

@@ -61,6 +61,9 @@ pub struct UpArgs {
     /// runtime).
     #[arg(long, hide = true)]
     pub edge_workers: Option<usize>,
+    /// `edge.pin_workers` for every node (benchmarks compare pinned with unpinned workers).
+    #[arg(long, hide = true)]
+    pub edge_pin_workers: Option<bool>,
 }
 
 /// Approximate coordinates for common region names, so geography works out of the box.
@@ -206,6 +209,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         cfg.edge.base_domains = vec![args.base_domain.clone()];
         cfg.edge.proxy_protocol_from = args.proxy_protocol_from.clone();
         cfg.edge.workers = args.edge_workers;
+        cfg.edge.pin_workers = args.edge_pin_workers;
         cfg.dns.nameservers = args.dns_server.clone();
         // Probing loopback backends is nearly free; a short interval lets a stopped demo app
         // leave rotation within a couple of seconds.

@@ -137,6 +137,11 @@ struct Args {
     /// Default: the node's default, one per core.
     #[arg(long)]
     portcullis_workers: Option<usize>,
+    /// Leave every proxy's threads to the kernel's placement. By default each pins one worker
+    /// per core: nginx `worker_cpu_affinity auto`, HAProxy `cpu-map`, Portcullis
+    /// `edge.pin_workers = true`.
+    #[arg(long)]
+    no_pin: bool,
     /// Keep every proxy's per-request access log on (Portcullis's default). Off by default for
     /// all three, so the comparison is of proxying alone.
     #[arg(long)]
@@ -476,6 +481,11 @@ struct Pki {
 
 fn nginx_conf(dir: &Path, listen: SocketAddr, backend: SocketAddr, pki: &Pki, a: &Args) -> String {
     let workers = workers(a);
+    let affinity = if a.no_pin {
+        ""
+    } else {
+        "worker_cpu_affinity auto;"
+    };
     let d = dir.display();
     let access = if a.access_log {
         format!("access_log {d}/access.log;")
@@ -501,6 +511,7 @@ fn nginx_conf(dir: &Path, listen: SocketAddr, backend: SocketAddr, pki: &Pki, a:
     format!(
         r#"{user}
 worker_processes {workers};
+{affinity}
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 8192; }}
@@ -546,6 +557,12 @@ http {{
 
 fn haproxy_conf(listen: SocketAddr, backend: SocketAddr, pem: &Path, a: &Args) -> String {
     let workers = workers(a);
+    // Thread i on CPU i - 1, as Portcullis pins worker i to the i-th CPU it may use.
+    let affinity = if a.no_pin {
+        String::new()
+    } else {
+        format!("cpu-map auto:1/1-{workers} 0-{}", workers.saturating_sub(1))
+    };
     let (log_global, log_defaults) = if a.access_log {
         (
             "log stdout format raw local0",
@@ -568,6 +585,7 @@ fn haproxy_conf(listen: SocketAddr, backend: SocketAddr, pem: &Path, a: &Args) -
     format!(
         r#"global
     nbthread {workers}
+    {affinity}
     maxconn 8000
     ssl-default-bind-options ssl-min-ver TLSv1.2
     {log_global}
@@ -691,6 +709,8 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
     if let Some(n) = a.portcullis_workers {
         up.arg("--edge-workers").arg(n.to_string());
     }
+    up.arg("--edge-pin-workers")
+        .arg(if a.no_pin { "false" } else { "true" });
     if !a.access_log {
         // The node's default filter, with the per-request access log off.
         up.env(
@@ -1721,13 +1741,14 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let mut out = String::new();
     out.push_str(&format!(
         "{} connections, {} streams per h2 connection, {} s measured after {} s warm-up, {} rounds, \
-         {} workers, access logs {}\n\n",
+         {} workers ({}), access logs {}\n\n",
         a.connections,
         a.streams,
         a.duration,
         a.warmup,
         a.rounds,
         workers(&a),
+        if a.no_pin { "unpinned" } else { "pinned, one per core" },
         if a.access_log { "on" } else { "off" }
     ));
     for v in &s.versions {

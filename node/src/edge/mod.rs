@@ -518,7 +518,11 @@ impl Edge {
                     .await
             }
         };
-        if let Err(e) = worker::spawn(workers, &std, tracker, serve) {
+        let cpus = worker::cpus(workers, self.cfg.pin_workers);
+        if let Some(c) = &cpus {
+            tracing::info!(cpus = ?c, "data-plane workers pinned, one per CPU");
+        }
+        if let Err(e) = worker::spawn(workers, &std, tracker, cpus.as_deref(), serve) {
             // Whichever workers started keep serving; the shared runtime accepts beside them.
             tracing::error!(error = %e, workers, "not every data-plane worker started");
             match TcpListener::from_std(std) {
