@@ -302,9 +302,10 @@ pub struct EdgeConfig {
     pub workers: Option<usize>,
     /// Pins worker `i` to the `i`-th CPU the node may run on (as nginx's
     /// `worker_cpu_affinity auto` and HAProxy's `cpu-map` do). Default: pin when there are
-    /// exactly as many workers as such CPUs, the default `workers`. Unpinned, the kernel moves
-    /// workers between cores and at times stacks both on one, and every connection a waiting
-    /// worker holds waits with it (docs/data-plane.md, "Worker threads").
+    /// exactly as many workers as such CPUs, the default `workers`. A worker holds its
+    /// connections to the end, so while it waits for a core they all wait: unpinned, on two
+    /// cores shared with the load, HTTP/1.1 p99 was up to twice as long (docs/data-plane.md,
+    /// "Worker threads").
     pub pin_workers: Option<bool>,
 }
 

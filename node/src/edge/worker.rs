@@ -214,9 +214,9 @@ pub fn current() -> usize {
 
 /// Starts `count` workers, each running `serve(listener, tracker, seat)` on its own duplicate
 /// of `listener` (non-blocking), with a tracker for the connection tasks it spawns and its
-/// seat for spreading connections; worker `i` is pinned to `cpus[i]` if given. A worker ends once `serve` returns and those tasks have
-/// finished; `node_tracker` waits for every worker. An error means some workers (perhaps none)
-/// were started.
+/// seat for spreading connections; worker `i` is pinned to `cpus[i]` if given. A worker ends
+/// once `serve` returns and those tasks have finished; `node_tracker` waits for every worker.
+/// An error means some workers (perhaps none) were started.
 pub fn spawn<F, Fut>(
     count: usize,
     listener: &std::net::TcpListener,
