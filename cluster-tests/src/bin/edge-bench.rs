@@ -557,7 +557,8 @@ http {{
 
 fn haproxy_conf(listen: SocketAddr, backend: SocketAddr, pem: &Path, a: &Args) -> String {
     let workers = workers(a);
-    // Thread i on CPU i - 1, as Portcullis pins worker i to the i-th CPU it may use.
+    // Thread i on CPU i - 1, as Portcullis pins worker i to the i-th CPU it may use: the same
+    // CPUs wherever the bench may use CPUs 0 to workers - 1, as on the machines it runs on.
     let affinity = if a.no_pin {
         String::new()
     } else {
@@ -1526,9 +1527,15 @@ impl Merged {
     }
     /// Target CPU microseconds per completed request.
     fn cpu_us(&self) -> Option<f64> {
-        let n = self.stats.hist.len();
-        self.cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64)
+        cpu_per_request(self.cpu, self.stats.hist.len())
     }
+}
+
+/// CPU µs per request from CPU seconds over `requests`; none without requests.
+fn cpu_per_request(cpu_secs: Option<f64>, requests: u64) -> Option<f64> {
+    cpu_secs
+        .filter(|_| requests > 0)
+        .map(|c| c * 1e6 / requests as f64)
 }
 
 fn ratio(x: f64, of: Option<f64>) -> String {
@@ -1645,10 +1652,11 @@ fn report_paired(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
         None => ("–".into(), "–".into()),
     };
     for &mode in &a.modes {
-        let (rate, rate_n) = cell(paired(results, mode, |r| Some(r.rate), true));
-        if rate == "–" {
+        // No proxy ran in this mode (HTTP/3): no row.
+        let Some(rate) = paired(results, mode, |r| Some(r.rate), true) else {
             continue;
-        }
+        };
+        let (rate, rate_n) = cell(Some(rate));
         let (p99, p99_n) = cell(paired(results, mode, |r| Some(r.p99_ms), false));
         let (cpu, cpu_n) = cell(paired(results, mode, |r| r.cpu_us, false));
         s.push_str(&format!(
@@ -1660,11 +1668,10 @@ fn report_paired(results: &BTreeMap<(Mode, Kind), Merged>, a: &Args) -> String {
 }
 
 fn round_of(r: &Run, rate: f64) -> Round {
-    let n = r.stats.hist.len();
     Round {
         rate,
         p99_ms: r.stats.hist.value_at_quantile(0.99) as f64 / 1000.0,
-        cpu_us: r.cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64),
+        cpu_us: cpu_per_request(r.cpu, r.stats.hist.len()),
     }
 }
 
