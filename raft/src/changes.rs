@@ -52,7 +52,9 @@ pub fn touched(state: &ClusterState, cmd: &Command, out: &mut Vec<Touched>) {
         | Command::RemoveNode { .. }
         | Command::SetNodeStatus { .. }
         | Command::UpsertRegion(_) => out.push(Touched::Topology),
-        Command::CreateApp { name, .. } => out.push(Touched::App(name.clone())),
+        Command::CreateApp { name, .. } | Command::CreateAppV2 { name, .. } => {
+            out.push(Touched::App(name.clone()))
+        }
         Command::DeleteApp { name } => {
             // The app's instances and domains go with it (see `ClusterState::apply`).
             out.push(Touched::App(name.clone()));
@@ -73,6 +75,9 @@ pub fn touched(state: &ClusterState, cmd: &Command, out: &mut Vec<Touched>) {
         }
         Command::RegisterInstance(i) => out.push(Touched::Instance(i.instance_id.clone())),
         Command::RegisterInstanceV2(i) => out.push(Touched::Instance(i.instance_id.clone())),
+        Command::RegisterInstanceV3(r) => {
+            out.push(Touched::Instance(r.instance.instance_id.clone()))
+        }
         Command::RemoveInstance { instance_id }
         | Command::SetInstanceWeight { instance_id, .. } => {
             out.push(Touched::Instance(instance_id.clone()))

@@ -15,12 +15,14 @@ use serde::{Deserialize, Serialize};
 
 mod acme;
 mod legacy;
+mod names;
 mod pool;
 pub use acme::{
     AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, AcmeState, ChallengeKind, Http01Challenge,
     OrdererLease, MAX_ACME_CHALLENGES, MAX_LEASE_TTL_MS,
 };
 pub use legacy::{ClusterStateV1, InstanceV1, TunnelPoolV1};
+pub use names::{port_form, Collision, Registration, RegistrationPolicy};
 pub use pool::{TunnelPool, GATEWAY_TUNNEL_V4, GATEWAY_TUNNEL_V6};
 
 /// Most ports an app may declare; keeps entries small and routing tables bounded.
@@ -224,6 +226,18 @@ pub enum Command {
     SetTunnelPool {
         base: IpAddr,
         prefix_len: u8,
+    },
+    /// Registers (or renews) an instance held to the one namespace of routable names
+    /// (`state/names.rs`): its id cannot be an app's name or route, a case twin, or (for CVM
+    /// credentials) outside its app's prefix; a new key for an existing id and instances over
+    /// the app's cap are refused. Replaces [`Command::RegisterInstanceV2`] for new proposals.
+    RegisterInstanceV3(Registration),
+    /// Creates an app, refused when its name or port routes are already instance ids
+    /// (`state/names.rs`). Replaces [`Command::CreateApp`] for new proposals.
+    CreateAppV2 {
+        name: String,
+        ports: Vec<u16>,
+        lb: String,
     },
 }
 
@@ -439,6 +453,23 @@ impl Command {
             Command::RegisterInstanceV2(i) => {
                 validate_instance(&i.instance_id, &i.app, &i.region, &i.wg_public_key)
             }
+            Command::RegisterInstanceV3(r) => {
+                let i = &r.instance;
+                validate_instance(&i.instance_id, &i.app, &i.region, &i.wg_public_key)?;
+                if !is_dns_label(&i.instance_id) {
+                    return Err(field(
+                        "instance_id",
+                        i.instance_id.clone(),
+                        "must be a lowercase DNS label: letters a-z, digits and '-', not starting or ending with '-'",
+                    ));
+                }
+                Ok(())
+            }
+            Command::CreateAppV2 { name, ports, lb } => {
+                validate_app_name(name)?;
+                validate_ports(ports)?;
+                validate_lb(lb)
+            }
             Command::SetTunnelPool { base, prefix_len } => {
                 TunnelPool::validate_range(*base, *prefix_len)
             }
@@ -570,18 +601,15 @@ impl ClusterState {
                 self.regions.insert(r.name.clone(), r.clone());
                 Response::Ok
             }
-            Command::CreateApp { name, ports, lb } => {
+            Command::CreateApp { name, ports, lb } => self.create_app(index, name, ports, lb),
+            Command::CreateAppV2 { name, ports, lb } => {
                 if self.apps.contains_key(name) {
                     return Response::Rejected(format!("app {name:?} already exists"));
                 }
-                let app = App {
-                    name: name.clone(),
-                    ports: ports.clone(),
-                    lb: lb.clone(),
-                    revision: index,
-                };
-                self.apps.insert(name.clone(), app.clone());
-                Response::App(app)
+                if let Err(why) = self.check_new_app_name(name, ports) {
+                    return Response::Rejected(why);
+                }
+                self.create_app(index, name, ports, lb)
             }
             Command::DeleteApp { name } => {
                 if self.apps.remove(name).is_none() {
@@ -624,6 +652,10 @@ impl ClusterState {
                 }
             }
             Command::RegisterInstanceV2(new) => match self.register_instance(new) {
+                Ok(inst) => Response::InstanceV2(inst),
+                Err(why) => Response::Rejected(why),
+            },
+            Command::RegisterInstanceV3(r) => match self.register_checked(r) {
                 Ok(inst) => Response::InstanceV2(inst),
                 Err(why) => Response::Rejected(why),
             },
@@ -780,6 +812,55 @@ impl ClusterState {
         }
         self.tunnel_pool = TunnelPool::new(base, prefix_len);
         Response::Ok
+    }
+
+    fn create_app(&mut self, index: u64, name: &str, ports: &[u16], lb: &str) -> Response {
+        if self.apps.contains_key(name) {
+            return Response::Rejected(format!("app {name:?} already exists"));
+        }
+        let app = App {
+            name: name.to_string(),
+            ports: ports.to_vec(),
+            lb: lb.to_string(),
+            revision: index,
+        };
+        self.apps.insert(name.to_string(), app.clone());
+        Response::App(app)
+    }
+
+    /// [`Command::RegisterInstanceV3`]: the namespace, key and cap rules, then the
+    /// registration itself.
+    fn register_checked(&mut self, r: &Registration) -> Result<Instance, String> {
+        let new = &r.instance;
+        let id = new.instance_id.as_str();
+        if !self.apps.contains_key(&new.app) {
+            return Err(format!("app {:?} not found", new.app));
+        }
+        match self.instances.get(id) {
+            Some(old) if old.app != new.app => {
+                return Err(format!("instance {id:?} belongs to app {:?}", old.app));
+            }
+            Some(old) if old.wg_public_key != new.wg_public_key && !r.policy.allow_rekey => {
+                return Err(format!(
+                    "instance {id:?} is registered with another WireGuard key; a new key needs the operator to remove it first (portcullis cvm remove {id})"
+                ));
+            }
+            Some(_) => {}
+            None => {
+                self.check_new_instance_id(id, &new.app, &r.policy)?;
+                let cap = r.policy.max_instances_per_app;
+                if cap > 0 {
+                    let held = self.instances_of(&new.app).count();
+                    if held >= cap as usize {
+                        return Err(format!(
+                            "app {:?} already has {held} instances, its limit (wg.max_instances_per_app = {cap})",
+                            new.app
+                        ));
+                    }
+                }
+            }
+        }
+        self.register_instance(new)
     }
 
     /// Registers or renews `new`; the instance as stored (with its address) or why not.

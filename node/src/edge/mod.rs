@@ -9,7 +9,7 @@
 //! - [`clienthello`]: SNI and ALPN from the raw ClientHello (pure, fuzzed).
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 (pure, fuzzed).
 //! - [`grammar`]: what a host name asks for (pure, fuzzed, property-tested).
-//! - [`route`]: the compiled routing table.
+//! - [`route`]: the compiled routing table; [`hostport`]: `host:port` splitting (pure, fuzzed).
 //! - [`balance`]: backend choice (one geo `Selector` per app), instance health probes and
 //!   passive ejection, client location.
 //! - [`tls`]: certificates from the replicated store; the rustls config.
@@ -30,6 +30,7 @@ pub mod grammar;
 pub mod h1client;
 pub mod h1wire;
 pub mod h3;
+pub mod hostport;
 pub mod limits;
 pub mod proxy;
 pub mod proxy_protocol;

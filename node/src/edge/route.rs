@@ -21,6 +21,8 @@ use portcullis_raft::state::{App, Domain, Instance};
 use portcullis_raft::ClusterState;
 
 use super::grammar::{self, GrammarError, Mode, ParsedHost};
+use super::hostport::join_host_port;
+pub use super::hostport::split_host_port;
 use super::sharded::ShardedMap;
 
 /// One registered instance as the data plane needs it.
@@ -58,33 +60,6 @@ impl Backend {
                 .tunnel_ip
                 .map(|ip| Cow::Owned(SocketAddr::new(ip, port).to_string())),
         }
-    }
-}
-
-/// Splits `host:port`, `[v6]:port`, `v6`, `[v6]` or `host`.
-pub fn split_host_port(addr: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = addr.strip_prefix('[') {
-        if let Some((host, tail)) = rest.split_once(']') {
-            return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
-        }
-    }
-    if addr.parse::<IpAddr>().is_ok() {
-        return (addr, None);
-    }
-    match addr.rsplit_once(':') {
-        Some((h, p)) => match p.parse() {
-            Ok(port) => (h, Some(port)),
-            Err(_) => (addr, None),
-        },
-        None => (addr, None),
-    }
-}
-
-fn join_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 

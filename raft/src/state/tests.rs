@@ -46,6 +46,38 @@ pub(crate) fn command() -> impl Strategy<Value = Command> {
                 ..Default::default()
             })
         }),
+        // This build's shapes: namespace-checked apps and registrations.
+        (app_name(), proptest::collection::vec(1u16..4, 1..3)).prop_map(|(name, mut ports)| {
+            ports.dedup();
+            Command::CreateAppV2 {
+                name,
+                ports,
+                lb: "round-robin".into(),
+            }
+        }),
+        (
+            app_name(),
+            names::tests::instance_id(),
+            "[A-Za-z0-9+/]{0,2}",
+            any::<(bool, bool)>(),
+            0u32..3
+        )
+            .prop_map(|(app, instance_id, key, (prefix, rekey), cap)| {
+                Command::RegisterInstanceV3(Registration {
+                    instance: Instance {
+                        instance_id,
+                        app,
+                        region: "us-east".into(),
+                        wg_public_key: key,
+                        ..Default::default()
+                    },
+                    policy: RegistrationPolicy {
+                        require_app_prefix: prefix,
+                        allow_rekey: rekey,
+                        max_instances_per_app: cap,
+                    },
+                })
+            }),
         // Pool changes: IPv4 and IPv6, tiny ranges (exhaustion), the current one, and ranges
         // that validation refuses.
         prop_oneof![
