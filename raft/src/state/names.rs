@@ -29,7 +29,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{ClusterState, Instance};
 
-
 /// How a registration is held to the namespace, chosen by the proposer and carried in the
 /// entry so that every node applies the same rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -177,9 +176,8 @@ impl ClusterState {
                 continue;
             };
             let route = port_form(id).filter(|(n, _, _)| *n == name);
-            let takes_route = route.is_some_and(|(_, p, _)| {
-                u16::try_from(p).is_ok_and(|p| ports.contains(&p))
-            });
+            let takes_route =
+                route.is_some_and(|(_, p, _)| u16::try_from(p).is_ok_and(|p| ports.contains(&p)));
             if takes_route || i.app != name {
                 return Err(format!(
                     "instance {id:?} of app {:?} is already named inside {name}-…; remove it first (portcullis cvm remove {id})",

@@ -133,7 +133,10 @@ fn siblings_keys_case_twins_and_caps() {
     ok(&mut s, &reg("evil-a", "evil", "ke3", TENANT));
     ok(&mut s, &reg("evil-b", "evil", "ke4", TENANT));
     let why = refused(&mut s, &reg("evil-c", "evil", "ke5", TENANT));
-    assert!(why.contains("its limit (wg.max_instances_per_app = 3)"), "{why}");
+    assert!(
+        why.contains("its limit (wg.max_instances_per_app = 3)"),
+        "{why}"
+    );
     ok(&mut s, &reg("evil-a", "evil", "ke3", TENANT));
 }
 
@@ -172,7 +175,10 @@ fn an_app_cannot_be_created_over_instances() {
         lb: "round-robin".into(),
     };
     let why = refused(&mut s, &create("shop"));
-    assert!(why.contains("taken by instance \"shop\" of app \"bank\""), "{why}");
+    assert!(
+        why.contains("taken by instance \"shop\" of app \"bank\""),
+        "{why}"
+    );
     // An id named inside the new app's space (`bank-z-…` would read as app bank-z's).
     assert!(matches!(
         s.apply(4, &reg("shop2-q", "bank", "", op)),
@@ -238,9 +244,9 @@ fn port_form_reads_the_reserved_shapes() {
 
 fn has_old_shape(c: &Command) -> bool {
     match c {
-        Command::CreateApp { .. } | Command::RegisterInstance(_) | Command::RegisterInstanceV2(_) => {
-            true
-        }
+        Command::CreateApp { .. }
+        | Command::RegisterInstance(_)
+        | Command::RegisterInstanceV2(_) => true,
         Command::Batch(v) => v.iter().any(has_old_shape),
         _ => false,
     }
