@@ -4,7 +4,7 @@
 //! and the reserved forms `<name>-<port>[s|g]`. If two of those could spell the same label, the
 //! lookup order would decide who serves it, and a tenant that registers an instance id equal to
 //! another app's name (or to one of its port routes) would take over that app's hostname. So
-//! the state refuses, at `apply` (and the proposer checks the same before proposing):
+//! the state refuses, at `apply`:
 //!
 //! - an instance id that is an app's name, is one of an app's `<app>-<port>[s|g]` routes, is
 //!   `<instance>-<port>` of an existing instance, carries the `s`/`g` suffix of a reserved
@@ -22,8 +22,11 @@
 //! These rules are new with [`super::Command::RegisterInstanceV3`] and
 //! [`super::Command::CreateAppV2`]. The older variants keep their old meaning when replayed,
 //! because `apply` must give every node the same state from the same log. Whatever collisions
-//! older states already hold are listed by [`ClusterState::name_collisions`]; the routing table
-//! lets the app route win.
+//! older states already hold are listed by [`ClusterState::name_collisions`].
+//!
+//! Not yet wired: no proposer sends the new variants (the admin API and the CVM registry still
+//! propose the old ones), nothing reports collisions at start, and the routing table still
+//! looks instance ids up before app names. Issue 14 tracks each.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,7 +54,8 @@ pub struct Registration {
 
 /// Splits a label of the reserved form `<name>-<digits>[s|g|sg|gs]` into name, port digits as a
 /// number (not range-checked) and whether a suffix is present. Mirrors
-/// `node/src/edge/grammar.rs` `parse_label` (a node test checks that they agree).
+/// `node/src/edge/grammar.rs` `parse_label`, which must stay pure `std` for its fuzz crate and
+/// so cannot call this; keep the two in step.
 pub fn port_form(label: &str) -> Option<(&str, u32, bool)> {
     let (name, tail) = label.rsplit_once('-')?;
     let digits_end = tail.bytes().take_while(u8::is_ascii_digit).count();
@@ -65,8 +69,7 @@ pub fn port_form(label: &str) -> Option<(&str, u32, bool)> {
 }
 
 /// A name clash found in an existing state (written before these rules, or by an older
-/// build). The routing table lets the app route win; operators see these at start, in
-/// `portcullis_route_name_collisions` and in `cluster status`.
+/// build).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Collision {
     pub instance_id: String,
@@ -126,9 +129,10 @@ impl ClusterState {
             }
         }
         // `<id>-<port>` of this id must not already be another instance's whole id.
-        if let Some(other) = self.instances_named_under(id).find(|o| {
-            port_form(o).is_some_and(|(name, _, _)| name == id) // `<id>-<digits>[s|g]`
-        }) {
+        if let Some(other) = self
+            .instances_named_under(id)
+            .find(|o| port_form(o).is_some_and(|(name, _, _)| name == id))
+        {
             return Err(format!(
                 "instance id {id:?} would make instance {other:?} read as its port route"
             ));
@@ -223,12 +227,11 @@ impl ClusterState {
             }
         }
         let mut seen: std::collections::BTreeMap<String, &str> = Default::default();
-        for id in self.instances.keys() {
+        for (id, i) in &self.instances {
             if let Some(first) = seen.insert(id.to_ascii_lowercase(), id) {
-                let app = self.instances.get(id).map(|i| i.app.clone());
                 out.push(Collision {
                     instance_id: id.clone(),
-                    app: app.unwrap_or_default(),
+                    app: i.app.clone(),
                     why: format!("differs only by case from instance {first:?}"),
                 });
             }

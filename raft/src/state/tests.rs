@@ -48,6 +48,7 @@ pub(crate) fn command() -> impl Strategy<Value = Command> {
         }),
         // This build's shapes: namespace-checked apps and registrations.
         (app_name(), proptest::collection::vec(1u16..4, 1..3)).prop_map(|(name, mut ports)| {
+            ports.sort_unstable();
             ports.dedup();
             Command::CreateAppV2 {
                 name,
