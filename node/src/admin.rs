@@ -14,7 +14,9 @@ use portcullis_proto::admin::{
     ListInstancesReply, ListInstancesRequest, MembershipReply, NodeIdRequest,
     PutCertificateRequest, RegisterInstanceRequest, WriteReply,
 };
-use portcullis_raft::state::{App, Certificate, Instance, Rewrap, RewrapTarget, TunnelPool};
+use portcullis_raft::state::{
+    App, Certificate, Instance, Registration, RegistrationPolicy, Rewrap, RewrapTarget, TunnelPool,
+};
 use portcullis_raft::{Cluster, ClusterError, Command, NodeInfo, Response};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -432,6 +434,16 @@ impl Admin for AdminService {
             region: self.state.region.clone(),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            name_collisions: self
+                .state
+                .cluster
+                .shared
+                .read()
+                .state
+                .name_collisions()
+                .iter()
+                .map(crate::collisions::describe)
+                .collect(),
         }))
     }
 
@@ -563,11 +575,24 @@ impl Admin for AdminService {
         } else {
             r.lb
         };
-        let cmd = Command::CreateApp {
+        let cmd = Command::CreateAppV2 {
             name: r.name,
             ports,
             lb,
         };
+        if let Command::CreateAppV2 { name, ports, .. } = &cmd {
+            cmd.validate()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            // A clash with an instance is answered from this node's state before anything is
+            // written; `apply` checks again at the entry's index.
+            self.state
+                .cluster
+                .shared
+                .read()
+                .state
+                .check_new_app_name(name, ports)
+                .map_err(Status::failed_precondition)?;
+        }
         let (_, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
         match outcome(resp)? {
             Response::App(a) => Ok(tonic::Response::new(app_pb(&a, Vec::new()))),
@@ -763,12 +788,29 @@ impl Admin for AdminService {
             backend_addr: (!r.backend_addr.is_empty()).then_some(r.backend_addr),
             registered_at: unix_now(),
         };
-        let (_, resp) = self
-            .state
-            .cluster
-            .write(Command::RegisterInstanceV2(inst))
-            .await
-            .map_err(status)?;
+        // Operators name any id that fits the namespace and may re-key an instance; the
+        // per-app cap is for tenants' credentials only.
+        let registration = Registration {
+            instance: inst,
+            policy: RegistrationPolicy {
+                require_app_prefix: false,
+                allow_rekey: true,
+                max_instances_per_app: 0,
+            },
+        };
+        let cmd = Command::RegisterInstanceV3(registration);
+        cmd.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Command::RegisterInstanceV3(r) = &cmd {
+            self.state
+                .cluster
+                .shared
+                .read()
+                .state
+                .check_registration(r)
+                .map_err(|m| status(ClusterError::Rejected(m)))?;
+        }
+        let (_, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
         match outcome(resp)? {
             Response::InstanceV2(i) => {
                 let weights = self

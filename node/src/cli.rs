@@ -322,6 +322,7 @@ struct StatusOut {
     snapshot_index: u64,
     purged_index: u64,
     members: Vec<MemberOut>,
+    name_collisions: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -497,13 +498,17 @@ pub async fn cluster(g: &Global, cmd: ClusterCmd) -> anyhow::Result<()> {
                 snapshot_index: s.snapshot_index,
                 purged_index: s.purged_index,
                 members: members_out(&s.members),
+                name_collisions: s.name_collisions,
             };
             if g.json {
                 return print_json(&out);
             }
+            let leader = out
+                .leader_id
+                .map_or_else(|| "none known".to_string(), |l| l.to_string());
             println!(
-                "node {} ({}, {}), term {}, leader {:?}",
-                out.node_id, out.region, out.state, out.term, out.leader_id
+                "node {} ({}, {}), term {}, leader {leader}",
+                out.node_id, out.region, out.state, out.term
             );
             println!(
                 "last applied {}, last log {}",
@@ -517,6 +522,15 @@ pub async fn cluster(g: &Global, cmd: ClusterCmd) -> anyhow::Result<()> {
                     m.region,
                     m.rpc_addr
                 );
+            }
+            if !out.name_collisions.is_empty() {
+                println!(
+                    "name collisions ({}): the app route is served; remove the instances (portcullis cvm remove)",
+                    out.name_collisions.len()
+                );
+                for c in &out.name_collisions {
+                    println!("  {c}");
+                }
             }
             Ok(())
         }

@@ -109,6 +109,15 @@ pub struct WgConfig {
     /// `reregister_secs` (30 by default). 0 keeps registrations until `cvm remove`. Default
     /// 86400. Only the leader expires, with the value in its own configuration.
     pub expire_after_secs: u64,
+    /// Most instances one app may register with CVM credentials, so that one tenant cannot
+    /// drain the cluster-wide tunnel address pool. A renewal is never refused by it; operators
+    /// (`cvm register` on the admin API) are not held to it. 0 is no limit. Default 1024.
+    pub max_instances_per_app: u32,
+    /// Registrations per second one app may make through this node with CVM credentials
+    /// (each is a Raft write; renewals answered from a fresh stamp are free). Default 10.
+    pub registration_rate_per_app: f64,
+    /// Burst of registrations one app may make at once above that rate. Default 64.
+    pub registration_burst_per_app: u32,
 }
 
 impl Default for WgConfig {
@@ -119,12 +128,28 @@ impl Default for WgConfig {
             advertise: None,
             mtu: 1420,
             expire_after_secs: 86_400,
+            max_instances_per_app: 1024,
+            registration_rate_per_app: 10.0,
+            registration_burst_per_app: 64,
         }
     }
 }
 
 impl WgConfig {
     fn validate(&self, node_id: u64) -> Result<(), ConfigError> {
+        // The registry serves CVMs whether or not this node terminates tunnels.
+        if !(self.registration_rate_per_app.is_finite() && self.registration_rate_per_app > 0.0) {
+            return Err(bad(
+                "wg.registration_rate_per_app",
+                format!(
+                    "{} must be a positive number of registrations per second",
+                    self.registration_rate_per_app
+                ),
+            ));
+        }
+        if self.registration_burst_per_app == 0 {
+            return Err(bad("wg.registration_burst_per_app", "must be at least 1"));
+        }
         if !self.enabled {
             return Ok(());
         }
@@ -654,6 +679,14 @@ mod tests {
                 Box::new(|c| c.cluster.election_timeout_max_ms = 1),
             ),
             ("latitude", Box::new(|c| c.latitude = 91.0)),
+            (
+                "wg.registration_rate_per_app",
+                Box::new(|c| c.wg.registration_rate_per_app = f64::NAN),
+            ),
+            (
+                "wg.registration_burst_per_app",
+                Box::new(|c| c.wg.registration_burst_per_app = 0),
+            ),
             (
                 "edge.base_domains",
                 Box::new(|c| c.edge.base_domains = vec!["Not Valid".into()]),

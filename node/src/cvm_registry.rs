@@ -4,6 +4,12 @@
 //! cluster CA naming its app, checked by the TLS layer and here), and with attestation evidence
 //! checked by an [`Attestation`] hook. It then gets its tunnel address, allocated through Raft
 //! (sticky per instance id), and every gateway's WireGuard key and endpoint.
+//!
+//! Every tenant is hostile to every other, so a credential acts only inside its own app's
+//! names: a registration is proposed as `RegisterInstanceV3` with the tenant policy (the id
+//! must be `<app>-…`, a registered id keeps its WireGuard key, the app's instance cap), checked
+//! first against this node's applied state so a refusal is answered before anything is
+//! written, and held to a per-app rate ([`crate::cvm_quota`]). See docs/security.md.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +18,9 @@ use openraft::ServerState;
 
 use portcullis_proto::cluster::cvm_registry_server::{CvmRegistry, CvmRegistryServer};
 use portcullis_proto::cluster::{GatewayPeer, RegisterCvmReply, RegisterCvmRequest};
-use portcullis_raft::state::{Instance, StaleInstance, MAX_EXPIRE_BATCH};
+use portcullis_raft::state::{
+    Instance, Registration, RegistrationPolicy, StaleInstance, MAX_EXPIRE_BATCH,
+};
 use portcullis_raft::store::SharedState;
 use portcullis_raft::tls::{peer_role, PeerRole};
 use portcullis_raft::{Cluster, ClusterError, Command, Response};
@@ -21,11 +29,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Status};
 
+use crate::cvm_quota::RegistrationQuota;
 use crate::tunnel::{gateway_peers, gateway_tunnel_ip_for, unix_now};
 
 /// Largest registration message: a few names, a key, and attestation evidence (a TDX quote is
-/// about 5 KiB; RA-TLS certificates stay well under this).
-const MAX_REGISTRATION_BYTES: usize = 64 * 1024;
+/// about 5 KiB). Anything larger is refused before it is decoded.
+pub const MAX_REGISTRATION_BYTES: usize = 16 * 1024;
 
 /// What a CVM claims when it registers, for the attestation hook.
 #[derive(Debug)]
@@ -63,6 +72,29 @@ pub struct Registry {
     /// A renewal whose stored stamp is younger than this is answered from the applied state
     /// without a Raft write; see [`refresh_after`].
     refresh_after_secs: u64,
+    /// Most instances per app (`wg.max_instances_per_app`; 0: no limit).
+    max_instances_per_app: u32,
+    quota: RegistrationQuota,
+}
+
+/// The registry's settings from `[wg]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryLimits {
+    pub expire_after_secs: u64,
+    pub max_instances_per_app: u32,
+    pub registration_rate_per_app: f64,
+    pub registration_burst_per_app: u32,
+}
+
+impl RegistryLimits {
+    pub fn from_config(wg: &crate::config::WgConfig) -> Self {
+        RegistryLimits {
+            expire_after_secs: wg.expire_after_secs,
+            max_instances_per_app: wg.max_instances_per_app,
+            registration_rate_per_app: wg.registration_rate_per_app,
+            registration_burst_per_app: wg.registration_burst_per_app,
+        }
+    }
 }
 
 /// How old a registration's stamp may get before a renewal writes a new one.
@@ -86,13 +118,18 @@ pub fn service(
     cluster: Cluster,
     shared: SharedState,
     attestation: Arc<dyn Attestation>,
-    expire_after_secs: u64,
+    limits: RegistryLimits,
 ) -> CvmRegistryServer<Registry> {
     CvmRegistryServer::new(Registry {
         cluster,
         shared,
         attestation,
-        refresh_after_secs: refresh_after(expire_after_secs),
+        refresh_after_secs: refresh_after(limits.expire_after_secs),
+        max_instances_per_app: limits.max_instances_per_app,
+        quota: RegistrationQuota::new(
+            limits.registration_rate_per_app,
+            limits.registration_burst_per_app,
+        ),
     })
     .max_decoding_message_size(MAX_REGISTRATION_BYTES)
 }
@@ -116,8 +153,14 @@ pub fn gateway_list(shared: &SharedState, ipv6: bool) -> Vec<GatewayPeer> {
 }
 
 fn rejected(m: String) -> Status {
-    if m.contains("belongs to app") {
+    if m.contains("belongs to app")
+        || m.contains("another WireGuard key")
+        || m.contains("must start with its app's name")
+        || m.contains("is inside app")
+    {
         Status::permission_denied(m)
+    } else if m.contains("its limit (wg.max_instances_per_app") {
+        Status::resource_exhausted(m)
     } else if m.contains("already registered") {
         Status::already_exists(m)
     } else {
@@ -198,7 +241,33 @@ impl CvmRegistry for Registry {
                 gateways: gateway_list(&self.shared, ip.is_ipv6()),
             }));
         }
-        let response = match self.cluster.write(Command::RegisterInstanceV2(inst)).await {
+        let registration = Registration {
+            instance: inst,
+            policy: RegistrationPolicy {
+                require_app_prefix: true,
+                allow_rekey: false,
+                max_instances_per_app: self.max_instances_per_app,
+            },
+        };
+        let cmd = Command::RegisterInstanceV3(registration);
+        cmd.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Command::RegisterInstanceV3(r) = &cmd {
+            // Refused by the state as this node has applied it: answer without a write. The
+            // leader checks again in `apply`, against the state at the entry's index.
+            self.shared.read().state.check_registration(r).map_err(|m| {
+                tracing::info!(app = %r.instance.app, instance = %r.instance.instance_id, reason = %m, "cvm registration refused");
+                rejected(m)
+            })?;
+        }
+        if let Err(wait) = self.quota.take(&r.app, std::time::Instant::now()) {
+            return Err(Status::resource_exhausted(format!(
+                "app {:?} is registering faster than wg.registration_rate_per_app allows on this node; retry in {} ms",
+                r.app,
+                wait.as_millis().max(1)
+            )));
+        }
+        let response = match self.cluster.write(cmd).await {
             Ok((_, resp)) => resp,
             Err(ClusterError::Invalid(m)) => return Err(Status::invalid_argument(m)),
             Err(ClusterError::Rejected(m)) => return Err(rejected(m)),

@@ -15,6 +15,9 @@
 //! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
 //! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
 //! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
+//! - [`cvm_registry`]: CVM registration with CVM credentials on the cluster port, held to the
+//!   tenant's own names; [`cvm_quota`]: its per-app registration rate; [`collisions`]: name
+//!   clashes an older state still holds, reported.
 
 #![forbid(unsafe_code)]
 
@@ -22,9 +25,11 @@ pub mod acme;
 pub mod admin;
 pub mod cli;
 pub mod client;
+pub mod collisions;
 pub mod config;
 pub mod custom_domain;
 pub mod cvm_agent;
+pub mod cvm_quota;
 pub mod cvm_registry;
 pub mod demo;
 pub mod dns;

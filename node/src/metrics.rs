@@ -30,6 +30,9 @@ pub struct Metrics {
     wg_events: Family<WgEventLabels, Counter>,
     /// CVM registrations removed because they were not renewed (`wg.expire_after_secs`).
     pub cvm_expired: Counter,
+    /// Instance ids that clash with an app route or another id in the applied state
+    /// (`collisions.rs`).
+    pub name_collisions: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,6 +59,12 @@ impl Metrics {
             "portcullis_cvm_expired",
             "CVM registrations this node expired as leader (not renewed within wg.expire_after_secs)",
             cvm_expired.clone(),
+        );
+        let name_collisions = Gauge::default();
+        r.register(
+            "portcullis_name_collisions",
+            "Instance ids in the applied state that clash with an app route or another id (cluster status lists them)",
+            name_collisions.clone(),
         );
         let gauge = |r: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
@@ -96,6 +105,7 @@ impl Metrics {
             wg_counters: std::sync::OnceLock::new(),
             wg_events,
             cvm_expired,
+            name_collisions,
             registry: r,
         }
     }

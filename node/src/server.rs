@@ -153,6 +153,26 @@ pub async fn run(
     } else {
         Arc::new(TcpUpstream)
     };
+    // No route may reach this node's listeners, or another member's on this host.
+    let upstream: Arc<dyn crate::edge::upstream::Upstream> = {
+        let mut own = vec![
+            listeners.cluster.local_addr()?,
+            listeners.admin.local_addr()?,
+        ];
+        if let Some(e) = &listeners.edge {
+            own.extend([e.https.local_addr()?, e.http.local_addr()?]);
+        }
+        let members = cluster.clone();
+        let peers: crate::edge::selfguard::PeerListeners = Arc::new(move || {
+            members
+                .members()
+                .iter()
+                .flat_map(|m| [&m.node.rpc_addr, &m.node.admin_addr])
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        });
+        Arc::new(crate::edge::selfguard::SelfGuard::new(upstream, own, peers))
+    };
     // Registrations are cluster-wide, so expiry runs whether or not this node terminates tunnels.
     crate::cvm_registry::spawn_expiry(
         Duration::from_secs(cfg.wg.expire_after_secs),
@@ -190,7 +210,7 @@ pub async fn run(
             cluster.clone(),
             shared.clone(),
             Arc::new(crate::cvm_registry::NoAttestation),
-            cfg.wg.expire_after_secs,
+            crate::cvm_registry::RegistryLimits::from_config(&cfg.wg),
         ));
     let sd = shutdown.clone();
     tracker.spawn(async move {
@@ -278,6 +298,8 @@ pub async fn run(
         &tracker,
         shutdown.clone(),
     );
+
+    crate::collisions::spawn(cluster.clone(), metrics.clone(), &tracker, shutdown.clone());
 
     ready.store(true, Ordering::Release);
     tracing::info!(node_id = cfg.node_id, region = %cfg.region, cluster = %cluster_addr, admin = %admin_addr, "node started");

@@ -831,6 +831,15 @@ impl ClusterState {
     /// [`Command::RegisterInstanceV3`]: the namespace, key and cap rules, then the
     /// registration itself.
     fn register_checked(&mut self, r: &Registration) -> Result<Instance, String> {
+        self.check_registration(r)?;
+        self.register_instance(&r.instance)
+    }
+
+    /// Why `r` would be refused by the current state, if it would: the app exists, the id is
+    /// not another app's, a re-registration keeps its key (unless the policy allows a new
+    /// one), and a new id fits the namespace (`state/names.rs`) and the app's cap. Read-only,
+    /// so a proposer can answer a refusal before it writes anything; `apply` checks again.
+    pub fn check_registration(&self, r: &Registration) -> Result<(), String> {
         let new = &r.instance;
         let id = new.instance_id.as_str();
         if !self.apps.contains_key(&new.app) {
@@ -838,14 +847,14 @@ impl ClusterState {
         }
         match self.instances.get(id) {
             Some(old) if old.app != new.app => {
-                return Err(format!("instance {id:?} belongs to app {:?}", old.app));
+                Err(format!("instance {id:?} belongs to app {:?}", old.app))
             }
             Some(old) if old.wg_public_key != new.wg_public_key && !r.policy.allow_rekey => {
-                return Err(format!(
+                Err(format!(
                     "instance {id:?} is registered with another WireGuard key; a new key needs the operator to remove it first (portcullis cvm remove {id})"
-                ));
+                ))
             }
-            Some(_) => {}
+            Some(_) => Ok(()),
             None => {
                 self.check_new_instance_id(id, &new.app, &r.policy)?;
                 let cap = r.policy.max_instances_per_app;
@@ -858,9 +867,9 @@ impl ClusterState {
                         ));
                     }
                 }
+                Ok(())
             }
         }
-        self.register_instance(new)
     }
 
     /// Registers or renews `new`; the instance as stored (with its address) or why not.

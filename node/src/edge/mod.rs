@@ -16,7 +16,8 @@
 //! - [`proxy`]: per-request forwarding, forwarded headers, WebSocket upgrades, error mapping.
 //! - [`h1client`]: the pooled HTTP/1.1 client for bodiless requests, run in the request's task;
 //!   [`h1wire`]: its wire format (pure, fuzzed).
-//! - [`upstream`]: the `Upstream` connector trait and its TCP implementation.
+//! - [`upstream`]: the `Upstream` connector trait and its TCP implementation;
+//!   [`selfguard`]: keeps every backend connection off the gateway's own listeners.
 //! - [`limits`]: connection limits, activity tracking for idle timeouts, replayed prefixes.
 //! - [`redirect`]: the plain HTTP port (308, ACME HTTP-01 hook).
 //! - [`h3`]: HTTP/3 over QUIC on the HTTPS port number (UDP), into the same [`proxy`].
@@ -36,6 +37,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod redirect;
 pub mod route;
+pub mod selfguard;
 mod sharded;
 pub mod tls;
 pub mod upstream;

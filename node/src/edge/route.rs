@@ -2,9 +2,16 @@
 //!
 //! A table is immutable once built; the edge compiles a new one on every state change and
 //! swaps it in with `ArcSwap`, so the request path reads it without a lock. Lookup order for a
-//! name under a base domain: instance ids first (the whole first label, then its name part with
-//! a port), then app names. Names outside the base domains are looked up among verified custom
-//! domains.
+//! name under a base domain: an app's own routes first (`<app>` and `<app>-<port>` for a port
+//! it declares), then instance ids (the whole first label, then its name part with a port).
+//! The replicated state refuses new names that collide (`raft/src/state/names.rs`); putting
+//! apps first means that a collision an older state still holds can never hand an app's
+//! hostname to somebody's instance. Names outside the base domains are looked up among
+//! verified custom domains.
+//!
+//! A pinned route (`<instance>-<port>`) reaches only ports the instance's app declares, and an
+//! instance whose `backend_addr` is `host:port` only that one port: the same rules as the
+//! app's own routes, so naming an instance never opens a port the app did not.
 //!
 //! Compiling: [`RouteTable::build`] reads a whole state; [`RouteTable::update`] derives the next
 //! table from the previous one and the few keys that changed ([`RouteUpdate`]), sharing every
@@ -40,9 +47,10 @@ impl Backend {
     /// The `host:port` to connect to for app port `port`.
     ///
     /// A `backend_addr` of `host:port` says where the app's *default* port is served (local
-    /// processes rarely get the port the app declares); other ports go to the same host. A bare
-    /// `host` serves every port as declared. Without a `backend_addr`, the instance is reached
-    /// at its tunnel IP (the WireGuard upstream).
+    /// processes rarely get the port the app declares), and serves nothing else: the operator
+    /// named one port of that host, and any other port of it (an admin listener, say) was not
+    /// named. A bare `host` serves every port as declared. Without a `backend_addr`, the
+    /// instance is reached at its tunnel IP (the WireGuard upstream).
     ///
     /// The common case, a request to the default port of a `host:port` backend, borrows the
     /// stored address: this runs once per proxied request.
@@ -52,7 +60,8 @@ impl Backend {
                 let (host, fixed) = split_host_port(addr);
                 match fixed {
                     Some(_) if port == default_port => Some(Cow::Borrowed(addr)),
-                    _ => Some(Cow::Owned(join_host_port(host, port))),
+                    Some(_) => None,
+                    None => Some(Cow::Owned(join_host_port(host, port))),
                 }
             }
             // SocketAddr brackets an IPv6 address (`[fd00::5]:8080`).
@@ -535,6 +544,14 @@ impl RouteTable {
     pub fn resolve(&self, host: &str) -> Result<Route, RouteError> {
         match grammar::parse_host(host, &self.bases)? {
             ParsedHost::Base { label, .. } => {
+                if let Some(app) = self.app(&label.name) {
+                    let declared = app
+                        .ports()
+                        .is_some_and(|ports| label.port.is_none_or(|p| ports.contains(&p)));
+                    if declared {
+                        return self.app_route(&label.name, app, label.port, label.mode);
+                    }
+                }
                 if let Some(b) = self.instances.get(&label.whole) {
                     return self.pinned(b, None, Mode::Http);
                 }
@@ -626,14 +643,26 @@ impl RouteTable {
         })
     }
 
+    /// The route to instance `b` alone, held to the ports its app declares (and, for a
+    /// `host:port` backend, to that one port).
     fn pinned(&self, b: &Arc<Backend>, port: Option<u16>, mode: Mode) -> Result<Route, RouteError> {
-        let default_port = self
+        let ports = self
             .app(&b.app)
-            .and_then(|a| a.ports()?.first().copied())
-            .unwrap_or(80);
+            .and_then(AppEntry::ports)
+            .ok_or_else(|| RouteError::UnknownName(b.instance_id.clone()))?;
+        let Some(&default_port) = ports.first() else {
+            return Err(RouteError::UnknownName(b.instance_id.clone()));
+        };
+        let port = port.unwrap_or(default_port);
+        if !ports.contains(&port) || b.address(port, default_port).is_none() {
+            return Err(RouteError::UnknownPort {
+                app: b.instance_id.clone(),
+                port,
+            });
+        }
         Ok(Route {
             app: Arc::from(b.app.as_str()),
-            port: port.unwrap_or(default_port),
+            port,
             default_port,
             mode,
             pinned: Some(b.clone()),
@@ -743,22 +772,68 @@ mod tests {
     }
 
     #[test]
-    fn instance_ids_are_checked_first() {
-        let t = table();
-        // `web-9000` is an instance of `api`, and wins over app `web` port 9000.
-        let r = t.resolve("web-9000.apps.test").expect("route");
-        assert_eq!(r.app.as_ref(), "api");
-        assert_eq!(
-            r.pinned.as_ref().map(|b| b.instance_id.as_str()),
-            Some("web-9000")
+    fn app_routes_win_over_instance_ids() {
+        let mut s = state();
+        // Collisions an older state may hold: an instance named like app `api`.
+        s.instances.insert(
+            "api".into(),
+            Instance {
+                instance_id: "api".into(),
+                app: "web".into(),
+                region: "r".into(),
+                backend_addr: Some("127.0.0.3".into()),
+                ..Default::default()
+            },
         );
+        let t = RouteTable::build(&s, &["apps.test".to_string()], 7);
+        // `web-9000` is an instance of `api`, but app `web` declares port 9000: the app wins.
+        let r = t.resolve("web-9000.apps.test").expect("route");
+        assert_eq!(
+            (r.app.as_ref(), r.port, r.pinned.is_none()),
+            ("web", 9000, true)
+        );
+        let r = t.resolve("api.apps.test").expect("route");
+        assert_eq!((r.app.as_ref(), r.pinned.is_none()), ("api", true));
+        // An id that is no app route still pins (case-insensitively).
         let r = t.resolve("W1.apps.test").expect("route");
         assert_eq!(
             r.pinned.as_ref().map(|b| b.instance_id.as_str()),
             Some("w1")
         );
-        let r = t.resolve("w1-9000g.apps.test").expect("route");
+        let r = t.resolve("w2-9000g.apps.test").expect("route");
         assert_eq!((r.port, r.mode), (9000, Mode::H2c));
+    }
+
+    #[test]
+    fn pinned_routes_reach_only_declared_ports() {
+        let t = table();
+        for host in ["w2-9999", "w2-1", "w2-65535s", "w2-22g", "web-9000-1"] {
+            assert!(
+                matches!(
+                    t.resolve(&format!("{host}.apps.test")),
+                    Err(RouteError::UnknownPort { .. } | RouteError::UnknownName(_))
+                ),
+                "{host}"
+            );
+        }
+        // A `host:port` backend serves its one port (the app's default) and no other.
+        assert!(t.resolve("w1-8080.apps.test").is_ok());
+        assert_eq!(
+            t.resolve("w1-9000.apps.test"),
+            Err(RouteError::UnknownPort {
+                app: "w1".into(),
+                port: 9000
+            })
+        );
+        // An instance whose app is gone routes nothing.
+        let mut s = state();
+        s.apps.remove("api");
+        let t = RouteTable::build(&s, &["apps.test".to_string()], 7);
+        assert_eq!(
+            t.resolve("web-9000.apps.test").map(|r| r.pinned.is_none()),
+            Ok(true)
+        );
+        assert!(t.resolve("web-9000-443.apps.test").is_err());
     }
 
     #[test]
@@ -803,7 +878,8 @@ mod tests {
         );
         assert_eq!(
             b(Some("127.0.0.1:18080")).address(9000, 8080).as_deref(),
-            Some("127.0.0.1:9000")
+            None,
+            "a host:port backend serves only the port it names"
         );
         assert_eq!(
             b(Some("10.0.0.1")).address(9000, 8080).as_deref(),
