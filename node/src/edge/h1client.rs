@@ -723,6 +723,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_signed_chunk_size_fails_the_body_and_the_connection_is_not_pooled() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let (addr, _h) =
+                backend(vec![bad, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]).await;
+            let p = pool();
+            let r = get(&p, &addr, "/").await.expect("the head is fine");
+            let e = body_of(r).await.expect_err("a signed chunk size");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+            assert_eq!(
+                p.idle_count(),
+                0,
+                "a connection that failed mid-body was pooled"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_refused_connection_is_a_connect_error() {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr").to_string();

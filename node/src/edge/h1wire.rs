@@ -259,7 +259,12 @@ pub fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, St
             let digits = std::str::from_utf8(digits)
                 .map_err(|_| "chunk size is not ASCII")?
                 .trim_end_matches([' ', '\t']);
-            if digits.is_empty() || digits.len() > 15 {
+            // Hex digits only: `from_str_radix` would also take a sign (`+5`), which other
+            // parsers on the path may read differently (RFC 9112 §7.1: `1*HEXDIG`).
+            if digits.is_empty()
+                || digits.len() > 15
+                || !digits.bytes().all(|b| b.is_ascii_hexdigit())
+            {
                 return Err(format!("chunk size {digits:?}"));
             }
             let size =
@@ -367,6 +372,33 @@ mod tests {
         assert_eq!(body, b"wikipedia in\r\n\r\nchunks.");
         assert_eq!(trailers.expect("trailers")["a"], "b");
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn chunk_sizes_with_a_sign_or_other_non_hex_bytes_are_refused() {
+        for line in [
+            &b"+5\r\nhello\r\n0\r\n\r\n"[..],
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"+0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"5_0\r\n",
+        ] {
+            let mut buf = BytesMut::from(line);
+            let mut state = Chunk::Size;
+            assert!(
+                decode_chunk(&mut buf, &mut state).is_err(),
+                "{:?} was accepted",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // Upper and lower case hex digits, and whitespace before an extension, still parse.
+        for (line, size) in [(&b"aB\r\n"[..], 0xab), (b"10 ;x=y\r\n", 0x10)] {
+            let mut buf = BytesMut::from(line);
+            let mut state = Chunk::Size;
+            decode_chunk(&mut buf, &mut state).expect("valid size line");
+            assert_eq!(state, Chunk::Data(size));
+        }
     }
 
     #[test]
