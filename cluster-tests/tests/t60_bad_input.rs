@@ -167,6 +167,12 @@ fn admin_and_config_bad_input() {
     let node1_cfg = std::fs::read_to_string(&c.node(1).config).expect("config");
     let empty_token = dir.path().join("empty.token");
     std::fs::write(&empty_token, "").expect("write");
+    // Private, as a token file must be: the length check is what this phase is about.
+    std::fs::set_permissions(
+        &empty_token,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
     let cfg = node1_cfg
         .lines()
         .map(|l| {

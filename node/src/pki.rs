@@ -21,6 +21,9 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("create {}", path.display()))?;
+    // `mode` applies only to a file this call creates; one that existed keeps its own.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", path.display()))?;
     f.write_all(contents)
         .with_context(|| format!("write {}", path.display()))?;
     f.sync_all()

@@ -63,17 +63,38 @@ impl Listeners {
 }
 
 fn read_token(cfg: &NodeConfig) -> anyhow::Result<String> {
-    let token = std::fs::read_to_string(&cfg.admin.token_file).with_context(|| {
+    read_token_file(&cfg.admin.token_file)
+}
+
+/// The admin token from `path`, which only its owner may read (as the data key file:
+/// `crate::secrets`): whoever reads it can rewrite the cluster's routes and certificates.
+fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| {
         format!(
             "admin.token_file {}: cannot read the admin token",
-            cfg.admin.token_file.display()
+            path.display()
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "admin.token_file {}: readable by group or others (mode {mode:o}); the admin token must be private to its owner: chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "admin.token_file {}: cannot read the admin token",
+            path.display()
         )
     })?;
     let token = token.trim().to_string();
     if token.len() < 16 {
         anyhow::bail!(
             "admin.token_file {}: the token must be at least 16 characters; refusing to start without one",
-            cfg.admin.token_file.display()
+            path.display()
         );
     }
     Ok(token)
@@ -340,5 +361,37 @@ pub async fn run(
     match fatal {
         Some(f) => anyhow::bail!("raft stopped: {f}"),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::read_token_file;
+
+    #[test]
+    fn an_admin_token_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "0123456789abcdef0123\n").expect("write");
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let e = read_token_file(&path).expect_err("group/other-readable token");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&path.display().to_string())
+                    && msg.contains("chmod 600")
+                    && msg.contains(&format!("{mode:o}")),
+                "{msg}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(
+            read_token_file(&path).expect("private token"),
+            "0123456789abcdef0123"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+        read_token_file(&path).expect("read-only for its owner is fine");
     }
 }
