@@ -14,6 +14,7 @@ use std::any::Any;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -72,6 +73,9 @@ enum StreamFailure {
     Send(#[from] ::h3::error::StreamError),
     #[error("backend body: {0}")]
     Backend(BoxError),
+    /// The request's DATA disagreed with its `content-length` (RFC 9114 §4.1.2).
+    #[error("request body does not match its content-length")]
+    Malformed,
 }
 
 /// Binds the QUIC endpoint: `edge.http3_listen`, else the address of `https_listen` at the
@@ -430,6 +434,12 @@ async fn serve_request(
     let total = Duration::from_secs(cfg.http3_request_total_timeout_secs);
     match tokio::time::timeout(total, exchange(&edge, &ctx, req, recv, &mut send)).await {
         Ok(Ok(())) => {}
+        Ok(Err(StreamFailure::Malformed)) => {
+            edge.metrics.limit("http3_content_length");
+            tracing::debug!("http/3 request body does not match its content-length");
+            // A stream error (RFC 9114 §4.1.2), whatever the backend had answered so far.
+            send.stop_stream(Code::H3_MESSAGE_ERROR);
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "http/3 response cut short");
             // A reset, not a FIN: the client must not take a truncated body for a whole one.
@@ -470,16 +480,31 @@ async fn exchange(
         return send_timed(idle, send.finish()).await;
     }
     join_cookies(&mut parts.headers);
-    let length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let Ok(length) = declared_length(&parts.headers) else {
+        return Err(StreamFailure::Malformed);
+    };
+    if let Some(n) = length {
+        // One value for the backend, however the client spelled it (`5, 5`).
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     let mut body = H3Body::new(recv, length, idle);
+    let malformed = body.malformed.clone();
     body.prime();
+    if malformed.load(Ordering::Acquire) {
+        // Seen before anything was sent: no backend hears of this request.
+        return Err(StreamFailure::Malformed);
+    }
     let resp = edge
         .proxy
         .handle(&edge.snapshot, ctx, Request::from_parts(parts, body))
         .await;
+    // The body failed the backend request (hyper closes that connection; it is never pooled
+    // again): the client gets a stream error, not the gateway's 502 for it.
+    if malformed.load(Ordering::Acquire) {
+        return Err(StreamFailure::Malformed);
+    }
 
     let (mut parts, mut body) = resp.into_parts();
     // Connection-specific fields are malformed in HTTP/3 (RFC 9114 §4.2).
@@ -498,6 +523,9 @@ async fn exchange(
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(StreamFailure::BackendStalled(idle)),
             Ok(None) => break,
+            Ok(Some(Err(_))) if malformed.load(Ordering::Acquire) => {
+                return Err(StreamFailure::Malformed)
+            }
             Ok(Some(Err(e))) => return Err(StreamFailure::Backend(e)),
             Ok(Some(Ok(f))) => f,
         };
@@ -555,10 +583,17 @@ enum BodyState {
 
 /// The request body of an HTTP/3 stream as an `http_body::Body`, read as the backend takes it
 /// (nothing is buffered beyond one QUIC read). A client that sends nothing for the idle timeout
-/// fails the body, and with it the request.
+/// fails the body, and with it the request; so does DATA that disagrees with the request's
+/// `content-length` (more bytes than declared, or the stream ending short of them): the
+/// backend must never take a short or long body for a complete one.
 pub struct H3Body {
     recv: RecvHalf,
     state: BodyState,
+    /// The request's `content-length`, if it declared one, and the DATA bytes seen so far.
+    declared: Option<u64>,
+    received: u64,
+    /// Set when the DATA disagreed with `declared`.
+    malformed: Arc<AtomicBool>,
     /// A frame read by [`H3Body::prime`], handed out first.
     ready: Option<Result<Frame<Bytes>, BoxError>>,
     stall_limit: Duration,
@@ -569,11 +604,11 @@ impl H3Body {
     fn new(recv: RecvHalf, length: Option<u64>, stall_limit: Duration) -> Self {
         H3Body {
             recv,
-            state: if length == Some(0) {
-                BodyState::Trailers
-            } else {
-                BodyState::Data
-            },
+            // DATA is read even after `content-length: 0`: any byte of it is an error.
+            state: BodyState::Data,
+            declared: length,
+            received: 0,
+            malformed: Arc::new(AtomicBool::new(false)),
             ready: None,
             stall_limit,
             stall: Box::pin(tokio::time::sleep(stall_limit)),
@@ -598,9 +633,18 @@ impl H3Body {
                 BodyState::Data => match self.recv.poll_recv_data(cx) {
                     Poll::Ready(Ok(Some(mut buf))) => {
                         let data = buf.copy_to_bytes(buf.remaining());
-                        Some(Some(Ok(Frame::data(data))))
+                        self.received = self.received.saturating_add(data.len() as u64);
+                        match length_mismatch(self.declared, self.received, false) {
+                            Some(e) => Some(Some(Err(self.malformed(e)))),
+                            None => Some(Some(Ok(Frame::data(data)))),
+                        }
                     }
                     Poll::Ready(Ok(None)) => {
+                        if let Some(e) = length_mismatch(self.declared, self.received, true) {
+                            let e = self.malformed(e);
+                            self.state = BodyState::Done;
+                            return Poll::Ready(Some(Err(e)));
+                        }
                         self.state = BodyState::Trailers;
                         continue;
                     }
@@ -635,6 +679,49 @@ impl H3Body {
                 }
             };
         }
+    }
+}
+
+impl H3Body {
+    fn malformed(&mut self, e: String) -> BoxError {
+        self.malformed.store(true, Ordering::Release);
+        e.into()
+    }
+}
+
+/// The request's `content-length`: decimal digits only (no sign), repeated values equal.
+fn declared_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().map_err(|_| ())?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n = part.parse::<u64>().map_err(|_| ())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Why `received` DATA bytes (all of them, once `ended`) disagree with a declared
+/// `content-length`; `None` while they agree so far.
+fn length_mismatch(declared: Option<u64>, received: u64, ended: bool) -> Option<String> {
+    let declared = declared?;
+    if received > declared {
+        Some(format!(
+            "request body longer than its content-length ({received} > {declared} bytes)"
+        ))
+    } else if ended && received < declared {
+        Some(format!(
+            "request body ended at {received} of the {declared} bytes its content-length declared"
+        ))
+    } else {
+        None
     }
 }
 

@@ -286,3 +286,111 @@ async fn a_taken_udp_port_fails_the_bind_with_a_clear_error() {
         .await
         .expect("tcp only");
 }
+
+/// A POST declaring `declared` bytes (if any) and sending `body`: the status, or how the
+/// stream failed.
+async fn post_declared(
+    send: &mut ::h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>,
+    host: &str,
+    declared: Option<&str>,
+    body: &[u8],
+) -> Result<u16, String> {
+    let mut req = http::Request::post(format!("https://{host}/upload"));
+    if let Some(d) = declared {
+        req = req.header("content-length", d);
+    }
+    let req = req.body(()).expect("request");
+    let mut s = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send request: {e}"))?;
+    if !body.is_empty() {
+        s.send_data(bytes::Bytes::copy_from_slice(body))
+            .await
+            .map_err(|e| format!("send data: {e}"))?;
+    }
+    s.finish().await.map_err(|e| format!("finish: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), s.recv_response())
+        .await
+        .map_err(|_| "no answer in 10 s".to_string())?
+        .map_err(|e| format!("response: {e}"))?;
+    Ok(resp.status().as_u16())
+}
+
+#[tokio::test]
+async fn a_body_that_disagrees_with_its_content_length_is_a_stream_error() {
+    let env = start(|_| {}).await;
+    let ep = client(&env);
+    let host = format!("demo.{BASE}");
+    let conn = connect(&ep, &env, &host).await.expect("handshake");
+    let (mut driver, mut send) = ::h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .expect("h3 client");
+    let drive = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    for (declared, body, what) in [
+        (Some("10"), &b"short"[..], "short body"),
+        (Some("5"), &b"longer than five"[..], "long body"),
+        // FIN right after the headers: a body-less request that would go out on the direct
+        // backend client with its content-length, and leave that connection waiting for bytes.
+        (Some("10"), &b""[..], "no body at all"),
+        (Some("0"), &b"x"[..], "a byte after content-length: 0"),
+        (Some("+5"), &b"hello"[..], "a signed content-length"),
+        (Some("5, 6"), &b"hello"[..], "two different lengths"),
+    ] {
+        let r = post_declared(&mut send, &host, declared, body).await;
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.contains("0x10e") || e.contains("MESSAGE")),
+            "{what}: expected an H3_MESSAGE_ERROR stream error, got {r:?}"
+        );
+    }
+    assert_eq!(rejections(&env, "http3_content_length"), 6);
+    // The connection still serves requests whose body matches (or declares nothing).
+    for (declared, body) in [
+        (Some("5"), &b"hello"[..]),
+        (None, b"any length"),
+        (Some("5, 5"), b"hello"),
+    ] {
+        assert_eq!(
+            post_declared(&mut send, &host, declared, body).await,
+            Ok(200),
+            "{declared:?}"
+        );
+    }
+    drive.abort();
+}
+
+#[test]
+fn content_length_is_digits_only_and_agreeing() {
+    let h = |v: &[&'static str]| {
+        let mut m = http::HeaderMap::new();
+        for x in v {
+            m.append(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from_static(x),
+            );
+        }
+        m
+    };
+    assert_eq!(super::declared_length(&h(&[])), Ok(None));
+    assert_eq!(super::declared_length(&h(&["12"])), Ok(Some(12)));
+    assert_eq!(super::declared_length(&h(&["7, 7", "7"])), Ok(Some(7)));
+    for bad in [
+        &["+5"][..],
+        &["-5"],
+        &["5, 6"],
+        &["5", "6"],
+        &[""],
+        &["0x5"],
+        &["5 5"],
+    ] {
+        assert!(super::declared_length(&h(bad)).is_err(), "{bad:?}");
+    }
+    assert_eq!(super::length_mismatch(None, 99, true), None);
+    assert_eq!(super::length_mismatch(Some(5), 3, false), None);
+    assert!(super::length_mismatch(Some(5), 3, true).is_some());
+    assert!(super::length_mismatch(Some(5), 6, false).is_some());
+    assert_eq!(super::length_mismatch(Some(5), 5, true), None);
+}
