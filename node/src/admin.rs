@@ -55,6 +55,7 @@ const MAX_INTERNAL_BODY: usize = 1024 * 1024;
 /// the probe and metrics paths are unauthenticated because the listener is local-only.
 pub fn router(state: AdminState, token: String) -> axum::Router {
     let token = Arc::new(token);
+    let counted = state.metrics.clone();
     let internal = InternalRoute {
         edge: state.edge.clone(),
         token: token.clone(),
@@ -76,10 +77,23 @@ pub fn router(state: AdminState, token: String) -> axum::Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    grpc.merge(http).layer(axum::middleware::from_fn_with_state(
-        internal,
-        internal_names,
-    ))
+    grpc.merge(http)
+        .layer(axum::middleware::from_fn_with_state(
+            internal,
+            internal_names,
+        ))
+        .layer(axum::middleware::from_fn_with_state(counted, count_request))
+}
+
+/// Counts every request the admin listener answers, so a test (or an operator) can tell that
+/// nothing from the data plane ever reached it.
+async fn count_request(
+    State(m): State<Arc<crate::metrics::Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    m.admin_requests.inc();
+    next.run(req).await
 }
 
 #[derive(Clone)]

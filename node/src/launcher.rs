@@ -46,6 +46,9 @@ pub struct UpArgs {
     /// `wg.expire_after_secs` for every node (exercises registration expiry).
     #[arg(long, hide = true)]
     pub wg_expire_after: Option<u64>,
+    /// `wg.max_instances_per_app` for every node (exercises the per-app cap).
+    #[arg(long, hide = true)]
+    pub wg_max_instances_per_app: Option<u32>,
     /// `dns.nameservers` for every node (`ip:port`): custom-domain TXT lookups go to this
     /// server instead of the system resolver (tests run their own authoritative server).
     #[arg(long, hide = true, value_delimiter = ',')]
@@ -199,6 +202,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         if let Some(secs) = args.wg_expire_after {
             cfg.wg.expire_after_secs = secs;
+        }
+        if let Some(n) = args.wg_max_instances_per_app {
+            cfg.wg.max_instances_per_app = n;
         }
         cfg.admin.listen = p.admin;
         cfg.admin.token_file = "../pki/admin.token".into();
@@ -540,11 +546,42 @@ fn print_next_steps(dir: &Path, cf: &ClusterFile) {
             println!("  curl --cacert {d}/pki/dev-ca.pem --resolve {host}:{port}:127.0.0.1 https://{host}:{port}/");
         }
     }
+    let exe = std::env::current_exe()
+        .map(|e| command_name(&e))
+        .unwrap_or_else(|_| "portcullis".into());
     println!("\nnext:");
-    println!("  portcullis --cluster {d} cluster status");
-    println!("  portcullis --cluster {d} app create myapp --port 8080");
-    println!("  portcullis --cluster {d} app list --json");
-    println!("  portcullis down --state-dir {d}");
+    println!("  {exe} --cluster {d} cluster status");
+    println!("  {exe} --cluster {d} app create myapp --port 8080");
+    println!("  {exe} --cluster {d} app list --json");
+    println!("  {exe} down --state-dir {d}");
+}
+
+/// How to type this binary in the shell `up` was started from: `portcullis` when that name on
+/// the PATH is this binary, else its path (relative to the working directory when it is under
+/// it, as `target/release/portcullis` after `cargo run --release -- up`).
+fn command_name(exe: &Path) -> String {
+    let exe = exe.canonicalize().unwrap_or_else(|_| exe.to_path_buf());
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|p| {
+            p.join("portcullis")
+                .canonicalize()
+                .is_ok_and(|found| found == exe)
+        })
+    });
+    if on_path {
+        return "portcullis".into();
+    }
+    let relative = std::env::current_dir().ok().and_then(|cwd| {
+        exe.strip_prefix(cwd.canonicalize().ok()?)
+            .ok()
+            .map(Path::to_path_buf)
+    });
+    match relative {
+        // A bare file name would be looked up on the PATH: keep a slash in it.
+        Some(r) if r.components().count() == 1 => format!("./{}", r.display()),
+        Some(r) => r.display().to_string(),
+        None => exe.display().to_string(),
+    }
 }
 
 async fn wait_for_signal() {

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Instance ids that clash with an app route or another id in the applied state
     /// (`collisions.rs`).
     pub name_collisions: Gauge,
+    /// Requests the admin listener answered (gRPC and HTTP).
+    pub admin_requests: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +67,12 @@ impl Metrics {
             "portcullis_name_collisions",
             "Instance ids in the applied state that clash with an app route or another id (cluster status lists them)",
             name_collisions.clone(),
+        );
+        let admin_requests = Counter::default();
+        r.register(
+            "portcullis_admin_requests",
+            "Requests the admin listener answered (gRPC, /healthz, /readyz, /metrics, .internal)",
+            admin_requests.clone(),
         );
         let gauge = |r: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
@@ -106,6 +114,7 @@ impl Metrics {
             wg_events,
             cvm_expired,
             name_collisions,
+            admin_requests,
             registry: r,
         }
     }
