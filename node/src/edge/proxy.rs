@@ -43,6 +43,8 @@ pub enum Fault {
 pub enum ProxyError {
     #[error("request has no usable host: {0}")]
     BadHost(String),
+    #[error("request target {0:?} is not origin-form (`/…`, or `*` for OPTIONS)")]
+    BadTarget(String),
     #[error("no route for host {host:?}: {source}")]
     NoRoute { host: String, source: RouteError },
     #[error("malformed host {host:?}: {source}")]
@@ -77,7 +79,9 @@ impl ProxyError {
     /// The one place that maps failures to statuses.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadHost(_) | ProxyError::BadName { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::BadHost(_) | ProxyError::BadTarget(_) | ProxyError::BadName { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -97,6 +101,7 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         match self {
             ProxyError::BadHost(_)
+            | ProxyError::BadTarget(_)
             | ProxyError::NoRoute { .. }
             | ProxyError::BadName { .. }
             | ProxyError::Misdirected { .. }
@@ -209,6 +214,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 impl ForwardedFor {
     fn new(client: std::net::IpAddr, scheme: &str) -> Self {
@@ -416,7 +423,99 @@ pub fn request_host<B>(req: &Request<B>) -> Result<(String, String), ProxyError>
     };
     let host = super::grammar::normalize_host(authority.host())
         .map_err(|e| ProxyError::BadHost(e.to_string()))?;
-    Ok((host, authority.as_str().to_string()))
+    Ok((host, without_userinfo(authority.as_str()).to_string()))
+}
+
+/// An authority without any `user:pass@` in front: clients must not send one (RFC 9110 §4.2.4,
+/// RFC 9113 §8.3.1), and a backend must not be handed someone's credentials in `Host`.
+fn without_userinfo(authority: &str) -> &str {
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+}
+
+/// Is the request target one a backend may be given as is? HTTP/2 and HTTP/3 `:path` must be
+/// origin-form (`/…`), or `*` for OPTIONS (RFC 9113 §8.3.1, RFC 9114 §4.3.1): absolute-form,
+/// an empty path or a bare `foo` would reach the backend as a request line the gateway never
+/// routed. HTTP/1.1 absolute-form arrives as a path (hyper splits it), `http://host` alone as
+/// none.
+fn origin_form<B>(req: &Request<B>) -> bool {
+    match req.uri().path_and_query().map(|p| p.as_str()) {
+        Some(p) if p.starts_with('/') => true,
+        Some("*") => req.method() == Method::OPTIONS,
+        Some(_) => false,
+        None => req.version() < Version::HTTP_2 && req.uri().scheme().is_some(),
+    }
+}
+
+/// Narrows `Set-Cookie` fields whose `Domain` is a suffix above `authority`'s host (a base
+/// domain, or any parent of the app's own name): every other app under that name would get
+/// the cookie. The attribute is removed, which makes the cookie host-only, for the app's own
+/// host. A `Domain` equal to the host stays; one that is no suffix of it is left for the
+/// browser to refuse.
+pub(crate) fn narrow_cookie_domains(headers: &mut HeaderMap, authority: &str) {
+    if !headers.contains_key(header::SET_COOKIE) {
+        return;
+    }
+    let Ok(a) = authority.parse::<http::uri::Authority>() else {
+        return;
+    };
+    let host = a.host().trim_end_matches('.').to_ascii_lowercase();
+    let narrowed: Vec<Option<HeaderValue>> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| narrow_cookie(v.as_bytes(), &host))
+        .collect();
+    if narrowed.iter().all(Option::is_none) {
+        return;
+    }
+    let old: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for (v, n) in old.into_iter().zip(narrowed) {
+        headers.append(header::SET_COOKIE, n.unwrap_or(v));
+    }
+}
+
+/// `cookie` without its `Domain` attributes that name a parent of `host`; `None` when it has
+/// none.
+fn narrow_cookie(cookie: &[u8], host: &str) -> Option<HeaderValue> {
+    let mut out = Vec::with_capacity(cookie.len());
+    let mut dropped = false;
+    for (i, part) in cookie.split(|&b| b == b';').enumerate() {
+        if i > 0 {
+            let attr = part.trim_ascii_start();
+            let (name, value) = match attr.iter().position(|&b| b == b'=') {
+                Some(eq) => (&attr[..eq], &attr[eq + 1..]),
+                None => (attr, &b""[..]),
+            };
+            if name.trim_ascii().eq_ignore_ascii_case(b"domain") {
+                let value = value.trim_ascii();
+                let value = value.strip_prefix(b".").unwrap_or(value);
+                let value = value
+                    .strip_suffix(b".")
+                    .unwrap_or(value)
+                    .to_ascii_lowercase();
+                let above = host.len() > value.len()
+                    && !value.is_empty()
+                    && host.as_bytes().ends_with(&value)
+                    && host.as_bytes()[host.len() - value.len() - 1] == b'.';
+                if above {
+                    dropped = true;
+                    continue;
+                }
+            }
+            out.push(b';');
+        }
+        out.extend_from_slice(part);
+    }
+    if !dropped {
+        return None;
+    }
+    HeaderValue::from_bytes(&out).ok()
 }
 
 /// `http://<addr><path-and-query>`, from parts (the path is shared, not copied).
@@ -559,13 +658,29 @@ impl Proxy {
         // Filled in as forwarding gets that far; `-` in metrics and logs until then.
         let mut app: Option<Arc<str>> = None;
         let mut instance: Option<Arc<super::route::Backend>> = None;
+        let mut authority: Option<Bytes> = None;
         // Boxed: hyper moves the request future into a task per HTTP/2 stream, and the
         // forwarding state (~1.6 KiB) is most of it. Node CPU per h2 request fell ~5 % (three
         // alternating runs each, /proc/<pid>/stat); one allocation per h1 request is the cost.
-        let result = Box::pin(self.forward(snapshot, ctx, req, &mut app, &mut instance)).await;
+        let result = Box::pin(self.forward(
+            snapshot,
+            ctx,
+            req,
+            (&mut app, &mut instance),
+            &mut authority,
+        ))
+        .await;
         let app = app.as_deref().unwrap_or("-");
         let mut resp = match result {
-            Ok(r) => r,
+            Ok(mut r) => {
+                if let Some(a) = authority
+                    .as_deref()
+                    .and_then(|a| std::str::from_utf8(a).ok())
+                {
+                    narrow_cookie_domains(r.headers_mut(), a);
+                }
+                r
+            }
             Err(e) => {
                 let status = e.status();
                 match e.fault() {
@@ -648,13 +763,21 @@ impl Proxy {
         snapshot: &ArcSwap<Snapshot>,
         ctx: &ConnCtx,
         mut req: Request<B>,
-        app_out: &mut Option<Arc<str>>,
-        instance_out: &mut Option<Arc<super::route::Backend>>,
+        (app_out, instance_out): (
+            &mut Option<Arc<str>>,
+            &mut Option<Arc<super::route::Backend>>,
+        ),
+        authority_out: &mut Option<Bytes>,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
+        // Plain CONNECT has no path and is answered 501 below.
+        let plain_connect = req.method() == Method::CONNECT && !is_websocket_connect(&req);
+        if !plain_connect && !origin_form(&req) {
+            return Err(ProxyError::BadTarget(req.uri().to_string()));
+        }
         // A full Arc, not a guard: the snapshot is held across awaits below.
         let snap = snapshot.load_full();
         let cached = raw_authority(&req).and_then(|raw| {
@@ -667,6 +790,7 @@ impl Proxy {
             Some((route, authority)) => (route, authority),
             None => self.route_request(&snap, ctx, &req).await?,
         };
+        *authority_out = Some(authority.clone());
         let authority = std::str::from_utf8(&authority).unwrap_or_default();
         *app_out = Some(route.app.clone());
         let client_ip = balance::effective_client(ctx.client.ip(), req.headers(), |ip| {
@@ -994,6 +1118,12 @@ impl Proxy {
             &owned
         };
         h.insert(X_FORWARDED_FOR, fwd.xff.clone());
+        // The same client in the field nginx-style backends read; a client's own value would
+        // be believed there.
+        h.insert(X_REAL_IP, fwd.xff.clone());
+        // The client's port claim: the gateway does not vouch for it (the scheme says whether
+        // the client came over TLS), so it is dropped rather than passed on.
+        h.remove(X_FORWARDED_PORT);
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
         let Some(a) = fwd.authority_headers(authority) else {
             return;
@@ -1095,6 +1225,125 @@ mod tests {
         assert_eq!(
             websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn only_origin_form_targets_are_forwarded() {
+        let h2 = |method: Method, pq: &str| {
+            let uri = Uri::builder()
+                .scheme("https")
+                .authority("a.example")
+                .path_and_query(pq)
+                .build();
+            // Some targets cannot even become a URI; those never reach the proxy.
+            uri.ok().map(|uri| {
+                let mut r = Request::new(());
+                *r.method_mut() = method;
+                *r.uri_mut() = uri;
+                *r.version_mut() = Version::HTTP_2;
+                origin_form(&r)
+            })
+        };
+        assert_eq!(h2(Method::GET, "/"), Some(true));
+        assert_eq!(h2(Method::GET, "/a/b?c=d"), Some(true));
+        assert_eq!(h2(Method::OPTIONS, "*"), Some(true));
+        for bad in ["*", "foo", "http://other.example/x", "https://a.example/"] {
+            assert_ne!(h2(Method::GET, bad), Some(true), "{bad}");
+        }
+        // HTTP/1.1 absolute-form: hyper hands over the path; a bare authority has none.
+        let h1 = |target: &str| {
+            let mut r = Request::new(());
+            *r.uri_mut() = target.parse().expect("uri");
+            *r.version_mut() = Version::HTTP_11;
+            origin_form(&r)
+        };
+        assert!(h1("/x"));
+        assert!(h1("http://a.example/x"));
+        assert!(h1("http://a.example"));
+        assert!(!h1("a.example"));
+        assert_eq!(
+            ProxyError::BadTarget("foo".into()).status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn userinfo_never_reaches_the_forwarded_host() {
+        let req = |host: &str| {
+            Request::get("/")
+                .header(header::HOST, host)
+                .body(())
+                .expect("req")
+        };
+        assert_eq!(
+            request_host(&req("user:pass@App.example:8443")).expect("host"),
+            ("app.example".to_string(), "App.example:8443".to_string())
+        );
+        assert_eq!(
+            request_host(&req("a@b@app.example")).map(|(_, a)| a).ok(),
+            Some("app.example".to_string())
+        );
+        // HTTP/2 and HTTP/3 carry it in :authority.
+        let r = Request::get("https://u:p@app.example/x")
+            .body(())
+            .expect("req");
+        assert_eq!(
+            request_host(&r).expect("host"),
+            ("app.example".to_string(), "app.example".to_string())
+        );
+        assert_eq!(without_userinfo("app.example:1"), "app.example:1");
+    }
+
+    #[test]
+    fn cookie_domains_above_the_app_are_narrowed_to_its_host() {
+        let host = "shop.apps.example";
+        let narrow = |c: &str| {
+            narrow_cookie(c.as_bytes(), host).map(|v| v.to_str().expect("ascii").to_string())
+        };
+        // The base domain, a parent, with a leading dot, any case: the Domain goes.
+        assert_eq!(
+            narrow("sid=1; Path=/; Domain=apps.example; Secure").as_deref(),
+            Some("sid=1; Path=/; Secure")
+        );
+        assert_eq!(narrow("a=b; domain=.APPS.example").as_deref(), Some("a=b"));
+        assert_eq!(narrow("a=b;Domain=example").as_deref(), Some("a=b"));
+        assert_eq!(
+            narrow("a=b; Domain = apps.example. ").as_deref(),
+            Some("a=b")
+        );
+        // The app's own host, no Domain, an unrelated or a deeper name: left as they are.
+        for keep in [
+            "a=b; Domain=shop.apps.example",
+            "a=b; Domain=.Shop.Apps.Example",
+            "a=b; Path=/",
+            "a=b; Domain=other.example",
+            "a=b; Domain=x.shop.apps.example",
+            "a=b; Domain=hop.apps.example",
+            "a=b; Domain=",
+            "domain=apps.example",
+        ] {
+            assert_eq!(narrow(keep), None, "{keep}");
+        }
+
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("a=1; Domain=apps.example"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("b=2; HttpOnly"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("c=3; Domain=shop.apps.example"),
+        );
+        narrow_cookie_domains(&mut h, "Shop.apps.example:8443");
+        let all: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(
+            all,
+            ["a=1", "b=2; HttpOnly", "c=3; Domain=shop.apps.example"]
         );
     }
 
