@@ -144,6 +144,8 @@ enum PreambleError {
     Hello(HelloError),
     #[error(transparent)]
     Proxy(PpError),
+    #[error(transparent)]
+    Limit(limits::LimitError),
     #[error("read: {0}")]
     Io(#[from] io::Error),
 }
@@ -156,6 +158,7 @@ impl PreambleError {
             PreambleError::Hello(HelloError::NotHandshake(_)) => "not_tls",
             PreambleError::Hello(_) => "malformed_client_hello",
             PreambleError::Proxy(_) => "proxy_protocol",
+            PreambleError::Limit(e) => e.reason(),
             PreambleError::Io(_) => "io",
         }
     }
@@ -169,11 +172,16 @@ struct Preamble {
     buf: BytesMut,
 }
 
+/// Reads any PROXY header and the ClientHello. From a trusted PROXY sender (`proxy_allowed`),
+/// `client_known` is called with the real client as soon as the header (or its absence) says
+/// who that is, before any of the ClientHello is waited for: an `Err` (the per-IP limit) ends
+/// the connection there.
 async fn read_preamble<S: AsyncRead + Unpin>(
     stream: &mut S,
     peer: SocketAddr,
     proxy_allowed: bool,
     cap: usize,
+    mut client_known: impl FnMut(SocketAddr) -> Result<(), limits::LimitError>,
 ) -> Result<Preamble, PreambleError> {
     let mut buf = BytesMut::with_capacity(4096);
     let mut client = peer;
@@ -187,8 +195,12 @@ async fn read_preamble<S: AsyncRead + Unpin>(
                     client = h.source.unwrap_or(peer);
                     buf.advance(h.consumed);
                     proxy_pending = false;
+                    client_known(client).map_err(PreambleError::Limit)?;
                 }
-                Err(PpError::NotProxy) => proxy_pending = false,
+                Err(PpError::NotProxy) => {
+                    proxy_pending = false;
+                    client_known(client).map_err(PreambleError::Limit)?;
+                }
                 Err(PpError::Incomplete) => {}
                 Err(e) => return Err(PreambleError::Proxy(e)),
             }
@@ -648,13 +660,27 @@ impl Edge {
                     continue;
                 }
             };
-            let permit = match self.limiter.acquire() {
+            let mut permit = match self.limiter.acquire() {
                 Ok(p) => p,
                 Err(e) => {
                     self.metrics.limit(e.reason());
                     continue;
                 }
             };
+            // The per-IP slot is taken here, before a byte is read: silent connections count
+            // from the start, so one address cannot hold more than its quota open by never
+            // finishing a ClientHello (or a PROXY header). A trusted PROXY sender is a load
+            // balancer carrying many clients; its connections are charged to the client its
+            // header names, as soon as the header is read (`serve_tls`).
+            let charged_later =
+                matches!(kind, Listener::Https) && self.proxy_from.contains(peer.ip());
+            if !charged_later {
+                if let Err(e) = permit.charge(peer.ip().to_canonical()) {
+                    self.metrics.limit(e.reason());
+                    tracing::debug!(error = %e, peer = %peer, "connection refused at accept");
+                    continue;
+                }
+            }
             self.metrics.connections.get_or_create(&labels).inc();
             let gauge = self.metrics.open_connections.get_or_create(&labels).clone();
             gauge.inc();
@@ -684,6 +710,8 @@ impl Edge {
         shutdown: CancellationToken,
     ) {
         let hello_timeout = Duration::from_millis(self.cfg.client_hello_timeout_ms);
+        // Untrusted peers were charged at accept; a trusted PROXY sender's connection is
+        // charged to the client it names, once its header is read (`accept_loop`).
         let proxy_allowed = self.proxy_from.contains(peer.ip());
         let pre = match tokio::time::timeout(
             hello_timeout,
@@ -692,6 +720,7 @@ impl Edge {
                 peer,
                 proxy_allowed,
                 self.cfg.max_client_hello_bytes,
+                |client| permit.charge(client.ip().to_canonical()),
             ),
         )
         .await
@@ -702,7 +731,9 @@ impl Edge {
             }
             Ok(Err(e)) => {
                 match e {
-                    PreambleError::TooLarge(_) => self.metrics.limit(e.reason()),
+                    PreambleError::TooLarge(_) | PreambleError::Limit(_) => {
+                        self.metrics.limit(e.reason())
+                    }
                     _ => self.metrics.handshake_failure(e.reason()),
                 }
                 tracing::debug!(error = %e, "no client hello");
@@ -710,11 +741,6 @@ impl Edge {
             }
             Ok(Ok(p)) => p,
         };
-        if let Err(e) = permit.charge(pre.client.ip()) {
-            self.metrics.limit(e.reason());
-            tracing::debug!(error = %e, "connection refused");
-            return;
-        }
         let trusted = self.trusted.contains(pre.client.ip());
         let snap = self.snapshot.load_full();
         let sni = pre.hello.server_name.clone();
@@ -856,13 +882,10 @@ impl Edge {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        mut permit: ConnPermit,
+        _permit: ConnPermit,
         shutdown: CancellationToken,
     ) {
-        if let Err(e) = permit.charge(peer.ip()) {
-            self.metrics.limit(e.reason());
-            return;
-        }
+        // Charged to `peer` at accept.
         let ctx = Arc::new(ConnCtx::new(
             peer,
             "http",
@@ -892,9 +915,14 @@ impl Edge {
             // untrusted clients with 403.
             return self.proxy.handle(&self.snapshot, ctx, req).await;
         }
+        let served = host.as_deref().is_some_and(|h| {
+            let snap = self.snapshot.load();
+            snap.routes.resolve(h).is_ok() || snap.certs.lookup(h).is_some()
+        });
         redirect::respond(
             &req,
             host.as_deref(),
+            served,
             self.https_port.load(Ordering::Relaxed),
             self.acme.as_ref(),
         )

@@ -1,5 +1,6 @@
-//! The plain HTTP port: 308 to HTTPS for everything except ACME HTTP-01 challenges (and
-//! `.internal` names from trusted networks, which the caller proxies).
+//! The plain HTTP port: 308 to HTTPS for the hosts the gateway serves (a route or a
+//! certificate covers them), 404 for any other; ACME HTTP-01 challenges are answered for every
+//! host (and `.internal` names from trusted networks are proxied by the caller).
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -45,10 +46,14 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     r
 }
 
-/// The answer on the plain port for `host` (normalized, without port).
+/// The answer on the plain port for `host` (normalized, without port). `served`: some route or
+/// certificate covers `host`; only those get a redirect, so the port does not send anyone's
+/// browser to HTTPS for names the gateway has nothing for (and cannot be used to make it
+/// vouch for them).
 pub fn respond<B>(
     req: &Request<B>,
     host: Option<&str>,
+    served: bool,
     https_port: u16,
     acme: &dyn AcmeResponder,
 ) -> Response<ProxyBody> {
@@ -65,6 +70,9 @@ pub fn respond<B>(
             "missing or malformed Host header\n",
         );
     };
+    if !served {
+        return text(StatusCode::NOT_FOUND, "no app is served at this host\n");
+    }
     let pq = req
         .uri()
         .path_and_query()
@@ -106,15 +114,32 @@ mod tests {
 
     #[test]
     fn redirects_keep_path_and_query() {
-        let r = respond(&req("/x/y?z=1"), Some("a.test"), 8443, &NoAcme);
+        let r = respond(&req("/x/y?z=1"), Some("a.test"), true, 8443, &NoAcme);
         assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
         assert_eq!(r.headers()[header::LOCATION], "https://a.test:8443/x/y?z=1");
-        let r = respond(&req("/"), Some("a.test"), 443, &NoAcme);
+        let r = respond(&req("/"), Some("a.test"), true, 443, &NoAcme);
         assert_eq!(r.headers()[header::LOCATION], "https://a.test/");
         assert_eq!(
-            respond(&req("/"), None, 443, &NoAcme).status(),
+            respond(&req("/"), None, false, 443, &NoAcme).status(),
             StatusCode::BAD_REQUEST
         );
+    }
+
+    #[test]
+    fn hosts_the_gateway_does_not_serve_get_404_not_a_redirect() {
+        let r = respond(&req("/x"), Some("elsewhere.example"), false, 443, &NoAcme);
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(r.headers().get(header::LOCATION).is_none());
+        // ACME HTTP-01 is answered whatever the host: the name may have neither route nor
+        // certificate yet (that is what the order is for).
+        let r = respond(
+            &req("/.well-known/acme-challenge/tok"),
+            Some("a.test"),
+            false,
+            443,
+            &Fixed,
+        );
+        assert_eq!(r.status(), StatusCode::OK);
     }
 
     #[test]
@@ -123,6 +148,7 @@ mod tests {
             respond(
                 &req("/.well-known/acme-challenge/tok"),
                 Some("a.test"),
+                true,
                 443,
                 &NoAcme
             )
@@ -133,6 +159,7 @@ mod tests {
             respond(
                 &req("/.well-known/acme-challenge/tok"),
                 Some("a.test"),
+                true,
                 443,
                 &Fixed
             )
@@ -143,6 +170,7 @@ mod tests {
             respond(
                 &req("/.well-known/acme-challenge/no"),
                 Some("a.test"),
+                true,
                 443,
                 &Fixed
             )

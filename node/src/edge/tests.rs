@@ -526,3 +526,146 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
         "closed {quiet:?} after the last answer"
     );
 }
+
+fn limit_count(env: &Env, reason: &'static str) -> u64 {
+    env.metrics
+        .limit_rejections
+        .get_or_create(&crate::metrics::ReasonLabels { reason })
+        .get()
+}
+
+/// Waits (bounded) for the server to close `tcp`: `true` if it did.
+async fn closed_by_server(tcp: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn silent_connections_count_against_the_per_ip_limit_from_accept() {
+    // The ClientHello deadline is far off: before the fix, silent connections took no per-IP
+    // slot until then.
+    let env = start(|c| {
+        c.max_connections_per_ip = 2;
+        c.client_hello_timeout_ms = 60_000;
+    })
+    .await;
+    let a = TcpStream::connect(env.https).await.expect("a");
+    let b = TcpStream::connect(env.https).await.expect("b");
+    let mut c = TcpStream::connect(env.https).await.expect("c");
+    assert!(
+        closed_by_server(&mut c, Duration::from_secs(5)).await,
+        "a third connection from one address was kept while two silent ones held the quota"
+    );
+    assert_eq!(limit_count(&env, "connections_per_ip"), 1);
+    // The plain port is charged at accept as well, from the same quota.
+    let mut p = TcpStream::connect(env.http).await.expect("plain");
+    assert!(closed_by_server(&mut p, Duration::from_secs(5)).await);
+    drop((a, b));
+    let host = format!("demo.{BASE}");
+    let mut served = false;
+    for _ in 0..100 {
+        let tcp = TcpStream::connect(env.https).await.expect("connect");
+        if let Ok(tls) = env.tls_over(tcp, &host, &[b"http/1.1"]).await {
+            served = get(tls, &host, "/").await.starts_with("HTTP/1.1 200");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "slots were not released");
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_sender_is_charged_per_named_client_before_the_client_hello() {
+    let env = start(|c| {
+        c.proxy_protocol_from = vec!["127.0.0.1/32".into()];
+        c.max_connections_per_ip = 2;
+        c.client_hello_timeout_ms = 60_000;
+    })
+    .await;
+    let header = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 5555 443\r\n");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut t = TcpStream::connect(env.https).await.expect("connect");
+        t.write_all(header("203.0.113.7").as_bytes())
+            .await
+            .expect("header");
+        held.push(t);
+    }
+    // The third for the same client is refused right after its header, with no ClientHello.
+    let mut third = TcpStream::connect(env.https).await.expect("connect");
+    third
+        .write_all(header("203.0.113.7").as_bytes())
+        .await
+        .expect("header");
+    assert!(
+        closed_by_server(&mut third, Duration::from_secs(5)).await,
+        "a third connection for 203.0.113.7 waited for its ClientHello"
+    );
+    assert_eq!(limit_count(&env, "connections_per_ip"), 1);
+    // The balancer's own address is not capped by its clients' connections: another client
+    // behind it, and the balancer itself without a header, are served.
+    let host = format!("demo.{BASE}");
+    let mut tcp = TcpStream::connect(env.https).await.expect("connect");
+    tcp.write_all(header("203.0.113.8").as_bytes())
+        .await
+        .expect("header");
+    let tls = env
+        .tls_over(tcp, &host, &[b"http/1.1"])
+        .await
+        .expect("handshake");
+    let resp = get(tls, &host, "/").await;
+    assert_eq!(
+        body_json(&resp)["headers"]["x-forwarded-for"],
+        "203.0.113.8"
+    );
+    let resp = get(env.tls(&host).await, &host, "/").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    drop(held);
+}
+
+#[tokio::test]
+async fn the_plain_port_redirects_only_hosts_the_gateway_serves() {
+    let env = start(|_| {}).await;
+    for (host, want) in [
+        (format!("demo.{BASE}"), "HTTP/1.1 308"),
+        // No app by that name, but the wildcard certificate covers it: HTTPS answers there.
+        (format!("nosuchapp.{BASE}"), "HTTP/1.1 308"),
+        ("elsewhere.example".to_string(), "HTTP/1.1 404"),
+        (format!("a.b.{BASE}"), "HTTP/1.1 404"),
+    ] {
+        let tcp = TcpStream::connect(env.http).await.expect("connect");
+        let resp = get(tcp, &host, "/x").await;
+        assert!(resp.starts_with(want), "{host}: {resp}");
+        if want.ends_with("404") {
+            assert!(!resp.to_ascii_lowercase().contains("location:"), "{resp}");
+        }
+    }
+    // ACME HTTP-01 stays reachable for any host (NoAcme: no such challenge).
+    let tcp = TcpStream::connect(env.http).await.expect("connect");
+    let resp = get(tcp, "elsewhere.example", "/.well-known/acme-challenge/t").await;
+    assert!(resp.contains("no such challenge"), "{resp}");
+}
+
+#[tokio::test]
+async fn client_sent_forwarding_claims_and_host_userinfo_do_not_reach_the_backend() {
+    let env = start(|_| {}).await;
+    let host = format!("demo.{BASE}");
+    let mut tls = env.tls(&host).await;
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: user:secret@{host}\r\nX-Real-IP: 198.51.100.1\r\n\
+         X-Forwarded-Port: 1\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let resp = String::from_utf8_lossy(&out).into_owned();
+    let h = &body_json(&resp)["headers"];
+    assert_eq!(h["host"], host.as_str(), "{resp}");
+    assert_eq!(h["x-forwarded-host"], host.as_str(), "{resp}");
+    assert!(!h.to_string().contains("secret"), "{resp}");
+    assert_eq!(h["x-real-ip"], "127.0.0.1", "{resp}");
+    assert!(h.get("x-forwarded-port").is_none(), "{resp}");
+}
