@@ -690,6 +690,29 @@ impl RouteTable {
 mod tests {
     use super::*;
     use portcullis_raft::state::{App, Domain, Instance};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The state's namespace rules (`port_form`) and the routing grammar must read a label
+        /// the same way, or a name the state allows could route as something it refused.
+        #[test]
+        fn the_state_and_the_grammar_read_port_forms_alike(
+            label in "[a-z0-9-]{1,10}(-[0-9]{1,6}[sg]{0,2})?"
+        ) {
+            let state = portcullis_raft::state::port_form(&label);
+            match grammar::parse_label(&label) {
+                Ok(l) => match l.port {
+                    Some(p) => prop_assert_eq!(
+                        state.map(|(n, port, suffix)| (n.to_string(), port, suffix)),
+                        Some((l.name.clone(), u32::from(p), l.mode != Mode::Http))
+                    ),
+                    None => prop_assert!(state.is_none(), "{:?}", state),
+                },
+                // An invalid port or both suffixes: still a reserved form, never a plain name.
+                Err(_) => prop_assert!(state.is_some()),
+            }
+        }
+    }
 
     fn state() -> ClusterState {
         let mut s = ClusterState::default();

@@ -24,9 +24,14 @@
 //! because `apply` must give every node the same state from the same log. Whatever collisions
 //! older states already hold are listed by [`ClusterState::name_collisions`].
 //!
-//! Not yet wired: no proposer sends the new variants (the admin API and the CVM registry still
-//! propose the old ones), nothing reports collisions at start, and the routing table still
-//! looks instance ids up before app names. Issue 14 tracks each.
+//! Proposers: the admin API sends `CreateAppV2` and operator `RegisterInstanceV3`s
+//! (`allow_rekey`, no prefix rule, no cap); the CVM registry sends tenant `RegisterInstanceV3`s
+//! (prefix rule, no re-key, `wg.max_instances_per_app`). Both check against their applied state
+//! first ([`ClusterState::check_registration`], [`ClusterState::check_new_app_name`]) so a refusal
+//! names the clash before anything is written. The data plane looks app routes up before
+//! instance ids (`node/src/edge/route.rs`), and `node/src/collisions.rs` reports what
+//! [`ClusterState::name_collisions`] finds (log, metric, `cluster status`). Cluster tests:
+//! t86 (a tenant's attempts), t87 (pinned ports).
 
 use serde::{Deserialize, Serialize};
 
@@ -55,7 +60,7 @@ pub struct Registration {
 /// Splits a label of the reserved form `<name>-<digits>[s|g|sg|gs]` into name, port digits as a
 /// number (not range-checked) and whether a suffix is present. Mirrors
 /// `node/src/edge/grammar.rs` `parse_label`, which must stay pure `std` for its fuzz crate and
-/// so cannot call this; keep the two in step.
+/// so cannot call this; a property test in `node/src/edge/route.rs` holds the two in step.
 pub fn port_form(label: &str) -> Option<(&str, u32, bool)> {
     let (name, tail) = label.rsplit_once('-')?;
     let digits_end = tail.bytes().take_while(u8::is_ascii_digit).count();
