@@ -227,11 +227,15 @@ pub async fn run(
         .context("cluster TLS config")?
         .timeout(Duration::from_secs(30))
         .add_service(ClusterService::new(cluster.clone()))
-        .add_service(crate::cvm_registry::service(
-            cluster.clone(),
-            shared.clone(),
-            Arc::new(crate::cvm_registry::NoAttestation),
-            crate::cvm_registry::RegistryLimits::from_config(&cfg.wg),
+        // CVM credentials reach only this service (the Raft one refuses them before reading a
+        // byte of the message), and a registration is small: 16 KiB at most (`Capped`).
+        .add_service(portcullis_raft::service::Capped::new(
+            crate::cvm_registry::service(
+                cluster.clone(),
+                shared.clone(),
+                Arc::new(crate::cvm_registry::NoAttestation),
+                crate::cvm_registry::RegistryLimits::from_config(&cfg.wg),
+            ),
         ));
     let sd = shutdown.clone();
     tracker.spawn(async move {
