@@ -5,7 +5,8 @@
 //! `cvm-agent` tries every name that would have routed bank's traffic to evil before the
 //! namespace rules (`bank`, `bank-8080`, `bank-<bank's port>`, `bank-443s`, `BANK`), bank's
 //! own instance id, an id outside its prefix, a sibling id with a new WireGuard key, and more
-//! instances than its cap (`wg.max_instances_per_app = 3` here). Each is refused with an error
+//! instances than its cap (`wg.max_instances_per_app = 3` here), and faster than its
+//! registration rate (a burst of 5, then one per 1000 s). Each is refused with an error
 //! that names the clash, and `https://bank.<base>/` keeps answering from bank's instance on
 //! every node after each attempt. The operator's admin API is held to the same namespace.
 
@@ -18,6 +19,9 @@ use portcullis_cluster_tests::harness::{phase, show, TestCluster};
 
 const BASE: &str = "portcullis.localhost";
 const CAP: usize = 3;
+/// Registrations evil may write through one node before the rate (one per 1000 s) holds it
+/// back. Refused attempts and fresh renewals take none.
+const BURST: usize = 5;
 
 struct Children(Vec<Child>);
 
@@ -59,7 +63,17 @@ fn bank_is_served_by_bank(tc: &TestCluster, after: &str) {
 
 #[test]
 fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
-    let tc = TestCluster::up_with(3, &["--wg-max-instances-per-app", &CAP.to_string()]);
+    let tc = TestCluster::up_with(
+        3,
+        &[
+            "--wg-max-instances-per-app",
+            &CAP.to_string(),
+            "--wg-registration-rate-per-app",
+            "0.001",
+            "--wg-registration-burst-per-app",
+            &BURST.to_string(),
+        ],
+    );
     let mut children = Children(Vec::new());
 
     phase("bank: an app served by an instance the operator registered");
@@ -179,6 +193,22 @@ fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
     );
     assert!(show(&out).contains("taken by instance"), "{}", show(&out));
     bank_is_served_by_bank(&tc, "the operator's refused writes");
+
+    phase("the per-app registration rate: the burst is spent, then a clear refusal");
+    // evil-1, evil-2 and evil-blue took 3 of the 5; make room under the cap and spend the rest.
+    for id in ["evil-2", "evil-blue"] {
+        ok(&["cvm", "remove", id]);
+    }
+    for id in ["evil-3", "evil-4"] {
+        evil_registers(&tc, id, &format!("{id}.wg.key")).expect("within the burst");
+    }
+    ok(&["cvm", "remove", "evil-4"]);
+    let e = evil_registers(&tc, "evil-5", "evil-5.wg.key").expect_err("over the rate");
+    assert!(
+        e.contains("ResourceExhausted") && e.contains("wg.registration_rate_per_app"),
+        "{e}"
+    );
+    bank_is_served_by_bank(&tc, "the rate limit");
 
     phase("no name collision in the applied state, on any node");
     for id in tc.ids() {

@@ -209,6 +209,10 @@ enum RegisterError {
     /// id, attestation): every node would say the same, so retrying is pointless.
     #[error("registration refused: {0}")]
     Refused(String),
+    /// The cluster asked this app to slow down (its registration rate or instance cap): asking
+    /// another node at once would only spend that node's share too, so wait and retry.
+    #[error("registration deferred: {0}")]
+    Throttled(String),
     /// No node could be reached or none answered; worth retrying.
     #[error("{0:#}")]
     Unreachable(anyhow::Error),
@@ -244,6 +248,7 @@ async fn register_at(
                 | tonic::Code::AlreadyExists
                 | tonic::Code::InvalidArgument
                 | tonic::Code::FailedPrecondition => Err(RegisterError::Refused(text)),
+                tonic::Code::ResourceExhausted => Err(RegisterError::Throttled(text)),
                 _ => Err(unreachable(anyhow::anyhow!(text))),
             }
         }
@@ -278,7 +283,7 @@ async fn register(
     for (id, addr) in targets {
         match register_at(cred, id, &addr, req.clone()).await {
             Ok(r) => return Ok(r),
-            Err(e @ RegisterError::Refused(_)) => return Err(e),
+            Err(e @ (RegisterError::Refused(_) | RegisterError::Throttled(_))) => return Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "registration attempt failed");
                 last = Some(e);

@@ -49,6 +49,12 @@ pub struct UpArgs {
     /// `wg.max_instances_per_app` for every node (exercises the per-app cap).
     #[arg(long, hide = true)]
     pub wg_max_instances_per_app: Option<u32>,
+    /// `wg.registration_rate_per_app` for every node (exercises the registration rate).
+    #[arg(long, hide = true)]
+    pub wg_registration_rate_per_app: Option<f64>,
+    /// `wg.registration_burst_per_app` for every node.
+    #[arg(long, hide = true)]
+    pub wg_registration_burst_per_app: Option<u32>,
     /// `dns.nameservers` for every node (`ip:port`): custom-domain TXT lookups go to this
     /// server instead of the system resolver (tests run their own authoritative server).
     #[arg(long, hide = true, value_delimiter = ',')]
@@ -205,6 +211,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         if let Some(n) = args.wg_max_instances_per_app {
             cfg.wg.max_instances_per_app = n;
+        }
+        if let Some(r) = args.wg_registration_rate_per_app {
+            cfg.wg.registration_rate_per_app = r;
+        }
+        if let Some(b) = args.wg_registration_burst_per_app {
+            cfg.wg.registration_burst_per_app = b;
         }
         cfg.admin.listen = p.admin;
         cfg.admin.token_file = "../pki/admin.token".into();
