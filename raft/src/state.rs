@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 mod acme;
 mod legacy;
 mod names;
+mod nesting;
 mod pool;
 pub use acme::{
     AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, AcmeState, ChallengeKind, Http01Challenge,
@@ -23,6 +24,7 @@ pub use acme::{
 };
 pub use legacy::{ClusterStateV1, InstanceV1, TunnelPoolV1};
 pub use names::{port_form, Collision, Registration, RegistrationPolicy};
+pub use nesting::MAX_BATCH_DEPTH;
 pub use pool::{TunnelPool, GATEWAY_TUNNEL_V4, GATEWAY_TUNNEL_V6};
 
 /// Most ports an app may declare; keeps entries small and routing tables bounded.
@@ -192,8 +194,9 @@ pub enum Command {
         expect: Option<String>,
         value: String,
     },
-    /// Several commands in one entry, applied in order (each answered separately).
-    Batch(Vec<Command>),
+    /// Several commands in one entry, applied in order (each answered separately). Decoded
+    /// at most [`MAX_BATCH_DEPTH`] deep (`state/nesting.rs`).
+    Batch(#[serde(deserialize_with = "nesting::batch")] Vec<Command>),
     /// ACME orderer lease, account, challenges and fenced certificate writes. Appended last so
     /// existing log encodings keep their variant indices.
     Acme(AcmeCommand),
@@ -285,7 +288,7 @@ pub enum Response {
     /// The command was valid on its own but not against the state it met (for example the app
     /// already exists). Nothing was changed.
     Rejected(String),
-    Batch(Vec<Response>),
+    Batch(#[serde(deserialize_with = "nesting::batch")] Vec<Response>),
     /// The orderer lease after an `AcmeCommand::AcquireLease`.
     Lease(OrdererLease),
     /// How many registrations an [`Command::ExpireInstances`] removed.
