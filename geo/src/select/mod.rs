@@ -10,6 +10,7 @@
 //! bounded load), and [`GeoSelector`] (nearest region, then one of the others inside it).
 //! [`Selector`] builds the right one from an [`LbPolicy`].
 
+mod cookie;
 mod geo;
 mod least_conn;
 mod maglev;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use cookie::cookie_value;
 pub use geo::{GeoIter, GeoSelector, GeoSelectorConfig};
 pub use least_conn::{LeastConnIter, LeastConnections};
 pub use maglev::{Maglev, MaglevConfig, MaglevIter, MAX_TABLE_SIZE};
@@ -157,24 +159,6 @@ const KEY_SEED: u64 = 0x7063_6c73_6b65_7931; // "pclskey1"
 /// The fixed-seed hash (XXH3-64) used for request keys.
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(bytes, KEY_SEED)
-}
-
-/// The value of cookie `name` in one `Cookie` header value (`a=1; b=2`), without surrounding
-/// double quotes. HTTP/2 may split cookies over several headers: try each.
-pub fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    header.split(|&b| b == b';').find_map(|pair| {
-        let pair = pair.trim_ascii();
-        let eq = pair.iter().position(|&b| b == b'=')?;
-        let (k, v) = (&pair[..eq], &pair[eq + 1..]);
-        if k.trim_ascii() != name.as_bytes() {
-            return None;
-        }
-        let v = v.trim_ascii();
-        Some(match v {
-            [b'"', inner @ .., b'"'] => inner,
-            _ => v,
-        })
-    })
 }
 
 /// A selection algorithm over a fixed backend list (pingora's `BackendSelection`).

@@ -545,26 +545,8 @@ pub fn hash_key<'a>(policy: &LbPolicy, headers: &'a http::HeaderMap) -> Option<&
     }
 }
 
-/// The address to balance on: the connection's client (already resolved from a trusted PROXY
-/// header), or, when that client is itself a trusted proxy, the last `X-Forwarded-For` hop
-/// it added.
-pub fn effective_client(
-    client: IpAddr,
-    headers: &http::HeaderMap,
-    xff_trusted: impl Fn(IpAddr) -> bool,
-) -> IpAddr {
-    if !xff_trusted(client) {
-        return client;
-    }
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|s| s.trim().parse::<IpAddr>().ok())
-        .unwrap_or(client)
-}
+/// Lives in the pure `xff` file so that it is fuzzed.
+pub use super::xff::effective_client;
 
 /// The selection input for one request or connection.
 pub fn input<'a>(

@@ -1,6 +1,8 @@
-//! `host:port` splitting and joining for backend addresses, IPv6 brackets included.
+//! `host:port` splitting and joining for backend addresses, IPv6 brackets included, and the
+//! connect [`Target`] parsed from them.
 //!
-//! Pure code over `std`, so the fuzz crate can compile this file alone.
+//! Pure code over `std`, so the fuzz crate (`node/fuzz`, target `hostport`) compiles this file
+//! alone.
 
 use std::net::IpAddr;
 
@@ -28,5 +30,66 @@ pub fn join_host_port(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+/// Where to connect: a backend address from [`super::route::Backend::address`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Target {
+    /// Parses `host:port` or `[v6]:port`.
+    pub fn parse(addr: &str) -> Option<Target> {
+        match split_host_port(addr) {
+            (host, Some(port)) if !host.is_empty() => Some(Target {
+                host: host.to_string(),
+                port,
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_print_back() {
+        for (addr, host, port) in [
+            ("10.0.0.5:8080", "10.0.0.5", 8080),
+            ("[fd00::5]:443", "fd00::5", 443),
+            ("backend.internal:80", "backend.internal", 80),
+        ] {
+            let t = Target::parse(addr).expect(addr);
+            assert_eq!((t.host.as_str(), t.port), (host, port));
+            assert_eq!(t.to_string(), addr);
+            assert_eq!(Target::parse(&join_host_port(host, port)), Some(t));
+        }
+        for addr in [
+            "",
+            ":80",
+            "[]:80",
+            "fd00::5",
+            "[fd00::5]",
+            "host",
+            "host:",
+            "host:65536",
+        ] {
+            assert_eq!(Target::parse(addr), None, "{addr}");
+        }
     }
 }

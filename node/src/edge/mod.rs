@@ -9,9 +9,11 @@
 //! - [`clienthello`]: SNI and ALPN from the raw ClientHello (pure, fuzzed).
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 (pure, fuzzed).
 //! - [`grammar`]: what a host name asks for (pure, fuzzed, property-tested).
-//! - [`route`]: the compiled routing table; [`hostport`]: `host:port` splitting (pure, fuzzed).
+//! - [`route`]: the compiled routing table; [`hostport`]: `host:port` splitting and the connect
+//!   target (pure, fuzzed).
 //! - [`balance`]: backend choice (one geo `Selector` per app), instance health probes and
-//!   passive ejection, client location.
+//!   passive ejection, client location; [`xff`]: the client a trusted proxy's
+//!   `X-Forwarded-For` names (pure, fuzzed).
 //! - [`tls`]: certificates from the replicated store; the rustls config.
 //! - [`proxy`]: per-request forwarding, forwarded headers, WebSocket upgrades, error mapping.
 //! - [`h1client`]: the pooled HTTP/1.1 client for bodiless requests, run in the request's task;
@@ -42,6 +44,7 @@ mod sharded;
 pub mod tls;
 pub mod upstream;
 pub mod worker;
+pub mod xff;
 
 use std::convert::Infallible;
 use std::io;

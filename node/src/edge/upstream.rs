@@ -15,35 +15,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Where to connect: a backend address from [`super::route::Backend::address`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl Target {
-    /// Parses `host:port` or `[v6]:port`.
-    pub fn parse(addr: &str) -> Option<Target> {
-        match super::route::split_host_port(addr) {
-            (host, Some(port)) if !host.is_empty() => Some(Target {
-                host: host.to_string(),
-                port,
-            }),
-            _ => None,
-        }
-    }
-}
+/// Where to connect; parsed in the pure `hostport` file so that it is fuzzed.
+pub use super::hostport::Target;
 
 /// A byte stream to a backend.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
