@@ -13,7 +13,7 @@ use std::time::Instant;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::cluster::ClusterError;
+use crate::error::ClusterError;
 use crate::metrics::RaftMetricsSink;
 use crate::state::{Command, Response};
 use crate::types::{NodeId, NodeInfo, Raft};

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{map_write_err, Batcher};
 use crate::metrics::RaftMetricsSink;
 use crate::network::{decode, encode, Network};
-use crate::state::{Command, Response, ValidationError};
+use crate::state::{Command, Response};
+
+pub use crate::error::ClusterError;
 use crate::store::SharedState;
 use crate::types::{NodeId, NodeInfo, Raft, RaftMetrics};
 
@@ -54,31 +56,6 @@ pub enum ForwardReply {
     Membership { log_index: u64 },
     ReadIndex { index: u64 },
     Done,
-}
-
-/// Errors an operator can act on; messages name the offending value.
-#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
-pub enum ClusterError {
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    #[error("not the leader and no leader is known (waited {0:?})")]
-    NoLeader(Duration),
-    #[error("forwarding to leader {leader} failed: {reason}")]
-    Forward { leader: NodeId, reason: String },
-    #[error("rejected: {0}")]
-    Rejected(String),
-    #[error("raft: {0}")]
-    Raft(String),
-    #[error("node {0} is not a member of the cluster")]
-    UnknownNode(NodeId),
-    #[error("not the leader; leader is {0:?}")]
-    NotLeader(Option<NodeId>),
-}
-
-impl From<ValidationError> for ClusterError {
-    fn from(e: ValidationError) -> Self {
-        ClusterError::Invalid(e.to_string())
-    }
 }
 
 /// A member as `cluster status` prints it.

@@ -13,6 +13,7 @@
 //! - [`changes`]: which keys each applied entry touched, for incremental derived views.
 //! - `batch`: folds concurrent writes into one log entry on the leader.
 //! - [`cluster`]: `Cluster`, the handle for writes, membership changes and forwarding to the leader.
+//! - [`error`]: `ClusterError`, what those can fail with.
 //! - [`tls`]: the cluster CA and node certificates.
 //! - [`metrics`]: Prometheus metrics owned by this crate.
 
@@ -21,6 +22,7 @@
 mod batch;
 pub mod changes;
 pub mod cluster;
+pub mod error;
 pub mod metrics;
 pub mod network;
 pub mod service;
@@ -30,6 +32,7 @@ pub mod store;
 pub mod tls;
 pub mod types;
 
-pub use cluster::{Cluster, ClusterError, Member};
+pub use cluster::{Cluster, Member};
+pub use error::ClusterError;
 pub use state::{ClusterState, Command, Response};
 pub use types::{NodeId, NodeInfo, Raft, TypeConfig};

@@ -13,9 +13,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::ClusterStateV1;
-use crate::store::Applied;
+use crate::state::{ClusterState, ClusterStateV1};
 use crate::types::{LogId, StoredMembership};
+
+/// What the state machine holds, and what a snapshot carries: the applied position and the
+/// cluster state. Defined beside its encoding; the store (`store.rs`) re-exports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub last_membership: StoredMembership,
+    pub state: ClusterState,
+}
 
 /// Start of every snapshot written by this build. A header-less snapshot (bincode of
 /// `Applied`) starts with an `Option` tag, 0 or 1, never `P`, so the two cannot be confused.

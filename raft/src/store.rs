@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::changes::{ChangeCursor, Delta, Journal};
+pub use crate::snapshot_format::Applied;
 use crate::state::{ClusterState, Command, Response};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
@@ -308,14 +309,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.logs.apply_batch(batch).map_err(write_logs_err)?;
         self.durable.sync().await.map_err(write_logs_err)
     }
-}
-
-/// What the state machine holds: the applied position and the cluster state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Applied {
-    pub last_applied: Option<LogId>,
-    pub last_membership: StoredMembership,
-    pub state: ClusterState,
 }
 
 #[derive(Serialize, Deserialize)]
