@@ -592,6 +592,8 @@ pub struct H3Body {
     /// The request's `content-length`, if it declared one, and the DATA bytes seen so far.
     declared: Option<u64>,
     received: u64,
+    /// The chunk that completed `declared`, held until the stream's end confirms it.
+    held: Option<Bytes>,
     /// Set when the DATA disagreed with `declared`.
     malformed: Arc<AtomicBool>,
     /// A frame read by [`H3Body::prime`], handed out first.
@@ -608,6 +610,7 @@ impl H3Body {
             state: BodyState::Data,
             declared: length,
             received: 0,
+            held: None,
             malformed: Arc::new(AtomicBool::new(false)),
             ready: None,
             stall_limit,
@@ -633,10 +636,24 @@ impl H3Body {
                 BodyState::Data => match self.recv.poll_recv_data(cx) {
                     Poll::Ready(Ok(Some(mut buf))) => {
                         let data = buf.copy_to_bytes(buf.remaining());
+                        if data.is_empty() {
+                            continue;
+                        }
                         self.received = self.received.saturating_add(data.len() as u64);
-                        match length_mismatch(self.declared, self.received, false) {
-                            Some(e) => Some(Some(Err(self.malformed(e)))),
-                            None => Some(Some(Ok(Frame::data(data)))),
+                        if let Some(e) = length_mismatch(self.declared, self.received, false) {
+                            self.held = None;
+                            Some(Some(Err(self.malformed(e))))
+                        } else if self.declared == Some(self.received) {
+                            // The last declared byte goes on only once the stream's end shows
+                            // that nothing follows it (a client closes the stream after its
+                            // request, RFC 9114 §4.1): otherwise the backend would already
+                            // hold a complete request when the excess arrives.
+                            self.held = Some(data);
+                            let deadline = tokio::time::Instant::now() + self.stall_limit;
+                            self.stall.as_mut().reset(deadline);
+                            continue;
+                        } else {
+                            Some(Some(Ok(Frame::data(data))))
                         }
                     }
                     Poll::Ready(Ok(None)) => {
@@ -646,7 +663,10 @@ impl H3Body {
                             return Poll::Ready(Some(Err(e)));
                         }
                         self.state = BodyState::Trailers;
-                        continue;
+                        match self.held.take() {
+                            Some(last) => Some(Some(Ok(Frame::data(last)))),
+                            None => continue,
+                        }
                     }
                     Poll::Ready(Err(e)) => Some(Some(Err(BoxError::from(e)))),
                     Poll::Pending => None,
