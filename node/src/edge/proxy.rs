@@ -59,6 +59,8 @@ pub enum ProxyError {
     NoHealthyBackend(String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    #[error("request body: {0}")]
+    ClientBody(BoxError),
     #[error("CONNECT is only served for WebSocket (extended CONNECT, `:protocol websocket`)")]
     ConnectNotSupported,
     #[error("backend {backend} refused the WebSocket handshake: {reason}")]
@@ -90,6 +92,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
@@ -108,6 +111,7 @@ impl ProxyError {
             | ProxyError::Forbidden(_)
             | ProxyError::PassthroughOverHttp { .. }
             | ProxyError::BodyTooLarge(_)
+            | ProxyError::ClientBody(_)
             | ProxyError::ConnectNotSupported => Fault::Client,
             ProxyError::NoBackend(_)
             | ProxyError::NoHealthyBackend(_)
@@ -954,6 +958,15 @@ impl Proxy {
                             .any(|s| s.is::<http_body_util::LengthLimitError>());
                     if over_limit {
                         return Err(ProxyError::BodyTooLarge(self.settings.max_body));
+                    }
+                    // The client's own body failed while it was being sent (a malformed chunk,
+                    // a reset stream): the client's fault, not the backend's.
+                    let client_body =
+                        std::iter::successors(Some(&*e as &dyn std::error::Error), |s| s.source())
+                            .find_map(|s| s.downcast_ref::<hyper::Error>())
+                            .is_some_and(hyper::Error::is_user);
+                    if client_body {
+                        return Err(ProxyError::ClientBody(e));
                     }
                     return Err(ProxyError::Upstream {
                         backend: addr.into_owned(),

@@ -669,3 +669,28 @@ async fn client_sent_forwarding_claims_and_host_userinfo_do_not_reach_the_backen
     assert_eq!(h["x-real-ip"], "127.0.0.1", "{resp}");
     assert!(h.get("x-forwarded-port").is_none(), "{resp}");
 }
+
+#[tokio::test]
+async fn a_request_chunk_size_with_a_sign_is_a_client_error() {
+    let env = start(|_| {}).await;
+    let host = format!("demo.{BASE}");
+    for size in ["+5", "-5"] {
+        let mut tls = env.tls(&host).await;
+        let req = format!(
+            "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {size}\r\nhello\r\n0\r\n\r\n"
+        );
+        tls.write_all(req.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out).into_owned();
+        assert!(
+            resp.is_empty() || resp.starts_with("HTTP/1.1 400"),
+            "{size}: {resp}"
+        );
+        assert!(
+            !resp.contains("\"body_bytes\":5"),
+            "{size}: forwarded: {resp}"
+        );
+    }
+}
