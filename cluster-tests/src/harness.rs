@@ -501,7 +501,7 @@ pub fn read_cluster_json(dir: &Path) -> ClusterJson {
 /// running until its last thread is gone, because those threads still hold its files (the sled
 /// lock among them).
 pub fn alive(pid: u32) -> bool {
-    portcullis_node::launcher::running(pid)
+    portcullis_node::procs::running(pid)
 }
 
 /// Runs an outside command with no stdin and collects its output.

@@ -432,7 +432,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
         let pids = args.exit_with.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            while pids.iter().any(|p| crate::launcher::alive(*p)) {
+            while pids.iter().any(|p| crate::procs::alive(*p)) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             tracing::info!("every watched process is gone; exiting");
@@ -624,7 +624,7 @@ pub async fn wait_tunnel_up(log: &Path, pid: u32) -> anyhow::Result<()> {
         if text.contains("tunnel up") {
             return Ok(());
         }
-        if tokio::time::Instant::now() > deadline || !crate::launcher::alive(pid) {
+        if tokio::time::Instant::now() > deadline || !crate::procs::alive(pid) {
             bail!("cvm-agent did not bring its tunnel up: {}", text.trim());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -259,7 +259,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                if !pids.iter().any(|p| crate::launcher::alive(*p)) {
+                if !pids.iter().any(|p| crate::procs::alive(*p)) {
                     eprintln!("demo-app: every watched process is gone; exiting");
                     std::process::exit(0);
                 }

@@ -9,6 +9,7 @@
 //! - [`client`]: finding the cluster (`--admin`, `--cluster`) and calling its admin API.
 //! - [`launcher`]: `up` and `down`, a local multi-node cluster.
 //! - [`ports`]: loopback ports for local clusters, outside the ephemeral range.
+//! - [`procs`]: process checks by pid (is a node, demo app or agent still running).
 //! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
 //! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying.
 //! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend.
@@ -38,6 +39,7 @@ pub mod launcher;
 pub mod metrics;
 pub mod pki;
 pub mod ports;
+pub mod procs;
 pub mod secrets;
 pub mod server;
 pub mod tunnel;
