@@ -6,25 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid config: field `{field}`: {reason}")]
-    Field { field: &'static str, reason: String },
-}
+pub mod error;
 
-fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Field {
-        field,
-        reason: reason.into(),
-    }
-}
+use error::bad;
+pub use error::ConfigError;
 
 /// One gateway node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,12 +144,12 @@ impl WgConfig {
                 format!("{} must be within 576..=9000", self.mtu),
             ));
         }
-        if crate::tunnel::gateway_tunnel_ip(node_id).is_none() {
+        if crate::tunnel_addr::gateway_tunnel_ip(node_id).is_none() {
             return Err(bad(
                 "wg.enabled",
                 format!(
                     "node_id {node_id} is too large to derive a gateway tunnel address (at most {}); set wg.enabled = false",
-                    crate::tunnel::MAX_GATEWAY_ID
+                    crate::tunnel_addr::MAX_GATEWAY_ID
                 ),
             ));
         }

@@ -32,7 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::config::ConfigError;
+use crate::config::error::{bad, ConfigError};
 
 /// `[dns]`: how the node resolves the TXT records of custom domains.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,13 +67,6 @@ impl Default for DnsConfig {
             cache_capacity: 10_000,
             negative_cache_capacity: 1000,
         }
-    }
-}
-
-fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Field {
-        field,
-        reason: reason.into(),
     }
 }
 

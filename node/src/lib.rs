@@ -1,7 +1,8 @@
 //! portcullis-node: the `portcullis` binary — gateway node, operator CLI and local launcher.
 //!
 //! Layout:
-//! - [`config`]: the node's TOML configuration and its validation.
+//! - [`config`]: the node's TOML configuration and its validation (`config/error.rs`: its error
+//!   type, a leaf).
 //! - [`server`]: running one node (Raft, cluster RPC port, admin port, shutdown).
 //! - [`admin`]: the admin gRPC API and `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: every metric the node exports.
@@ -16,6 +17,8 @@
 //! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
 //! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
 //! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
+//! - [`tunnel`]: the gateway side of the WireGuard mesh; [`tunnel_addr`]: gateway tunnel
+//!   addresses from node ids (a leaf); [`cvm_agent`]: the CVM side.
 //! - [`cvm_registry`]: CVM registration with CVM credentials on the cluster port, held to the
 //!   tenant's own names; [`cvm_quota`]: its per-app registration rate; [`collisions`]: name
 //!   clashes an older state still holds, reported.
@@ -43,6 +46,7 @@ pub mod procs;
 pub mod secrets;
 pub mod server;
 pub mod tunnel;
+pub mod tunnel_addr;
 
 /// Exit code for an invalid configuration (EX_USAGE from sysexits.h, as linkerd does).
 pub const EXIT_CONFIG: i32 = 64;

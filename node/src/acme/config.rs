@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::error::{bad, ConfigError};
 
 /// Let's Encrypt's production directory.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -172,13 +172,6 @@ impl Dns01Config {
             ));
         }
         Ok(())
-    }
-}
-
-fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Field {
-        field,
-        reason: reason.into(),
     }
 }
 
