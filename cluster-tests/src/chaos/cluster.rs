@@ -17,7 +17,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use super::scenario::Scenario;
-use super::topology::{node_ip, node_ns, wan_ip};
+use super::topology::{node_ip, node_ns, wan_ip, GATEWAY_HTTPS_PORT};
 
 pub const RPC_PORT: u16 = 7000;
 pub const ADMIN_PORT: u16 = 9080;
@@ -163,7 +163,7 @@ token_file = "../pki/admin.token"
 data_key_file = "../pki/data.key"
 
 [edge]
-https_listen = "{ip}:8443"
+https_listen = "{ip}:{GATEWAY_HTTPS_PORT}"
 http_listen = "{ip}:8080"
 base_domains = ["chaos.portcullis.test"]
 

@@ -7,6 +7,7 @@ pub mod link;
 pub mod outage;
 pub mod probe;
 pub mod run;
+pub mod samples;
 pub mod scenario;
 pub mod topology;
 pub mod workload;

@@ -24,52 +24,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::probe::{GatewayStats, ProbeSample};
+use super::samples::{window_stats, GatewayStats, WindowStats};
 use super::scenario::FaultKind;
-
-/// Probe figures of one gateway inside one time window.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct WindowStats {
-    /// Probes that completed inside the window.
-    pub requests: u64,
-    pub errors: u64,
-    /// Longest part of the window without a successful probe (ms).
-    pub longest_outage_ms: u64,
-}
-
-/// Probe figures for the window `from_ms..to_ms` (ms since the probe started).
-///
-/// An outage is the stretch between two consecutive successful probes (completion times), or
-/// between the probe's start (0) or end (`probed_until_ms`) and the nearest success; the figure
-/// is the longest part of any outage that lies inside the window. An outage that began before
-/// the window counts only from the window's start (what happened before the fault is not the
-/// fault's doing), one still going on when the window closes counts up to its end. Time after
-/// `probed_until_ms` is unknown and not counted.
-pub fn window_stats(
-    samples: &[ProbeSample],
-    probed_until_ms: u64,
-    from_ms: u64,
-    to_ms: u64,
-) -> WindowStats {
-    let mut w = WindowStats::default();
-    for s in samples {
-        if (from_ms..=to_ms).contains(&s.at_ms) {
-            w.requests += 1;
-            if !s.ok {
-                w.errors += 1;
-            }
-        }
-    }
-    let end = to_ms.min(probed_until_ms);
-    let mut last_ok = 0;
-    let successes = samples.iter().filter(|s| s.ok).map(|s| s.at_ms);
-    for next_ok in successes.chain(std::iter::once(probed_until_ms)) {
-        let overlap = next_ok.min(end).saturating_sub(last_ok.max(from_ms));
-        w.longest_outage_ms = w.longest_outage_ms.max(overlap);
-        last_ok = last_ok.max(next_ok);
-    }
-    w
-}
 
 /// The gateways that must keep serving while fault `kind` is in force, or `None` when the kind
 /// is not a partition. `cut_off` are the nodes that lost contact with the majority (see the
@@ -233,6 +189,7 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chaos::samples::ProbeSample;
 
     /// A probe every 100 ms from `0` to `until_ms`, failing inside `down` (ms, half-open).
     fn samples(until_ms: u64, down: &[(u64, u64)]) -> Vec<ProbeSample> {

@@ -18,18 +18,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use portcullis_proto::admin::{CreateAppRequest, PutCertificateRequest, RegisterInstanceRequest};
-use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cluster::Cluster;
 use super::link::run_in_netns;
-use super::outage::window_stats;
-use super::topology::{node_ip, CLIENT_NS, CVM_IP, CVM_NS};
+use super::samples::{window_stats, GatewayStats, ProbeSample};
+use super::topology::{node_ip, CLIENT_NS, CVM_IP, CVM_NS, GATEWAY_HTTPS_PORT};
 
 pub const BASE: &str = "chaos.portcullis.test";
 pub const DEMO_IP: &str = CVM_IP;
 pub const DEMO_PORT: u16 = 18080;
-pub const GATEWAY_HTTPS_PORT: u16 = 8443;
 const INTERVAL: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -46,30 +44,6 @@ impl Drop for DataPlane {
             let _ = c.wait();
         }
     }
-}
-
-/// Per-gateway probe results.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct GatewayStats {
-    pub requests: u64,
-    pub errors: u64,
-    pub error_rate: f64,
-    /// Longest time without a successful probe (ms).
-    pub longest_outage_ms: u64,
-    /// When the probe of this gateway stopped (ms since the workload started).
-    pub probed_until_ms: u64,
-    /// Every request's outcome, in order: the majority-side check (outage.rs) cuts the
-    /// partition windows out of it. Not in the JSON report (about 10 per second per gateway).
-    #[serde(skip)]
-    pub samples: Vec<ProbeSample>,
-}
-
-/// One probe request: when it completed (ms since the workload started) and whether the
-/// gateway answered 200.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProbeSample {
-    pub at_ms: u64,
-    pub ok: bool,
 }
 
 fn make_cert() -> anyhow::Result<(String, String, String)> {

@@ -22,8 +22,6 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 
-use super::probe::GATEWAY_HTTPS_PORT;
-
 /// The nftables table of [`Topology::drop_https`] (no `-`: nft identifiers).
 const DROP_HTTPS_TABLE: &str = "pcchaos_https";
 
@@ -38,6 +36,8 @@ pub const CLIENT_IP: &str = "10.77.0.3";
 /// The demo app (the CVM workload behind the gateways) runs here.
 pub const CVM_NS: &str = "pcchaos-cvm";
 pub const CVM_IP: &str = "10.77.0.4";
+/// The HTTPS port every gateway of the topology listens on (at its node address).
+pub const GATEWAY_HTTPS_PORT: u16 = 8443;
 
 pub fn node_ns(id: u64) -> String {
     format!("{PREFIX}-n{id}")
