@@ -13,6 +13,11 @@ object on stdout.
             gives up on us
   rapid-reset  HTTP/2: open and immediately reset --streams streams (CVE-2023-44487) and
             report whether the server ended the connection with GOAWAY
+  h2-request  HTTP/2: one request with --method and --path sent exactly as given (h2's own
+            header checks off, so a malformed :path reaches the server); prints the status and
+            body, or the stream's reset code
+  raw-h1    HTTP/1.1 over TLS: sends --data (Python escapes such as \\r\\n decoded) and prints
+            the response's status line
 """
 
 import argparse
@@ -217,6 +222,73 @@ def cmd_websocket_h2(args):
     return result
 
 
+def cmd_h2_request(args):
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sock = connect(args, ["h2"])
+    if sock.selected_alpn_protocol() != "h2":
+        return {"error": f"ALPN chose {sock.selected_alpn_protocol()!r}"}
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+    )
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(
+        sid,
+        [
+            (":method", args.method),
+            (":scheme", "https"),
+            (":authority", args.host),
+            (":path", args.path),
+        ],
+        end_stream=True,
+    )
+    sock.sendall(conn.data_to_send())
+    result = {"status": None, "body": ""}
+    body = b""
+    sock.settimeout(10)
+    done = False
+    while not done:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            result["error"] = "timeout"
+            break
+        if not data:
+            result["error"] = "connection closed"
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                result["status"] = int(dict(ev.headers)[b":status"])
+            elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                body += ev.data
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                done = True
+            elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                result["reset"] = int(ev.error_code)
+                done = True
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                result["goaway"] = int(ev.error_code)
+                done = True
+        sock.sendall(conn.data_to_send())
+    result["body"] = body.decode(errors="replace")
+    sock.close()
+    return result
+
+
+def cmd_raw_h1(args):
+    sock = connect(args, ["http/1.1"])
+    sock.sendall(args.data.encode().decode("unicode_escape").encode("latin-1"))
+    head = read_until(sock, b"\r\n").decode(errors="replace")
+    sock.close()
+    return {"status_line": head.split("\r\n", 1)[0]}
+
+
 def cmd_slowloris(args):
     sock = connect(args, ["http/1.1"])
     request = f"GET / HTTP/1.1\r\nHost: {args.host}\r\nX-Slow: " + "a" * 4096
@@ -300,7 +372,16 @@ def cmd_rapid_reset(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument(
-        "command", choices=["httpx", "websocket", "websocket-h2", "slowloris", "rapid-reset"]
+        "command",
+        choices=[
+            "httpx",
+            "websocket",
+            "websocket-h2",
+            "slowloris",
+            "rapid-reset",
+            "h2-request",
+            "raw-h1",
+        ],
     )
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", required=True)
@@ -310,6 +391,8 @@ def main():
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--give-up", type=float, default=60.0)
     p.add_argument("--streams", type=int, default=2000)
+    p.add_argument("--method", default="GET")
+    p.add_argument("--data", default="")
     args = p.parse_args()
     fn = {
         "httpx": cmd_httpx,
@@ -317,6 +400,8 @@ def main():
         "websocket-h2": cmd_websocket_h2,
         "slowloris": cmd_slowloris,
         "rapid-reset": cmd_rapid_reset,
+        "h2-request": cmd_h2_request,
+        "raw-h1": cmd_raw_h1,
     }[args.command]
     print(json.dumps(fn(args)))
     return 0

@@ -9,7 +9,8 @@ same connection and prints one JSON object per request on stdout:
    "chunk_ms": [...], "first_byte_ms": F, "total_ms": T, "peer_subject": "CN=..."}
 
 A request body is sent with --body-bytes N (N bytes in --chunk-bytes pieces, each flushed on
-its own so the body really streams). A connection that cannot be set up prints
+its own so the body really streams), declared as `content-length: N` (or --content-length, to
+declare a length the body does not have). A connection that cannot be set up prints
 {"error": "...", "phase": "handshake", "close_code": C, "reason": "..."} and exits 3; a
 connection or stream torn down mid-request prints the same with "phase": "request", exit 4.
 """
@@ -74,7 +75,7 @@ class H3Client(QuicConnectionProtocol):
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
-    async def request(self, method, authority, path, headers, body_bytes, chunk_bytes):
+    async def request(self, method, authority, path, headers, body_bytes, chunk_bytes, declared):
         sid = self._quic.get_next_available_stream_id()
         fut = asyncio.get_running_loop().create_future()
         self.waiters[sid] = fut
@@ -88,8 +89,10 @@ class H3Client(QuicConnectionProtocol):
             (b":path", path.encode()),
             (b"user-agent", b"aioquic-h3-test"),
         ] + [(k.lower().encode(), v.encode()) for k, v in headers]
-        if body_bytes:
-            hdrs.append((b"content-length", str(body_bytes).encode()))
+        if declared is None and body_bytes:
+            declared = body_bytes
+        if declared is not None:
+            hdrs.append((b"content-length", str(declared).encode()))
         self.h3.send_headers(sid, hdrs, end_stream=body_bytes == 0)
         self.transmit()
         sent = 0
@@ -151,6 +154,7 @@ async def run(args):
                             [h.split(":", 1) for h in args.header],
                             args.body_bytes,
                             args.chunk_bytes,
+                            args.content_length,
                         ),
                         args.timeout,
                     )
@@ -174,6 +178,7 @@ def main():
     p.add_argument("--header", action="append", default=[], help="NAME:VALUE (repeatable)")
     p.add_argument("--body-bytes", type=int, default=0)
     p.add_argument("--chunk-bytes", type=int, default=16384)
+    p.add_argument("--content-length", help="content-length to declare (default: --body-bytes)")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=15.0)
     args = p.parse_args()
