@@ -10,10 +10,9 @@
 //! that names the clash, and `https://bank.<base>/` keeps answering from bank's instance on
 //! every node after each attempt. The operator's admin API is held to the same namespace.
 
-use std::process::Child;
-
 use portcullis_cluster_tests::cvm::{
     agent_config, curl_https, issue_credential, register_once, spawn_demo_app, AgentSpec,
+    WithChildren,
 };
 use portcullis_cluster_tests::harness::{phase, show, TestCluster};
 
@@ -22,17 +21,6 @@ const CAP: usize = 3;
 /// Registrations evil may write through one node before the rate (one per 1000 s) holds it
 /// back. Refused attempts and fresh renewals take none.
 const BURST: usize = 5;
-
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Registers `instance` for app `evil` with evil's credential and WireGuard key file `key`.
 fn evil_registers(tc: &TestCluster, instance: &str, key: &str) -> Result<String, String> {
@@ -63,7 +51,7 @@ fn bank_is_served_by_bank(tc: &TestCluster, after: &str) {
 
 #[test]
 fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
-    let tc = TestCluster::up_with(
+    let mut t = WithChildren::new(TestCluster::up_with(
         3,
         &[
             "--wg-max-instances-per-app",
@@ -73,12 +61,12 @@ fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
             "--wg-registration-burst-per-app",
             &BURST.to_string(),
         ],
-    );
-    let mut children = Children(Vec::new());
+    ));
 
     phase("bank: an app served by an instance the operator registered");
-    let (demo, bank_port) = spawn_demo_app(&tc.path().join("bank-1.log"), "bank", "bank-1", &[]);
-    children.0.push(demo);
+    let (demo, bank_port) = spawn_demo_app(&t.tc.path().join("bank-1.log"), "bank", "bank-1", &[]);
+    t.children.push(demo);
+    let tc = &t.tc;
     let bank_port = bank_port.to_string();
     let ok = |args: &[&str]| {
         let out = tc.cli(args);
@@ -100,14 +88,14 @@ fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
         "--backend",
         &format!("127.0.0.1:{bank_port}"),
     ]);
-    issue_credential(&tc, "evil", "cvm-evil");
+    issue_credential(tc, "evil", "cvm-evil");
     for id in tc.ids() {
-        portcullis_cluster_tests::cvm::wait_served(&tc, id, &format!("bank.{BASE}"), "/");
+        portcullis_cluster_tests::cvm::wait_served(tc, id, &format!("bank.{BASE}"), "/");
     }
-    bank_is_served_by_bank(&tc, "setup");
+    bank_is_served_by_bank(tc, "setup");
 
     phase("evil's own instance registers");
-    evil_registers(&tc, "evil-1", "evil-1.wg.key").expect("evil-1 is evil's to name");
+    evil_registers(tc, "evil-1", "evil-1.wg.key").expect("evil-1 is evil's to name");
 
     phase("evil's credential is refused every name that routes bank's traffic");
     let attempts: [(&str, &str); 8] = [
@@ -122,22 +110,22 @@ fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
     ];
     for (i, (id, why)) in attempts.iter().enumerate() {
         let key = format!("attempt-{i}.wg.key");
-        let e = evil_registers(&tc, id, &key).expect_err(id);
+        let e = evil_registers(tc, id, &key).expect_err(id);
         assert!(e.contains(why), "{id}: expected {why:?} in:\n{e}");
         println!("refused {id}: {}", e.lines().last().unwrap_or_default());
-        bank_is_served_by_bank(&tc, id);
+        bank_is_served_by_bank(tc, id);
     }
     let port_route = format!("bank-{bank_port}");
-    let e = evil_registers(&tc, &port_route, "port-route.wg.key").expect_err("bank's port route");
+    let e = evil_registers(tc, &port_route, "port-route.wg.key").expect_err("bank's port route");
     assert!(
         e.contains(&format!("route to its port {bank_port}")),
         "{port_route}: {e}"
     );
-    bank_is_served_by_bank(&tc, &port_route);
+    bank_is_served_by_bank(tc, &port_route);
 
     phase("a credential for evil cannot register under app bank");
     let cfg = agent_config(
-        &tc,
+        tc,
         &AgentSpec {
             cred: "cvm-evil",
             app: "bank",
@@ -149,23 +137,23 @@ fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
     );
     let e = register_once(&cfg).expect_err("credential for another app");
     assert!(e.contains("this credential is for app \"evil\""), "{e}");
-    bank_is_served_by_bank(&tc, "a registration under app bank");
+    bank_is_served_by_bank(tc, "a registration under app bank");
 
     phase("a sibling id re-registered with a new key is refused; the old key still renews");
-    let e = evil_registers(&tc, "evil-1", "evil-1-new.wg.key").expect_err("re-key");
+    let e = evil_registers(tc, "evil-1", "evil-1-new.wg.key").expect_err("re-key");
     assert!(e.contains("another WireGuard key"), "{e}");
-    evil_registers(&tc, "evil-1", "evil-1.wg.key").expect("renewal with the same key");
+    evil_registers(tc, "evil-1", "evil-1.wg.key").expect("renewal with the same key");
 
     phase("the per-app cap: at most 3 instances for evil");
     for id in ["evil-2", "evil-blue"] {
-        evil_registers(&tc, id, &format!("{id}.wg.key")).expect("under the cap");
+        evil_registers(tc, id, &format!("{id}.wg.key")).expect("under the cap");
     }
-    let e = evil_registers(&tc, "evil-9", "evil-9.wg.key").expect_err("over the cap");
+    let e = evil_registers(tc, "evil-9", "evil-9.wg.key").expect_err("over the cap");
     assert!(
         e.contains(&format!("already has {CAP} instances")) && e.contains("max_instances_per_app"),
         "{e}"
     );
-    evil_registers(&tc, "evil-2", "evil-2.wg.key").expect("a renewal is never refused by the cap");
+    evil_registers(tc, "evil-2", "evil-2.wg.key").expect("a renewal is never refused by the cap");
 
     phase("the operator's admin API is held to the same namespace");
     let out = tc.cli(&[
@@ -192,7 +180,7 @@ fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
         "an app named like an instance was created"
     );
     assert!(show(&out).contains("taken by instance"), "{}", show(&out));
-    bank_is_served_by_bank(&tc, "the operator's refused writes");
+    bank_is_served_by_bank(tc, "the operator's refused writes");
 
     phase("the per-app registration rate: the burst is spent, then a clear refusal");
     // evil-1, evil-2 and evil-blue took 3 of the 5; make room under the cap and spend the rest.
@@ -200,15 +188,15 @@ fn a_tenant_cannot_register_names_that_route_another_tenants_traffic() {
         ok(&["cvm", "remove", id]);
     }
     for id in ["evil-3", "evil-4"] {
-        evil_registers(&tc, id, &format!("{id}.wg.key")).expect("within the burst");
+        evil_registers(tc, id, &format!("{id}.wg.key")).expect("within the burst");
     }
     ok(&["cvm", "remove", "evil-4"]);
-    let e = evil_registers(&tc, "evil-5", "evil-5.wg.key").expect_err("over the rate");
+    let e = evil_registers(tc, "evil-5", "evil-5.wg.key").expect_err("over the rate");
     assert!(
         e.contains("ResourceExhausted") && e.contains("wg.registration_rate_per_app"),
         "{e}"
     );
-    bank_is_served_by_bank(&tc, "the rate limit");
+    bank_is_served_by_bank(tc, "the rate limit");
 
     phase("no name collision in the applied state, on any node");
     for id in tc.ids() {

@@ -13,26 +13,14 @@
 //! an app with a loopback backend still gets no route into the gateway (502, counter still).
 
 use std::net::TcpListener;
-use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_cluster_tests::cvm::{curl_https, spawn_demo_app, wait_served};
+use portcullis_cluster_tests::cvm::{curl_https, spawn_demo_app, wait_served, WithChildren};
 use portcullis_cluster_tests::harness::{phase, show, TestCluster};
 
 const BASE: &str = "portcullis.localhost";
-
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn port_of(addr: &str) -> u16 {
     addr.rsplit_once(':')
@@ -73,8 +61,12 @@ fn status(tc: &TestCluster, host: &str) -> u16 {
 
 #[test]
 fn pinned_forms_reach_no_undeclared_port_and_no_gateway_listener() {
-    let tc = TestCluster::up(1);
-    let mut children = Children(Vec::new());
+    let mut t = WithChildren::new(TestCluster::up(1));
+    let (demo, web_port) = spawn_demo_app(&t.tc.path().join("web-1.log"), "web", "web-1", &[]);
+    t.children.push(demo);
+    let (demo, bare_port) = spawn_demo_app(&t.tc.path().join("bare-1.log"), "bare", "bare-1", &[]);
+    t.children.push(demo);
+    let tc = &t.tc;
     let node = tc.node(1).clone();
     let (admin, rpc, https, http) = (
         port_of(&node.admin_addr),
@@ -87,42 +79,43 @@ fn pinned_forms_reach_no_undeclared_port_and_no_gateway_listener() {
         let out = tc.cli(args);
         assert!(out.status.success(), "{args:?}: {}", show(&out));
     };
-
-    phase("web (host:port backend) and bare (bare-host backend), one declared port each");
-    let (demo, web_port) = spawn_demo_app(&tc.path().join("web-1.log"), "web", "web-1", &[]);
-    children.0.push(demo);
-    let (demo, bare_port) = spawn_demo_app(&tc.path().join("bare-1.log"), "bare", "bare-1", &[]);
-    children.0.push(demo);
-    for (app, port, backend) in [
-        ("web", web_port, format!("127.0.0.1:{web_port}")),
-        ("bare", bare_port, "127.0.0.1".to_string()),
-    ] {
+    // App `app` on `port`, with one operator-registered instance `<app>-1` at `backend`.
+    let app_with_instance = |app: &str, port: u16, backend: &str| {
         ok(&["app", "create", app, "--port", &port.to_string()]);
+        let id = format!("{app}-1");
         ok(&[
             "cvm",
             "register",
             "--instance-id",
-            &format!("{app}-1"),
+            &id,
             "--app",
             app,
             "--region",
             "us-east",
             "--backend",
-            &backend,
+            backend,
         ]);
-        wait_served(&tc, 1, &format!("{app}.{BASE}"), "/");
-        wait_served(&tc, 1, &format!("{app}-1.{BASE}"), "/");
-        wait_served(&tc, 1, &format!("{app}-1-{port}.{BASE}"), "/");
+    };
+
+    phase("web (host:port backend) and bare (bare-host backend), one declared port each");
+    for (app, port, backend) in [
+        ("web", web_port, format!("127.0.0.1:{web_port}")),
+        ("bare", bare_port, "127.0.0.1".to_string()),
+    ] {
+        app_with_instance(app, port, &backend);
+        wait_served(tc, 1, &format!("{app}.{BASE}"), "/");
+        wait_served(tc, 1, &format!("{app}-1.{BASE}"), "/");
+        wait_served(tc, 1, &format!("{app}-1-{port}.{BASE}"), "/");
     }
 
     phase("every pinned and app form against undeclared ports and the node's listeners");
-    let before = admin_requests(&tc);
+    let before = admin_requests(tc);
     let mut tried = 0;
     for port in [admin, rpc, https, http, canary_port, 22, 65535] {
         for name in ["web-1", "bare-1", "web", "bare"] {
             for suffix in ["", "s", "g"] {
                 let host = format!("{name}-{port}{suffix}.{BASE}");
-                let got = status(&tc, &host);
+                let got = status(tc, &host);
                 let refused = if suffix == "s" {
                     // A passthrough name with no route is not terminated here: no HTTP answer.
                     got == 0 || got == 404 || got == 421
@@ -141,41 +134,29 @@ fn pinned_forms_reach_no_undeclared_port_and_no_gateway_listener() {
         "a loopback listener nobody declared was reached"
     );
     assert_eq!(
-        admin_requests(&tc),
+        admin_requests(tc),
         before + 1,
         "the admin listener answered something besides this test's own metrics reads"
     );
 
     phase("a declared port that is a gateway listener still reaches nothing");
     for (app, port) in [("selfadmin", admin), ("selfrpc", rpc)] {
-        ok(&["app", "create", app, "--port", &port.to_string()]);
-        ok(&[
-            "cvm",
-            "register",
-            "--instance-id",
-            &format!("{app}-1"),
-            "--app",
-            app,
-            "--region",
-            "us-east",
-            "--backend",
-            "127.0.0.1",
-        ]);
+        app_with_instance(app, port, "127.0.0.1");
     }
     // The route exists (the app is listed) but the connect is refused by the guard.
-    let before = admin_requests(&tc);
+    let before = admin_requests(tc);
     for app in ["selfadmin", "selfrpc"] {
         for host in [format!("{app}.{BASE}"), format!("{app}-1.{BASE}")] {
             let got = portcullis_cluster_tests::harness::wait_for(
                 &format!("{host} routed"),
                 Duration::from_secs(10),
-                || Some(status(&tc, &host)).filter(|c| *c != 404),
+                || Some(status(tc, &host)).filter(|c| *c != 404),
             );
             assert_eq!(got, 502, "{host}");
         }
     }
     assert_eq!(
-        admin_requests(&tc),
+        admin_requests(tc),
         before + 1,
         "a request through the data plane reached the admin listener"
     );
