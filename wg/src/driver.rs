@@ -20,7 +20,9 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, TunnResult};
 use boringtun::x25519;
 use bytes::{Buf, Bytes};
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{
+    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
+};
 use smoltcp::socket::tcp::{self, CongestionControl, State};
 use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
 use tokio::io::ReadBuf;
@@ -50,6 +52,14 @@ const RECV_BATCH: usize = 64;
 /// smoltcp's Reno never leaves exponential growth and recovers losses go-back-N, so bursts of
 /// 32+ segments per round overflowed a 208 KiB UDP receive buffer (wireguard-go's default) and
 /// collapsed throughput to a few MB/s. Measured in docs/benchmarks.md.
+///
+/// With smoltcp 0.13 the bound also keeps uploads alive: `Interface::poll` there repeats egress
+/// passes until no socket has anything left, i.e. a whole 256 KiB window (~190 segments) per
+/// call. That burst overflowed wireguard-go's UDP buffer, and 0.13 doubles the RTO on every
+/// retransmission, fast ones included (smoltcp#1155, fixed in 0.14): a cascade of go-back-N fast
+/// retransmits pushed the RTO to its 60 s maximum within 100 ms, and the next tail loss then
+/// waited 60 s. That was the gateway→CVM upload stall of tunnel-bench; `poll_stack` therefore
+/// never calls `Interface::poll` (docs/wireguard.md "smoltcp version").
 const EGRESS_BATCH: usize = 8;
 /// How long a connection the application has dropped may take to finish closing before it is
 /// reset (bounds FIN_WAIT_2 against a peer that never closes).
@@ -496,12 +506,20 @@ impl<S: DatagramSocket> Driver<S> {
             if std::mem::take(&mut self.panic_next_poll) {
                 panic!("injected stack panic");
             }
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
-            while self.device.tx.len() < EGRESS_BATCH
-                && self
-                    .iface
-                    .poll_egress(now, &mut self.device, &mut self.sockets)
-                    == PollResult::SocketStateChanged
+            // Not `Interface::poll`: since smoltcp 0.13 it repeats egress passes until no
+            // socket has anything left to send (see `EGRESS_BATCH`). This is 0.12's `poll`
+            // (all ingress, one egress pass) followed by passes up to the batch.
+            self.iface.poll_maintenance(now);
+            while self
+                .iface
+                .poll_ingress_single(now, &mut self.device, &mut self.sockets)
+                != PollIngressSingleResult::None
+            {}
+            while self
+                .iface
+                .poll_egress(now, &mut self.device, &mut self.sockets)
+                == PollResult::SocketStateChanged
+                && self.device.tx.len() < EGRESS_BATCH
             {}
         }));
         match polled {
@@ -1061,27 +1079,42 @@ fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use smoltcp::wire::TcpControl;
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
     use crate::key::PrivateKey;
+    use crate::stack_tests::{ipv4_tcp, parse_ipv4_tcp, Segment, MSS};
 
-    /// A panic inside the stack costs the connections, not the endpoint: the pending connect
-    /// learns it failed, listeners keep listening on fresh sockets, the panic is counted, and
-    /// the next pass and the next connect work.
-    #[tokio::test]
-    async fn a_stack_panic_drops_connections_and_the_endpoint_goes_on() {
+    const OWN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const PEER_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 7);
+
+    /// A driver on 198.18.0.1 with one peer, 100.64.0.7 (no UDP endpoint: nothing is sent).
+    async fn test_driver() -> (Driver<tokio::net::UdpSocket>, Arc<Counters>, IpAddr) {
         let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("bind udp");
-        let cfg = EndpointConfig::new(PrivateKey::generate(), "198.18.0.1".parse().expect("ip"));
+        let cfg = EndpointConfig::new(PrivateKey::generate(), IpAddr::V4(OWN_IP));
         let counters = Arc::new(Counters::default());
         let mut d = Driver::new(cfg, udp, counters.clone(), Arc::new(Notify::new()));
-        let peer_ip: IpAddr = "100.64.0.7".parse().expect("ip");
+        let peer_ip = IpAddr::V4(PEER_IP);
         d.peers
             .set(vec![PeerConfig::new(
                 PrivateKey::generate().public_key(),
                 peer_ip,
             )])
             .expect("peer");
+        (d, counters, peer_ip)
+    }
+
+    /// A panic inside the stack costs the connections, not the endpoint: the pending connect
+    /// learns it failed, listeners keep listening on fresh sockets, the panic is counted, and
+    /// the next pass and the next connect work.
+    #[tokio::test]
+    async fn a_stack_panic_drops_connections_and_the_endpoint_goes_on() {
+        let (mut d, counters, peer_ip) = test_driver().await;
         let _listener = d.listen(8080).expect("listen");
         let backlog = d.listeners[&8080].ready.len();
         let (tx, pending) = oneshot::channel();
@@ -1113,5 +1146,60 @@ mod tests {
         d.connect(SocketAddr::new(peer_ip, 80), tx)
             .expect("connect after the panic");
         assert_eq!(d.conns.len(), 1);
+    }
+
+    /// The cause of the smoltcp 0.13 upload stall: one stack pass must not emit a sender's
+    /// whole window. A connection with 256 KiB queued and an 8 MiB peer window sends it in
+    /// passes of at most `EGRESS_BATCH` segments (`Interface::poll` of 0.13 sent all ~190 at
+    /// once, which overflowed wireguard-go's UDP buffer).
+    #[tokio::test]
+    async fn a_stack_pass_emits_at_most_an_egress_batch() {
+        let (mut d, _counters, peer_ip) = test_driver().await;
+        let (tx, pending) = oneshot::channel();
+        d.connect(SocketAddr::new(peer_ip, 80), tx)
+            .expect("connect queued");
+        let h = *d.conns.keys().next().expect("the connection");
+        // The window, not Reno's slow start, is what limits this sender.
+        d.sockets
+            .get_mut::<tcp::Socket>(h)
+            .set_congestion_control(CongestionControl::None);
+        assert!(d.poll_stack(d.smol_now()));
+        let syn = d.device.tx.pop_front().expect("a SYN");
+        let (_, _, syn) = parse_ipv4_tcp(&syn).expect("a TCP segment");
+        assert_eq!(syn.control, TcpControl::Syn);
+
+        let mut syn_ack = Segment::new(80, syn.src_port, TcpControl::Syn, 7_000);
+        syn_ack.ack = Some(syn.seq.wrapping_add(1));
+        syn_ack.window_scale = Some(7);
+        syn_ack.mss = Some(MSS as u16);
+        d.device.rx.push_back(ipv4_tcp(PEER_IP, OWN_IP, &syn_ack));
+        // A SYN's window is never scaled: this ACK opens the 65535 << 7 window.
+        let mut ack = Segment::new(80, syn.src_port, TcpControl::None, 7_001);
+        ack.ack = syn_ack.ack;
+        d.device.rx.push_back(ipv4_tcp(PEER_IP, OWN_IP, &ack));
+        assert!(d.poll_stack(d.smol_now()));
+        d.device.tx.clear();
+        d.service_conns();
+        let mut stream = pending.await.expect("connect answered").expect("connected");
+        let queued = 256 * 1024;
+        stream.write_all(&vec![0x5a; queued]).await.expect("write");
+        d.service_conns();
+        assert_eq!(d.sockets.get::<tcp::Socket>(h).send_queue(), queued);
+
+        let mut segments = 0;
+        for _ in 0..100 {
+            assert!(d.poll_stack(d.smol_now()));
+            let burst = d.device.tx.len();
+            assert!(
+                burst <= EGRESS_BATCH,
+                "one stack pass emitted {burst} segments"
+            );
+            if burst == 0 {
+                break;
+            }
+            segments += burst;
+            d.device.tx.clear();
+        }
+        assert_eq!(segments, queued.div_ceil(MSS), "the whole buffer went out");
     }
 }

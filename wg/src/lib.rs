@@ -20,6 +20,7 @@
 //! - [`peers`]: the peer table and its diffing `set_peers`.
 //! - `device`: the smoltcp virtual device (packet queues).
 //! - `packet`: inner IP header parsing for the address rules.
+//! - `stack_tests` (tests only): hand-made TCP segments for tests of the stack.
 //! - [`stream`]: [`TunnelStream`] and [`TunnelListener`], the application side.
 //! - [`socket`]: the [`DatagramSocket`] trait (injectable UDP).
 //! - [`config`], [`key`], [`metrics`], [`error`].
@@ -36,6 +37,8 @@ pub mod metrics;
 mod packet;
 pub mod peers;
 pub mod socket;
+#[cfg(test)]
+mod stack_tests;
 pub mod stream;
 
 pub use config::{EndpointConfig, PeerConfig};
