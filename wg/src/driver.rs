@@ -1061,9 +1061,9 @@ async fn send_udp<S: DatagramSocket>(socket: &S, c: &Counters, buf: &[u8], to: S
     }
 }
 
-fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
+pub(crate) fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; rx_capacity(buffer)]),
         tcp::SocketBuffer::new(vec![0u8; buffer]),
     );
     // Request/response traffic (HTTP through the gateway) must not wait for Nagle; bulk writes
@@ -1075,6 +1075,29 @@ fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
     // whatever the window allows and melts lossy paths.
     s.set_congestion_control(CongestionControl::Reno);
     s
+}
+
+/// The receive buffer for a wanted size: at most `wanted`, and more than half of it.
+///
+/// smoltcp 0.13.1 (0.14.0 reads the same) sends the window of its SYN or SYN-ACK unscaled, as
+/// TCP requires, but records it as if it were scaled: until the socket sends its next segment,
+/// it accepts data up to `65535 << shift` past the handshake (`shift` = bit length of the
+/// capacity − 16). For a capacity of 2^k that is twice the buffer, and a peer's segment past
+/// the buffer trips a debug assertion, delivers bytes that were never written, or (release
+/// build) panics once the hole before it is filled
+/// (`stack_tests::data_past_the_buffer_right_after_the_handshake_is_refused`). With
+/// `65535 << shift <= capacity` the recorded window is an underestimate, which is harmless:
+/// 256 KiB becomes 256 KiB − 1.
+fn rx_capacity(wanted: usize) -> usize {
+    let bits = usize::BITS - wanted.leading_zeros();
+    if bits <= 16 {
+        return wanted; // no window scaling
+    }
+    if wanted >= 65535 << (bits - 16) {
+        wanted
+    } else {
+        (1 << (bits - 1)) - 1
+    }
 }
 
 #[cfg(test)]
@@ -1201,5 +1224,30 @@ mod tests {
             d.device.tx.clear();
         }
         assert_eq!(segments, queued.div_ceil(MSS), "the whole buffer went out");
+    }
+
+    /// The receive buffer leaves no room for smoltcp's overestimated handshake window, and
+    /// keeps at least half of what was asked.
+    #[test]
+    fn rx_capacity_holds_the_unscaled_syn_window_shifted() {
+        for wanted in (1usize..=(1 << 22)).step_by(997).chain([
+            65535,
+            65536,
+            131071,
+            131072,
+            262143,
+            262144,
+            1 << 22,
+        ]) {
+            let cap = rx_capacity(wanted);
+            assert!(cap <= wanted && cap > wanted / 2, "{wanted} -> {cap}");
+            let bits = usize::BITS - cap.leading_zeros();
+            let shift = bits.saturating_sub(16);
+            assert!(
+                shift == 0 || 65535 << shift <= cap,
+                "{wanted} -> {cap}: shift {shift}"
+            );
+        }
+        assert_eq!(rx_capacity(256 * 1024), 256 * 1024 - 1);
     }
 }

@@ -20,7 +20,7 @@
 //! - [`peers`]: the peer table and its diffing `set_peers`.
 //! - `device`: the smoltcp virtual device (packet queues).
 //! - `packet`: inner IP header parsing for the address rules.
-//! - `stack_tests` (tests only): hand-made TCP segments for tests of the stack.
+//! - `stack_tests` (tests only): hand-made TCP segments and the stack's property test.
 //! - [`stream`]: [`TunnelStream`] and [`TunnelListener`], the application side.
 //! - [`socket`]: the [`DatagramSocket`] trait (injectable UDP).
 //! - [`config`], [`key`], [`metrics`], [`error`].
