@@ -19,6 +19,7 @@
 //! - `driver`: the single task that owns the socket, the peers and the stack.
 //! - [`peers`]: the peer table and its diffing `set_peers`.
 //! - `device`: the smoltcp virtual device (packet queues).
+//! - `sockets`: the TCP sockets, each in its own smoltcp socket set (panic containment).
 //! - `packet`: inner IP header parsing for the address rules.
 //! - `stack_tests` (tests only): hand-made TCP segments and the stack's property test.
 //! - [`stream`]: [`TunnelStream`] and [`TunnelListener`], the application side.
@@ -37,6 +38,7 @@ pub mod metrics;
 mod packet;
 pub mod peers;
 pub mod socket;
+mod sockets;
 #[cfg(test)]
 mod stack_tests;
 pub mod stream;
