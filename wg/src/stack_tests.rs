@@ -513,9 +513,10 @@ fn harness_carries_a_connection() {
 /// `65535 << shift` past the handshake, twice what a 256 KiB buffer holds. A segment past the
 /// buffer was accepted (a debug assertion; in release the bytes that did not fit were later
 /// delivered as whatever the buffer held), and filling the hole before it panicked in release
-/// too (`RingBuffer::enqueue_unallocated`). The driver sizes receive buffers so that the
-/// unscaled window, shifted, still fits (`driver::rx_capacity`): the excess is refused and the
-/// application reads exactly what the peer sent.
+/// too (`RingBuffer::enqueue_unallocated`). With a plain 256 KiB buffer both tests here fail.
+/// The driver sizes receive buffers so that the unscaled window, shifted, still fits
+/// (`driver::rx_capacity`): the excess is refused and the application reads exactly what the
+/// peer sent.
 #[test]
 fn data_past_the_buffer_right_after_the_handshake_is_refused() {
     let buffer = 256 * 1024;
@@ -562,6 +563,53 @@ fn data_past_the_buffer_right_after_the_handshake_is_refused() {
         got.len()
     );
     for (i, b) in got.iter().enumerate() {
+        assert_eq!(
+            *b,
+            (isn as usize + 1 + i) as u8,
+            "byte {i} is not what was sent"
+        );
+    }
+}
+
+/// The same from the connecting side, as a CVM could do to a gateway's connect: the SYN-ACK
+/// and the segments arrive in one batch, before the socket's ACK of the handshake goes out.
+#[test]
+fn data_past_the_buffer_with_the_syn_ack_is_refused() {
+    let buffer = 256 * 1024;
+    let (mut h, mut sock) = Harness::new(7, buffer);
+    sock.connect(
+        h.iface.context(),
+        (IpAddress::from(PEER_IP), PEER_PORT),
+        OUR_PORT,
+    )
+    .expect("connect");
+    h.handle = h.sockets.add(sock);
+    h.pump();
+    let isn = 5000u32;
+    let mut syn_ack = h.peer_segment(TcpControl::Syn, isn, h.our_max);
+    syn_ack.window_scale = Some(7);
+    syn_ack.mss = Some(MSS as u16);
+    h.dev.rx.push_back(ipv4_tcp(PEER_IP, OUR_IP, &syn_ack));
+    let send = |h: &mut Harness, offset: usize, len: usize| {
+        let mut seg = h.peer_segment(TcpControl::None, isn + 1 + offset as u32, h.our_max);
+        seg.payload = (0..len)
+            .map(|i| (isn as usize + 1 + offset + i) as u8)
+            .collect();
+        h.dev.rx.push_back(ipv4_tcp(PEER_IP, OUR_IP, &seg));
+    };
+    send(&mut h, buffer - 100, MSS);
+    let mut offset = 0;
+    while offset < buffer - 100 {
+        let len = MSS.min(buffer - 100 - offset);
+        send(&mut h, offset, len);
+        offset += len;
+    }
+    h.pump();
+    assert_eq!(h.socket().state(), tcp::State::Established);
+    let mut got = vec![0u8; buffer];
+    let n = h.socket().recv_slice(&mut got).expect("recv");
+    assert!(n >= buffer - 100, "only {n} bytes arrived");
+    for (i, b) in got[..n].iter().enumerate() {
         assert_eq!(
             *b,
             (isn as usize + 1 + i) as u8,
