@@ -6,7 +6,7 @@
 //! poke, or smoltcp's own deadline), handles it, then runs the stack: poll smoltcp, encrypt what
 //! it emitted, move bytes between sockets and applications, and poll again if that made room.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +20,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, TunnResult};
 use boringtun::x25519;
 use bytes::{Buf, Bytes};
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult};
 use smoltcp::socket::tcp::{self, CongestionControl, State};
 use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
 use tokio::io::ReadBuf;
@@ -36,6 +36,7 @@ use crate::metrics::Counters;
 use crate::packet;
 use crate::peers::{PeerDiff, PeerStats, PeerTable};
 use crate::socket::DatagramSocket;
+use crate::sockets::{Panicked, SockId, Sockets};
 use crate::stream::{Pipes, TunnelListener, TunnelStream, MAX_CHUNK};
 use crate::PeerConfig;
 
@@ -50,6 +51,14 @@ const RECV_BATCH: usize = 64;
 /// smoltcp's Reno never leaves exponential growth and recovers losses go-back-N, so bursts of
 /// 32+ segments per round overflowed a 208 KiB UDP receive buffer (wireguard-go's default) and
 /// collapsed throughput to a few MB/s. Measured in docs/benchmarks.md.
+///
+/// With smoltcp 0.13 the bound also keeps uploads alive: `Interface::poll` there repeats egress
+/// passes until no socket has anything left, i.e. a whole 256 KiB window (~190 segments) per
+/// call. That burst overflowed wireguard-go's UDP buffer, and 0.13 doubles the RTO on every
+/// retransmission, fast ones included (smoltcp#1155, fixed in 0.14): a cascade of go-back-N fast
+/// retransmits pushed the RTO to its 60 s maximum within 100 ms, and the next tail loss then
+/// waited 60 s. That was the gateway→CVM upload stall of tunnel-bench; `poll_stack` therefore
+/// never calls `Interface::poll` (docs/wireguard.md "smoltcp version").
 const EGRESS_BATCH: usize = 8;
 /// How long a connection the application has dropped may take to finish closing before it is
 /// reset (bounds FIN_WAIT_2 against a peer that never closes).
@@ -112,11 +121,13 @@ struct OpenConn {
     pending: Option<Bytes>,
     app_write_closed: bool,
     fin_sent: bool,
+    /// Set when the stack panicked on this connection (`Driver::stack_panicked`).
+    failed: bool,
 }
 
 struct Listener {
     tx: mpsc::Sender<TunnelStream>,
-    ready: Vec<SocketHandle>,
+    ready: Vec<SockId>,
 }
 
 pub(crate) struct Driver<S> {
@@ -132,17 +143,20 @@ pub(crate) struct Driver<S> {
     notify: Arc<Notify>,
     iface: Interface,
     device: VirtualDevice,
-    sockets: SocketSet<'static>,
-    conns: HashMap<SocketHandle, Conn>,
+    sockets: Sockets,
+    conns: HashMap<SockId, Conn>,
     listeners: HashMap<u16, Listener>,
-    ports_in_use: HashSet<(u16, IpEndpoint)>,
+    /// Connections by (local port, remote endpoint): where an incoming segment goes.
+    tuples: HashMap<(u16, IpEndpoint), SockId>,
     next_port: u16,
     start: Instant,
     rx_buf: Vec<u8>,
     out_buf: Vec<u8>,
-    /// Makes the next stack pass panic (the panic-containment test).
+    /// Scratch list of socket keys for the egress and deadline passes.
+    ids: Vec<SockId>,
+    /// Makes the stack panic the next time it works on this socket (containment tests).
     #[cfg(test)]
-    panic_next_poll: bool,
+    panic_socket: Option<SockId>,
 }
 
 impl<S: DatagramSocket> Driver<S> {
@@ -203,18 +217,19 @@ impl<S: DatagramSocket> Driver<S> {
             notify,
             iface,
             device,
-            sockets: SocketSet::new(Vec::new()),
+            sockets: Sockets::new(),
             conns: HashMap::new(),
             listeners: HashMap::new(),
-            ports_in_use: HashSet::new(),
+            tuples: HashMap::new(),
             next_port: EPHEMERAL_FIRST + rand::random::<u16>() % (u16::MAX - EPHEMERAL_FIRST),
             start,
             // Big enough for any UDP datagram, so oversized ones are seen whole and counted
             // instead of silently truncated.
             rx_buf: vec![0u8; 65536],
             out_buf: vec![0u8; 65536 + 256],
+            ids: Vec::new(),
             #[cfg(test)]
-            panic_next_poll: false,
+            panic_socket: None,
             cfg,
         }
     }
@@ -228,12 +243,7 @@ impl<S: DatagramSocket> Driver<S> {
         timers.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_limiter_reset = Instant::now();
         loop {
-            let now = self.smol_now();
-            let stack_delay = self
-                .iface
-                .poll_delay(now, &self.sockets)
-                .map(|d| Duration::from_micros(d.total_micros()))
-                .unwrap_or(Duration::from_secs(3600));
+            let stack_delay = self.stack_delay(self.smol_now());
             let event = {
                 let socket = &self.socket;
                 let mut rb = ReadBuf::new(&mut self.rx_buf);
@@ -472,9 +482,7 @@ impl<S: DatagramSocket> Driver<S> {
         // Bounded: each round can only make progress the previous one enabled.
         for _ in 0..4 {
             let now = self.smol_now();
-            if !self.poll_stack(now) {
-                return;
-            }
+            self.poll_stack(now);
             self.flush_tx().await;
             let conns_changed = self.service_conns();
             let listeners_changed = self.service_listeners();
@@ -484,71 +492,140 @@ impl<S: DatagramSocket> Driver<S> {
         }
     }
 
-    /// One pass of the TCP/IP stack: ingress, then egress up to `EGRESS_BATCH` packets.
+    /// One pass of the TCP/IP stack: every queued incoming packet, each to the socket it
+    /// belongs to, then egress passes over all sockets until nothing moves or `EGRESS_BATCH`
+    /// packets are queued.
     ///
-    /// smoltcp asserts its sequence-number invariants with panics (smoltcp#1048 was one, fixed
-    /// in 0.13.1). A panic here would end this task, and with it every tunnel of the node, so
-    /// it is caught: the connections are dropped instead, and WireGuard sessions, peers and
-    /// listeners stay. Returns false after such a panic.
-    fn poll_stack(&mut self, now: smoltcp::time::Instant) -> bool {
-        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    /// Not `Interface::poll`: since smoltcp 0.13 it repeats egress passes until no socket has
+    /// anything left to send (see `EGRESS_BATCH`), and it runs every socket in one go. Here
+    /// each socket runs in its own set ([`Sockets`]), so a panic of the stack (smoltcp asserts
+    /// its invariants with panics; smoltcp#1048 was one) is pinned on one socket, which is
+    /// replaced: that connection fails, its siblings go on.
+    fn poll_stack(&mut self, now: smoltcp::time::Instant) {
+        self.iface.poll_maintenance(now);
+        while let Some(packet) = self.device.rx.front() {
+            let queued = self.device.rx.len();
+            let owner = self.owner(packet);
+            let (iface, device) = (&mut self.iface, &mut self.device);
             #[cfg(test)]
-            if std::mem::take(&mut self.panic_next_poll) {
-                panic!("injected stack panic");
-            }
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
-            while self.device.tx.len() < EGRESS_BATCH
-                && self
-                    .iface
-                    .poll_egress(now, &mut self.device, &mut self.sockets)
-                    == PollResult::SocketStateChanged
-            {}
-        }));
-        match polled {
-            Ok(()) => true,
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(panic = %what, conns = self.conns.len(), "tcp/ip stack panicked; dropping every tunnel connection");
-                Counters::inc(&self.counters.stack_panics);
-                self.drop_all_conns();
-                false
+            let inject = owner.is_some() && owner == self.panic_socket.take();
+            let ran = self.sockets.run(owner, |set| {
+                #[cfg(test)]
+                if inject {
+                    panic!("injected stack panic");
+                }
+                iface.poll_ingress_single(now, device, set)
+            });
+            if let Err(panic) = ran {
+                if self.device.rx.len() == queued {
+                    self.device.rx.pop_front();
+                }
+                self.stack_panicked(owner, panic);
             }
         }
+        let mut ids = std::mem::take(&mut self.ids);
+        loop {
+            let mut moved = false;
+            self.sockets.ids_into(&mut ids);
+            for &id in &ids {
+                let (iface, device) = (&mut self.iface, &mut self.device);
+                #[cfg(test)]
+                let inject = self.panic_socket == Some(id) && self.panic_socket.take().is_some();
+                let ran = self.sockets.run(Some(id), |set| {
+                    #[cfg(test)]
+                    if inject {
+                        panic!("injected stack panic");
+                    }
+                    iface.poll_egress(now, device, set)
+                });
+                match ran {
+                    Ok(PollResult::SocketStateChanged) => moved = true,
+                    Ok(PollResult::None) => {}
+                    Err(panic) => self.stack_panicked(Some(id), panic),
+                }
+            }
+            if !moved || self.device.tx.len() >= EGRESS_BATCH {
+                break;
+            }
+        }
+        self.ids = ids;
     }
 
-    /// Forgets every TCP socket after a stack panic: which one broke is unknown, and a broken
-    /// one must never be polled again. Applications see their streams end; listeners get
-    /// fresh sockets; packets the failed pass queued are discarded.
-    fn drop_all_conns(&mut self) {
-        for (h, _) in self.conns.drain() {
-            self.sockets.remove(h);
-        }
-        self.ports_in_use.clear();
-        let ports: Vec<u16> = self.listeners.keys().copied().collect();
-        for port in ports {
-            let Some(old) = self
-                .listeners
-                .get_mut(&port)
-                .map(|l| std::mem::take(&mut l.ready))
-            else {
-                continue;
-            };
-            for h in &old {
-                self.sockets.remove(*h);
-            }
-            let fresh: Vec<SocketHandle> = old
-                .iter()
-                .map(|_| self.new_listening_socket(port))
-                .collect();
-            if let Some(l) = self.listeners.get_mut(&port) {
-                l.ready = fresh;
+    /// How long until smoltcp wants to be polled (its timers), at most an hour.
+    fn stack_delay(&mut self, now: smoltcp::time::Instant) -> Duration {
+        let mut ids = std::mem::take(&mut self.ids);
+        self.sockets.ids_into(&mut ids);
+        let mut soonest = Duration::from_secs(3600);
+        for &id in &ids {
+            let iface = &mut self.iface;
+            match self.sockets.run(Some(id), |set| iface.poll_delay(now, set)) {
+                Ok(Some(d)) => soonest = soonest.min(Duration::from_micros(d.total_micros())),
+                Ok(None) => {}
+                Err(panic) => {
+                    self.stack_panicked(Some(id), panic);
+                    soonest = Duration::ZERO;
+                }
             }
         }
-        self.device.tx.clear();
+        self.ids = ids;
+        soonest
+    }
+
+    /// The socket an incoming packet belongs to: its connection's, else (for a listened port)
+    /// the listening socket that has it in its handshake, else an idle listening socket. `None`
+    /// for anything else, which smoltcp answers without a socket (RST) or drops.
+    fn owner(&self, packet: &[u8]) -> Option<SockId> {
+        let src = packet::parse(packet)?.src;
+        let (src_port, dst_port) = packet::tcp_ports(packet)?;
+        let remote = IpEndpoint::new(src.into(), src_port);
+        if let Some(&id) = self.tuples.get(&(dst_port, remote)) {
+            return Some(id);
+        }
+        let ready = &self.listeners.get(&dst_port)?.ready;
+        let sock = |id: &&SockId| self.sockets.get(**id);
+        ready
+            .iter()
+            .find(|id| sock(id).remote_endpoint() == Some(remote))
+            .or_else(|| ready.iter().find(|id| sock(id).state() == State::Listen))
+            .copied()
+    }
+
+    /// A panic of the stack while it worked on socket `id` (`None`: on no socket). That socket
+    /// may be half-updated and is never polled again: a connection's is replaced by a closed
+    /// one, so the connection ends as if reset (a pending connect is refused, an open stream
+    /// reads an error); a listening socket is replaced by a fresh one.
+    fn stack_panicked(&mut self, id: Option<SockId>, panic: Panicked) {
+        Counters::inc(&self.counters.stack_panics);
+        let Some(id) = id else {
+            tracing::error!(panic = %panic.0, "tcp/ip stack panicked on a packet no socket owns; dropped");
+            return;
+        };
+        if let Some(conn) = self.conns.get(&id) {
+            tracing::error!(panic = %panic.0, remote = %conn.remote, local_port = conn.local_port, "tcp/ip stack panicked; that tunnel connection fails");
+            self.sockets.replace(id, new_tcp_socket(self.cfg.mtu));
+            if let Some(Phase::Open(open)) = self.conns.get_mut(&id).map(|c| &mut c.phase) {
+                // `pump` hands the application an error, not an EOF.
+                open.failed = true;
+            }
+            return;
+        }
+        let port = self
+            .listeners
+            .iter()
+            .find(|(_, l)| l.ready.contains(&id))
+            .map(|(&port, _)| port);
+        match port {
+            Some(port) => {
+                tracing::error!(panic = %panic.0, port, "tcp/ip stack panicked on a listening socket; it is replaced");
+                let mut fresh = new_tcp_socket(self.cfg.tcp_buffer_bytes);
+                let _ = fresh.listen(port);
+                self.sockets.replace(id, fresh);
+            }
+            None => {
+                tracing::error!(panic = %panic.0, "tcp/ip stack panicked on an unknown socket");
+                self.sockets.remove(id);
+            }
+        }
     }
 
     fn handle_command(&mut self, cmd: Command) {
@@ -607,7 +684,7 @@ impl<S: DatagramSocket> Driver<S> {
         for (&h, conn) in self.conns.iter_mut() {
             let ip = IpAddr::from(conn.remote.addr);
             if !self.peers.has_ip(&ip) {
-                self.sockets.get_mut::<tcp::Socket>(h).abort();
+                self.sockets.get_mut(h).abort();
                 if let Phase::Closing { .. } = conn.phase {
                     conn.phase = Phase::Aborted;
                 }
@@ -642,11 +719,11 @@ impl<S: DatagramSocket> Driver<S> {
         };
         let mut sock = new_tcp_socket(self.cfg.tcp_buffer_bytes);
         if let Err(e) = sock.connect(self.iface.context(), remote_ep, port) {
-            self.ports_in_use.remove(&(port, remote_ep));
             tracing::debug!(%remote, error = ?e, "smoltcp connect failed");
             return fail(reply, WgError::ConnectRefused(remote));
         }
         let handle = self.sockets.add(sock);
+        self.tuples.insert((port, remote_ep), handle);
         self.conns.insert(
             handle,
             Conn {
@@ -661,6 +738,7 @@ impl<S: DatagramSocket> Driver<S> {
         Ok(())
     }
 
+    /// A local port no connection to `remote` uses.
     fn alloc_port(&mut self, remote: IpEndpoint) -> Option<u16> {
         let span = usize::from(u16::MAX - EPHEMERAL_FIRST) + 1;
         for _ in 0..span {
@@ -670,7 +748,7 @@ impl<S: DatagramSocket> Driver<S> {
             } else {
                 p + 1
             };
-            if self.ports_in_use.insert((p, remote)) {
+            if !self.tuples.contains_key(&(p, remote)) {
                 return Some(p);
             }
         }
@@ -697,7 +775,7 @@ impl<S: DatagramSocket> Driver<S> {
         Ok(TunnelListener { port, rx })
     }
 
-    fn new_listening_socket(&mut self, port: u16) -> SocketHandle {
+    fn new_listening_socket(&mut self, port: u16) -> SockId {
         let mut sock = new_tcp_socket(self.cfg.tcp_buffer_bytes);
         // Only fails on port 0 or a socket that is already open; neither can happen here.
         let _ = sock.listen(port);
@@ -730,7 +808,7 @@ impl<S: DatagramSocket> Driver<S> {
                 let Some(&h) = self.listeners.get(&port).and_then(|l| l.ready.get(slot)) else {
                     break;
                 };
-                let sock = self.sockets.get_mut::<tcp::Socket>(h);
+                let sock = self.sockets.get_mut(h);
                 match sock.state() {
                     State::Listen | State::SynReceived => continue,
                     State::Closed => {
@@ -753,11 +831,11 @@ impl<S: DatagramSocket> Driver<S> {
                 let local = SocketAddr::new(self.own.for_remote(remote.addr.into()), port);
                 let peer = SocketAddr::from((IpAddr::from(remote.addr), remote.port));
                 let (stream, pipes) = TunnelStream::new_pair(self.notify.clone(), local, peer);
-                self.ports_in_use.insert((port, remote));
+                self.tuples.insert((port, remote), h);
                 let phase = if self.conns.len() >= self.cfg.max_connections {
                     drop(stream);
                     Counters::inc(&self.counters.accept_overflow);
-                    self.sockets.get_mut::<tcp::Socket>(h).abort();
+                    self.sockets.get_mut(h).abort();
                     Phase::Aborted
                 } else {
                     match l.tx.try_send(stream) {
@@ -767,7 +845,7 @@ impl<S: DatagramSocket> Driver<S> {
                         }
                         Err(_) => {
                             Counters::inc(&self.counters.accept_overflow);
-                            self.sockets.get_mut::<tcp::Socket>(h).abort();
+                            self.sockets.get_mut(h).abort();
                             Phase::Aborted
                         }
                     }
@@ -791,7 +869,7 @@ impl<S: DatagramSocket> Driver<S> {
         let mut changed = false;
         let mut finished = Vec::new();
         for (&h, conn) in self.conns.iter_mut() {
-            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            let sock = self.sockets.get_mut(h);
             match &mut conn.phase {
                 Phase::Connecting { reply, addr } => match sock.state() {
                     State::SynSent | State::SynReceived => {
@@ -838,7 +916,10 @@ impl<S: DatagramSocket> Driver<S> {
                     let app_gone = open.app_write_closed
                         && open.pipes.to_app.as_ref().is_none_or(|t| t.is_closed());
                     if sock.state() == State::Closed {
-                        finished.push(h);
+                        // Not before the application has its error, if any (`pump`).
+                        if open.pipes.to_app.is_none() {
+                            finished.push(h);
+                        }
                     } else if app_gone && open.fin_sent {
                         conn.phase = Phase::Closing {
                             since: Instant::now(),
@@ -867,7 +948,7 @@ impl<S: DatagramSocket> Driver<S> {
         }
         for h in finished {
             if let Some(conn) = self.conns.remove(&h) {
-                self.ports_in_use.remove(&(conn.local_port, conn.remote));
+                self.tuples.remove(&(conn.local_port, conn.remote));
             }
             self.sockets.remove(h);
         }
@@ -882,6 +963,7 @@ impl OpenConn {
             pending: None,
             app_write_closed: false,
             fin_sent: false,
+            failed: false,
         }
     }
 }
@@ -916,16 +998,29 @@ fn pump(sock: &mut tcp::Socket<'static>, open: &mut OpenConn) -> bool {
         changed = true;
     }
     if !sock.may_recv() {
-        if let Some(tx) = open.pipes.to_app.take() {
-            if sock.state() == State::Closed && !open.fin_sent {
-                // Closed without our FIN and without passing through CLOSE_WAIT: a reset.
-                let _ = tx.try_send(Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "tunnel connection reset",
-                )));
+        if let Some(tx) = &open.pipes.to_app {
+            // Closed without our FIN and without passing through CLOSE_WAIT: a reset. The
+            // application must read an error, not an EOF that makes a cut stream look whole,
+            // so a full channel keeps the sender (and the connection) until there is room.
+            let error = if open.failed {
+                Some("tunnel connection failed: the TCP/IP stack panicked")
+            } else if sock.state() == State::Closed && !open.fin_sent {
+                Some("tunnel connection reset")
+            } else {
+                None
+            };
+            let delivered = match error {
+                Some(msg) => !matches!(
+                    tx.try_send(Err(io::Error::new(io::ErrorKind::ConnectionReset, msg))),
+                    Err(mpsc::error::TrySendError::Full(_))
+                ),
+                None => true,
+            };
+            if delivered {
+                // Dropping the sender is EOF once the application has read what is queued.
+                open.pipes.to_app = None;
+                changed = true;
             }
-            // Dropping the sender is EOF once the application has read what is queued.
-            changed = true;
         }
     }
 
@@ -1043,9 +1138,9 @@ async fn send_udp<S: DatagramSocket>(socket: &S, c: &Counters, buf: &[u8], to: S
     }
 }
 
-fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
+pub(crate) fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; rx_capacity(buffer)]),
         tcp::SocketBuffer::new(vec![0u8; buffer]),
     );
     // Request/response traffic (HTTP through the gateway) must not wait for Nagle; bulk writes
@@ -1059,59 +1154,252 @@ fn new_tcp_socket(buffer: usize) -> tcp::Socket<'static> {
     s
 }
 
+/// The receive buffer for a wanted size: at most `wanted`, and more than half of it.
+///
+/// smoltcp 0.13.1 (0.14.0 reads the same) sends the window of its SYN or SYN-ACK unscaled, as
+/// TCP requires, but records it as if it were scaled: until the socket sends its next segment,
+/// it accepts data up to `65535 << shift` past the handshake (`shift` = bit length of the
+/// capacity − 16). For a capacity of 2^k that is twice the buffer, and a peer's segment past
+/// the buffer trips a debug assertion, delivers bytes that were never written, or (release
+/// build) panics once the hole before it is filled
+/// (`stack_tests::data_past_the_buffer_right_after_the_handshake_is_refused`). With
+/// `65535 << shift <= capacity` the recorded window is an underestimate, which is harmless:
+/// 256 KiB becomes 256 KiB − 1.
+fn rx_capacity(wanted: usize) -> usize {
+    let bits = usize::BITS - wanted.leading_zeros();
+    if bits <= 16 {
+        return wanted; // no window scaling
+    }
+    if wanted >= 65535 << (bits - 16) {
+        wanted
+    } else {
+        (1 << (bits - 1)) - 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use smoltcp::wire::TcpControl;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
     use crate::key::PrivateKey;
+    use crate::stack_tests::{ipv4_tcp, parse_ipv4_tcp, Segment, MSS};
 
-    /// A panic inside the stack costs the connections, not the endpoint: the pending connect
-    /// learns it failed, listeners keep listening on fresh sockets, the panic is counted, and
-    /// the next pass and the next connect work.
-    #[tokio::test]
-    async fn a_stack_panic_drops_connections_and_the_endpoint_goes_on() {
+    const OWN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const PEER_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 7);
+
+    /// A driver on 198.18.0.1 with one peer, 100.64.0.7 (no UDP endpoint: nothing is sent).
+    async fn test_driver() -> (Driver<tokio::net::UdpSocket>, Arc<Counters>, IpAddr) {
         let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("bind udp");
-        let cfg = EndpointConfig::new(PrivateKey::generate(), "198.18.0.1".parse().expect("ip"));
+        let cfg = EndpointConfig::new(PrivateKey::generate(), IpAddr::V4(OWN_IP));
         let counters = Arc::new(Counters::default());
         let mut d = Driver::new(cfg, udp, counters.clone(), Arc::new(Notify::new()));
-        let peer_ip: IpAddr = "100.64.0.7".parse().expect("ip");
+        let peer_ip = IpAddr::V4(PEER_IP);
         d.peers
             .set(vec![PeerConfig::new(
                 PrivateKey::generate().public_key(),
                 peer_ip,
             )])
             .expect("peer");
+        (d, counters, peer_ip)
+    }
+
+    /// Our SYN for the connection on `id`, parsed from the device's queue.
+    fn take_syn(d: &mut Driver<tokio::net::UdpSocket>, id: SockId) -> Segment {
+        let port = d.conns[&id].local_port;
+        let at = d
+            .device
+            .tx
+            .iter()
+            .position(|p| parse_ipv4_tcp(p).is_some_and(|(_, _, s)| s.src_port == port))
+            .expect("a SYN from that connection");
+        let (_, _, syn) = parse_ipv4_tcp(&d.device.tx.remove(at).expect("queued")).expect("TCP");
+        assert_eq!(syn.control, TcpControl::Syn);
+        syn
+    }
+
+    /// The peer's SYN-ACK to `syn`.
+    fn syn_ack(syn: &Segment) -> Vec<u8> {
+        let mut seg = Segment::new(syn.dst_port, syn.src_port, TcpControl::Syn, 7_000);
+        seg.ack = Some(syn.seq.wrapping_add(1));
+        seg.mss = Some(MSS as u16);
+        ipv4_tcp(PEER_IP, OWN_IP, &seg)
+    }
+
+    fn conn_to(d: &Driver<tokio::net::UdpSocket>, port: u16) -> SockId {
+        *d.conns
+            .iter()
+            .find(|(_, c)| c.remote.port == port)
+            .expect("the connection")
+            .0
+    }
+
+    /// A panic inside the stack costs the one connection it happened on: that connect is
+    /// refused, an open stream reads an error (not EOF), a listening socket is replaced; the
+    /// sibling connection completes its handshake and carries data, and the endpoint goes on.
+    #[tokio::test]
+    async fn a_stack_panic_fails_only_its_connection() {
+        let (mut d, counters, peer_ip) = test_driver().await;
         let _listener = d.listen(8080).expect("listen");
-        let backlog = d.listeners[&8080].ready.len();
+        let listening = d.listeners[&8080].ready.clone();
+        let (tx_a, pending_a) = oneshot::channel();
+        d.connect(SocketAddr::new(peer_ip, 80), tx_a)
+            .expect("connect queued");
+        let (tx_b, pending_b) = oneshot::channel();
+        d.connect(SocketAddr::new(peer_ip, 81), tx_b)
+            .expect("connect queued");
+        let (a, b) = (conn_to(&d, 80), conn_to(&d, 81));
+        d.poll_stack(d.smol_now());
+        let (syn_a, syn_b) = (take_syn(&mut d, a), take_syn(&mut d, b));
+
+        // Ingress: the stack panics on A's SYN-ACK; B's is processed.
+        d.device.rx.push_back(syn_ack(&syn_a));
+        d.device.rx.push_back(syn_ack(&syn_b));
+        d.panic_socket = Some(a);
+        d.poll_stack(d.smol_now());
+        d.service_conns();
+        assert_eq!(counters.snapshot().stack_panics, 1);
+        match pending_a.await.expect("connect A answered") {
+            Err(WgError::ConnectRefused(addr)) => assert_eq!(addr.port(), 80),
+            other => panic!("connect A: {other:?}"),
+        }
+        let mut stream_b = pending_b
+            .await
+            .expect("connect B answered")
+            .expect("B connected");
+        assert!(!d.conns.contains_key(&a) && !d.tuples.values().any(|&id| id == a));
+
+        // B carries data.
+        d.device.tx.clear();
+        stream_b.write_all(b"hello").await.expect("write");
+        d.service_conns();
+        d.poll_stack(d.smol_now());
+        let sent: Vec<Segment> = d
+            .device
+            .tx
+            .iter()
+            .filter_map(|p| parse_ipv4_tcp(p).map(|(_, _, s)| s))
+            .collect();
+        assert!(
+            sent.iter()
+                .any(|s| s.src_port == syn_b.src_port && s.payload == b"hello"),
+            "{sent:?}"
+        );
+
+        // Egress: the stack panics on a listening socket, which is replaced by a fresh one.
+        d.panic_socket = Some(listening[0]);
+        d.poll_stack(d.smol_now());
+        assert_eq!(counters.snapshot().stack_panics, 2);
+        assert_eq!(d.listeners[&8080].ready, listening);
+        for &id in &listening {
+            assert_eq!(d.sockets.get(id).state(), State::Listen);
+        }
+        assert_eq!(d.sockets.get(b).state(), State::Established);
+
+        // An open stream whose connection fails reads an error, not an EOF.
+        d.panic_socket = Some(b);
+        d.poll_stack(d.smol_now());
+        d.service_conns();
+        assert_eq!(counters.snapshot().stack_panics, 3);
+        let mut buf = [0u8; 16];
+        let read = stream_b.read(&mut buf).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset)
+        );
+        d.service_conns();
+        assert!(d.conns.is_empty() && d.tuples.is_empty());
+        assert_eq!(d.sockets.len(), listening.len());
+
+        // The endpoint goes on.
+        let (tx, _pending) = oneshot::channel();
+        d.connect(SocketAddr::new(peer_ip, 80), tx)
+            .expect("connect after the panics");
+        assert_eq!(d.conns.len(), 1);
+    }
+
+    /// The cause of the smoltcp 0.13 upload stall: one stack pass must not emit a sender's
+    /// whole window. A connection with 256 KiB queued and an 8 MiB peer window sends it in
+    /// passes of at most `EGRESS_BATCH` segments (`Interface::poll` of 0.13 sent all ~190 at
+    /// once, which overflowed wireguard-go's UDP buffer).
+    #[tokio::test]
+    async fn a_stack_pass_emits_at_most_an_egress_batch() {
+        let (mut d, _counters, peer_ip) = test_driver().await;
         let (tx, pending) = oneshot::channel();
         d.connect(SocketAddr::new(peer_ip, 80), tx)
             .expect("connect queued");
-        assert_eq!(d.conns.len(), 1);
+        let h = *d.conns.keys().next().expect("the connection");
+        // The window, not Reno's slow start, is what limits this sender.
+        d.sockets
+            .get_mut(h)
+            .set_congestion_control(CongestionControl::None);
+        d.poll_stack(d.smol_now());
+        let syn = d.device.tx.pop_front().expect("a SYN");
+        let (_, _, syn) = parse_ipv4_tcp(&syn).expect("a TCP segment");
+        assert_eq!(syn.control, TcpControl::Syn);
 
-        d.panic_next_poll = true;
-        assert!(
-            !d.poll_stack(d.smol_now()),
-            "the injected panic was not seen"
-        );
-        assert_eq!(counters.snapshot().stack_panics, 1);
-        assert!(d.conns.is_empty() && d.ports_in_use.is_empty());
-        assert!(
-            pending.await.is_err(),
-            "the pending connect was not told it failed"
-        );
-        let ready = &d.listeners[&8080].ready;
-        assert_eq!(ready.len(), backlog);
-        for &h in ready {
-            assert_eq!(d.sockets.get::<tcp::Socket>(h).state(), State::Listen);
+        let mut syn_ack = Segment::new(80, syn.src_port, TcpControl::Syn, 7_000);
+        syn_ack.ack = Some(syn.seq.wrapping_add(1));
+        syn_ack.window_scale = Some(7);
+        syn_ack.mss = Some(MSS as u16);
+        d.device.rx.push_back(ipv4_tcp(PEER_IP, OWN_IP, &syn_ack));
+        // A SYN's window is never scaled: this ACK opens the 65535 << 7 window.
+        let mut ack = Segment::new(80, syn.src_port, TcpControl::None, 7_001);
+        ack.ack = syn_ack.ack;
+        d.device.rx.push_back(ipv4_tcp(PEER_IP, OWN_IP, &ack));
+        d.poll_stack(d.smol_now());
+        d.device.tx.clear();
+        d.service_conns();
+        let mut stream = pending.await.expect("connect answered").expect("connected");
+        let queued = 256 * 1024;
+        stream.write_all(&vec![0x5a; queued]).await.expect("write");
+        d.service_conns();
+        assert_eq!(d.sockets.get(h).send_queue(), queued);
+
+        let mut segments = 0;
+        for _ in 0..100 {
+            d.poll_stack(d.smol_now());
+            let burst = d.device.tx.len();
+            assert!(
+                burst <= EGRESS_BATCH,
+                "one stack pass emitted {burst} segments"
+            );
+            if burst == 0 {
+                break;
+            }
+            segments += burst;
+            d.device.tx.clear();
         }
-        // Only the fresh listening sockets are left in the set.
-        assert_eq!(d.sockets.iter().count(), backlog);
+        assert_eq!(segments, queued.div_ceil(MSS), "the whole buffer went out");
+    }
 
-        assert!(d.poll_stack(d.smol_now()), "the stack stays broken");
-        let (tx, _pending) = oneshot::channel();
-        d.connect(SocketAddr::new(peer_ip, 80), tx)
-            .expect("connect after the panic");
-        assert_eq!(d.conns.len(), 1);
+    /// The receive buffer leaves no room for smoltcp's overestimated handshake window, and
+    /// keeps at least half of what was asked.
+    #[test]
+    fn rx_capacity_holds_the_unscaled_syn_window_shifted() {
+        for wanted in (1usize..=(1 << 22)).step_by(997).chain([
+            65535,
+            65536,
+            131071,
+            131072,
+            262143,
+            262144,
+            1 << 22,
+        ]) {
+            let cap = rx_capacity(wanted);
+            assert!(cap <= wanted && cap > wanted / 2, "{wanted} -> {cap}");
+            let bits = usize::BITS - cap.leading_zeros();
+            let shift = bits.saturating_sub(16);
+            assert!(
+                shift == 0 || 65535 << shift <= cap,
+                "{wanted} -> {cap}: shift {shift}"
+            );
+        }
+        assert_eq!(rx_capacity(256 * 1024), 256 * 1024 - 1);
     }
 }

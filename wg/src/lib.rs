@@ -19,7 +19,9 @@
 //! - `driver`: the single task that owns the socket, the peers and the stack.
 //! - [`peers`]: the peer table and its diffing `set_peers`.
 //! - `device`: the smoltcp virtual device (packet queues).
+//! - `sockets`: the TCP sockets, each in its own smoltcp socket set (panic containment).
 //! - `packet`: inner IP header parsing for the address rules.
+//! - `stack_tests` (tests only): hand-made TCP segments and the stack's property test.
 //! - [`stream`]: [`TunnelStream`] and [`TunnelListener`], the application side.
 //! - [`socket`]: the [`DatagramSocket`] trait (injectable UDP).
 //! - [`config`], [`key`], [`metrics`], [`error`].
@@ -36,6 +38,9 @@ pub mod metrics;
 mod packet;
 pub mod peers;
 pub mod socket;
+mod sockets;
+#[cfg(test)]
+mod stack_tests;
 pub mod stream;
 
 pub use config::{EndpointConfig, PeerConfig};

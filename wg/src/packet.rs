@@ -45,6 +45,31 @@ pub(crate) fn parse(packet: &[u8]) -> Option<IpHeader> {
     }
 }
 
+/// Source and destination port of a TCP packet whose TCP header follows the IP header directly
+/// (IPv4 without fragmentation, IPv6 without extension headers). `None` for anything else,
+/// including a header that `parse` would refuse.
+pub(crate) fn tcp_ports(packet: &[u8]) -> Option<(u16, u16)> {
+    parse(packet)?;
+    let tcp = match packet.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let flags_offset = u16::from_be_bytes([packet[6], packet[7]]);
+            // More-fragments set or a non-zero offset: not a whole TCP segment.
+            if packet[9] != 6 || flags_offset & 0x3fff != 0 {
+                return None;
+            }
+            packet.get(ihl..)?
+        }
+        6 if packet[6] == 6 => packet.get(40..)?,
+        _ => return None,
+    };
+    let ports: &[u8; 4] = tcp.get(..4)?.try_into().ok()?;
+    Some((
+        u16::from_be_bytes([ports[0], ports[1]]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +115,32 @@ mod tests {
         assert_eq!(h.src, "::2".parse::<IpAddr>().expect("ip"));
         assert_eq!(h.dst, "::1".parse::<IpAddr>().expect("ip"));
         assert_eq!(parse(&p[..50]), None);
+    }
+
+    #[test]
+    fn finds_tcp_ports() {
+        let mut p = v4([10, 0, 0, 2], [10, 0, 0, 1], 40, 40);
+        p[9] = 6;
+        p[20..24].copy_from_slice(&[0x1f, 0x90, 0xc3, 0x50]);
+        assert_eq!(tcp_ports(&p), Some((8080, 50000)));
+        // A fragment, UDP, a short TCP header.
+        let mut frag = p.clone();
+        frag[6] = 0x20;
+        assert_eq!(tcp_ports(&frag), None);
+        let mut udp = p.clone();
+        udp[9] = 17;
+        assert_eq!(tcp_ports(&udp), None);
+        let mut short = v4([10, 0, 0, 2], [10, 0, 0, 1], 22, 22);
+        short[9] = 6;
+        assert_eq!(tcp_ports(&short), None);
+
+        let mut p6 = vec![0u8; 60];
+        p6[0] = 0x60;
+        p6[4..6].copy_from_slice(&20u16.to_be_bytes());
+        p6[6] = 6;
+        p6[40..44].copy_from_slice(&[0, 80, 0, 81]);
+        assert_eq!(tcp_ports(&p6), Some((80, 81)));
+        p6[6] = 0; // hop-by-hop options first
+        assert_eq!(tcp_ports(&p6), None);
     }
 }
