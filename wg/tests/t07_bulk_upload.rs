@@ -335,7 +335,7 @@ impl portcullis_wg::DatagramSocket for Lossy {
         // Type 4 is a data message; only full-size ones (bulk segments, not ACKs).
         if self.every > 0 && buf.first() == Some(&4) && buf.len() > 1000 {
             let n = self.seen.fetch_add(1, Relaxed) + 1;
-            if n % self.every == 0 {
+            if n.is_multiple_of(self.every) {
                 self.dropped.fetch_add(1, Relaxed);
                 return std::task::Poll::Ready(Ok(buf.len()));
             }
