@@ -4,27 +4,14 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::key::PublicKey;
+use crate::key::{KeyError, PublicKey};
 
 /// Everything the endpoint can refuse or fail at. Messages carry the offending value.
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
-    /// A public key that is not 32 bytes of standard base64.
-    #[error("invalid WireGuard public key {value:?}: {reason}")]
-    InvalidPublicKey {
-        /// The text that was given.
-        value: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// A private key that does not decode. The value is never echoed: only its length.
-    #[error("invalid WireGuard private key ({len} characters): {reason}")]
-    InvalidPrivateKey {
-        /// Length of the rejected text.
-        len: usize,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
+    /// A key that does not decode.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// The endpoint's own tunnel address is unusable.
     #[error("invalid tunnel address {0}: must be a unicast address")]
     InvalidTunnelIp(IpAddr),

@@ -7,8 +7,6 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use boringtun::x25519;
 
-use crate::error::WgError;
-
 /// A peer's public key (32 bytes). Displays and parses as standard base64, like `wg pubkey`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey([u8; 32]);
@@ -43,13 +41,36 @@ fn decode_key(s: &str) -> Result<[u8; 32], &'static str> {
     bytes.try_into().map_err(|_| "does not decode to 32 bytes")
 }
 
+/// A key that does not decode. Messages carry the offending public key; a private key's text is
+/// never echoed, only its length. Its own type (not [`crate::WgError`]'s) so that keys depend on
+/// nothing else in the crate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// A public key that is not 32 bytes of standard base64.
+    #[error("invalid WireGuard public key {value:?}: {reason}")]
+    InvalidPublicKey {
+        /// The text that was given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A private key that does not decode.
+    #[error("invalid WireGuard private key ({len} characters): {reason}")]
+    InvalidPrivateKey {
+        /// Length of the rejected text.
+        len: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
 impl FromStr for PublicKey {
-    type Err = WgError;
+    type Err = KeyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         decode_key(s)
             .map(Self)
-            .map_err(|reason| WgError::InvalidPublicKey {
+            .map_err(|reason| KeyError::InvalidPublicKey {
                 value: s.to_string(),
                 reason,
             })
@@ -105,13 +126,13 @@ impl PrivateKey {
 }
 
 impl FromStr for PrivateKey {
-    type Err = WgError;
+    type Err = KeyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // Never echo the text back: it might be a real key with a typo.
         decode_key(s)
             .map(Self)
-            .map_err(|reason| WgError::InvalidPrivateKey {
+            .map_err(|reason| KeyError::InvalidPrivateKey {
                 len: s.len(),
                 reason,
             })

@@ -46,7 +46,7 @@ pub mod stream;
 pub use config::{EndpointConfig, PeerConfig};
 pub use endpoint::Endpoint;
 pub use error::WgError;
-pub use key::{PrivateKey, PublicKey};
+pub use key::{KeyError, PrivateKey, PublicKey};
 pub use metrics::{Counters, CountersSnapshot};
 pub use peers::{PeerDiff, PeerStats};
 pub use socket::DatagramSocket;
