@@ -76,19 +76,23 @@ impl Upstream for SelfGuard {
                 format!("backend {target} is a gateway listener ({bad}); refused"),
             ));
         }
-        let Some(first) = addrs.first() else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("backend {target} resolves to no address"),
-            ));
-        };
-        // Connect to the address that was checked, not to the name again (a second lookup
-        // could answer differently).
-        let checked = Target {
-            host: first.ip().to_string(),
-            port: first.port(),
-        };
-        self.inner.connect(&checked).await
+        // Connect to the addresses that were checked, in order, as a plain connect to the name
+        // would, not to the name again (a second lookup could answer differently).
+        let mut last = io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("backend {target} resolves to no address"),
+        );
+        for a in addrs {
+            let checked = Target {
+                host: a.ip().to_string(),
+                port: a.port(),
+            };
+            match self.inner.connect(&checked).await {
+                Ok(io) => return Ok(io),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 }
 
