@@ -120,7 +120,7 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
     }
 
     phase("a cvm-agent registers and gets an address in the IPv6 pool");
-    let (app, app_port) = spawn_demo_app(&dir.join("web6-app.log"), "web", "web6-1", &[]);
+    let (app, app_port) = spawn_demo_app(&dir.join("web6-app.log"), "web", "web-v6", &[]);
     c.children.push(app);
     let out =
         c.tc.cli(&["app", "create", "web", "--port", &app_port.to_string()]);
@@ -131,13 +131,13 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
         &AgentSpec {
             cred: "cvm-web",
             app: "web",
-            instance: "web6-1",
-            wg_key: "web6-1.wg.key",
+            instance: "web-v6",
+            wg_key: "web-v6.wg.key",
             expose: &[app_port],
             reregister_secs: 5,
         },
     );
-    let agent_log = dir.join("agent-web6-1.log");
+    let agent_log = dir.join("agent-web-v6.log");
     c.children.push(spawn_logged(
         &["cvm-agent", "--config", cfg.to_str().expect("utf8")],
         &agent_log,
@@ -146,30 +146,30 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
         let text = std::fs::read_to_string(&agent_log).ok()?;
         text.contains("tunnel up").then_some(())
     });
-    let ip = tunnel_ip(&c.tc, "web6-1").expect("web6-1 has a tunnel address");
+    let ip = tunnel_ip(&c.tc, "web-v6").expect("web-v6 has a tunnel address");
     assert!(in_pool(ip), "{ip} is not in {POOL}");
     // No plain backend: the gateways can only reach it through the tunnel.
-    let out = c.tc.cli(&["--json", "cvm", "show", "web6-1"]);
+    let out = c.tc.cli(&["--json", "cvm", "show", "web-v6"]);
     let inst: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(inst["backend_addr"].as_str(), Some(""), "{inst}");
     let out = c.tc.cli(&["cvm", "list", "--app", "web"]);
     assert!(out.status.success(), "{}", show(&out));
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(
-        list.contains("web6-1") && list.contains(&ip.to_string()),
+        list.contains("web-v6") && list.contains(&ip.to_string()),
         "{list}"
     );
-    println!("web6-1 registered at {ip}:\n{}", list.trim());
+    println!("web-v6 registered at {ip}:\n{}", list.trim());
 
-    phase("curl through each of the 3 gateways reaches web6-1 over the IPv6 tunnel");
+    phase("curl through each of the 3 gateways reaches web-v6 over the IPv6 tunnel");
     let host = "web.portcullis.localhost";
     for id in c.tc.ids() {
         let body = wait_served(&c.tc, id, host, "/");
         assert!(
-            body.contains("\"instance_id\": \"web6-1\""),
+            body.contains("\"instance_id\": \"web-v6\""),
             "node {id}: {body}"
         );
-        println!("node {id}: 200 from web6-1 at [{ip}]:{app_port}");
+        println!("node {id}: 200 from web-v6 at [{ip}]:{app_port}");
     }
 
     phase("re-registration keeps the address; the wg-quick config uses /128 everywhere");
@@ -183,13 +183,13 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
         );
     }
     assert!(!wgq.contains("/32"), "{wgq}");
-    assert_eq!(tunnel_ip(&c.tc, "web6-1"), Some(ip));
+    assert_eq!(tunnel_ip(&c.tc, "web-v6"), Some(ip));
     let (_, allocated, _) = pool(&c.tc);
     assert_eq!(allocated, 1);
 
     phase("changing the pool is refused while the instance holds an address");
     refused(&c.tc, "fd00:9::/64", "strand");
-    refused(&c.tc, "100.64.0.0/10", "web6-1");
+    refused(&c.tc, "100.64.0.0/10", "web-v6");
     assert_eq!(pool(&c.tc).0, POOL);
     // Setting the current pool again is harmless.
     let out = c.tc.cli(&["cvm", "pool", "set", POOL]);
@@ -207,8 +207,8 @@ fn ipv6_pool_reaches_cvms_through_every_gateway() {
         let _ = ch.wait();
     }
     c.children.clear();
-    for instance in ["web6-1", "wgo6-1"] {
-        // wgo6-1 exists only when the root phase ran.
+    for instance in ["web-v6", "wgo-v6"] {
+        // wgo-v6 exists only when the root phase ran.
         let _ = c.tc.cli(&["cvm", "remove", instance]);
     }
     wait_for("no address held", Duration::from_secs(10), || {
@@ -234,8 +234,8 @@ fn wireguard_go_cvm(tc: &TestCluster, other: SocketAddr) {
         &AgentSpec {
             cred: "cvm-wgo",
             app: "wgo",
-            instance: "wgo6-1",
-            wg_key: "wgo6-1.wg.key",
+            instance: "wgo-v6",
+            wg_key: "wgo-v6.wg.key",
             expose: &[8080],
             reregister_secs: 30,
         },
