@@ -1,11 +1,12 @@
 #![no_main]
 //! The WireGuard driver's inner IP header check: every decrypted packet passes it before the
 //! address rules (no spoofed source, no forwarding) are applied. Its answer must agree with the
-//! header's own fields, and never read past the packet.
+//! header's own fields, and never read past the packet. The TCP port lookup that routes a
+//! packet to its socket's stack answers only for accepted packets.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
-use portcullis_node_fuzz::wg_packet_addresses;
+use portcullis_node_fuzz::{wg_packet_addresses, wg_packet_tcp_ports};
 
 fuzz_target!(|data: &[u8]| {
     let parsed = wg_packet_addresses(data);
@@ -35,10 +36,19 @@ fuzz_target!(|data: &[u8]| {
         _ => None,
     };
     assert_eq!(parsed, expected);
+    // A TCP port lookup (which picks the socket a packet goes to) only ever answers for a
+    // packet the header check accepts.
+    let ports = wg_packet_tcp_ports(data);
+    if ports.is_some() {
+        assert!(parsed.is_some(), "ports {ports:?} for a packet the header check refuses");
+    }
     // Bytes after the packet (a datagram's padding) never change the answer for a valid one.
     if parsed.is_some() {
         let mut longer = data.to_vec();
         longer.extend_from_slice(&[0xff; 7]);
         assert_eq!(wg_packet_addresses(&longer), parsed);
+        if ports.is_some() {
+            assert_eq!(wg_packet_tcp_ports(&longer), ports);
+        }
     }
 });

@@ -29,3 +29,9 @@ pub mod xff;
 pub fn wg_packet_addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
     wg_packet::parse(packet).map(|h| (h.src, h.dst))
 }
+
+/// `portcullis-wg`'s TCP port lookup (`packet::tcp_ports`), which routes each decrypted packet
+/// to its socket's stack.
+pub fn wg_packet_tcp_ports(packet: &[u8]) -> Option<(u16, u16)> {
+    wg_packet::tcp_ports(packet)
+}
