@@ -178,10 +178,28 @@ impl Drop for WithChildren {
 /// curl `https://<host><path>` through node `id`'s HTTPS edge, trusting the dev CA:
 /// (status, body), or None when curl got no HTTP answer.
 pub fn curl_https(tc: &TestCluster, id: u64, host: &str, path: &str) -> Option<(u16, String)> {
+    curl_https_timeout(tc, id, host, path, 5)
+}
+
+/// [`curl_https`] with a whole-request limit of `secs` seconds.
+pub fn curl_https_timeout(
+    tc: &TestCluster,
+    id: u64,
+    host: &str,
+    path: &str,
+    secs: u64,
+) -> Option<(u16, String)> {
     let https = &tc.node(id).https_addr;
     let port = https.rsplit_once(':').map(|(_, p)| p)?;
     let out = run(Command::new("curl")
-        .args(["-s", "-m", "5", "-w", "\n%{http_code}", "--cacert"])
+        .args([
+            "-s",
+            "-m",
+            &secs.to_string(),
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
         .arg(tc.path().join("pki/dev-ca.pem"))
         .arg("--resolve")
         .arg(format!("{host}:{port}:127.0.0.1"))

@@ -341,7 +341,6 @@ impl TestCluster {
         (crt, key)
     }
 
-    /// Node `id`'s `/metrics` text (empty if it does not answer).
     /// `portcullis cert import --name NAME --cert CRT --key KEY` through any node; asserts it
     /// succeeded.
     pub fn import_cert(&self, name: &str, crt: &Path, key: &Path) {
@@ -355,6 +354,7 @@ impl TestCluster {
         assert!(out.status.success(), "cert import {name}: {}", show(&out));
     }
 
+    /// Node `id`'s `/metrics` text (empty if it does not answer).
     pub fn metrics(&self, id: u64) -> String {
         let token = std::fs::read_to_string(&self.info.token_file).unwrap_or_default();
         let out = Command::new("curl")

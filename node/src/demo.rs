@@ -5,7 +5,8 @@
 //! port it was reached on) and echoing what the proxy forwarded (method, path, headers, body
 //! size). `Upgrade: websocket` requests become a WebSocket echo. The same listener speaks
 //! HTTP/1.1 and h2c (prior knowledge), and with `--tls-cert/--tls-key` it terminates TLS itself
-//! (the backend of a passthrough route). `/stream?chunks=N&ms=M` streams N chunks M ms apart.
+//! (the backend of a passthrough route). `/stream?chunks=N&ms=M` streams N chunks M ms apart;
+//! `/bytes` serves and checks bulk data ([`crate::demo_bytes`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -55,7 +56,7 @@ pub struct DemoArgs {
     pub exit_with: Vec<u32>,
 }
 
-type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub(crate) type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Serialize)]
 struct Answer<'a> {
@@ -77,7 +78,11 @@ struct Ident {
     instance_id: String,
 }
 
-fn full(status: StatusCode, body: impl Into<Bytes>, ctype: &'static str) -> Response<Body> {
+pub(crate) fn full(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    ctype: &'static str,
+) -> Response<Body> {
     let mut r = Response::new(
         Full::new(body.into())
             .map_err(|never| match never {})
@@ -156,6 +161,14 @@ async fn handle(
             r.headers_mut().insert("sec-websocket-accept", v);
         }
         return r;
+    }
+    if req.uri().path() == "/bytes" {
+        return match *req.method() {
+            http::Method::POST | http::Method::PUT => {
+                crate::demo_bytes::verify(req.into_body()).await
+            }
+            _ => crate::demo_bytes::download(query_u64(&req, "n", 0)),
+        };
     }
     if req.uri().path() == "/stream" {
         let chunks = query_u64(&req, "chunks", 10).min(100_000);

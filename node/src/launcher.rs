@@ -56,6 +56,9 @@ pub struct UpArgs {
     /// `wg.registration_burst_per_app` for every node.
     #[arg(long, hide = true)]
     pub wg_registration_burst_per_app: Option<u32>,
+    /// `edge.max_request_body_bytes` for every node (the tunnel soak uploads 256 MiB bodies).
+    #[arg(long, hide = true)]
+    pub edge_max_request_body_bytes: Option<u64>,
     /// `dns.nameservers` for every node (`ip:port`): custom-domain TXT lookups go to this
     /// server instead of the system resolver (tests run their own authoritative server).
     #[arg(long, hide = true, value_delimiter = ',')]
@@ -218,6 +221,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         if let Some(b) = args.wg_registration_burst_per_app {
             cfg.wg.registration_burst_per_app = b;
+        }
+        if let Some(n) = args.edge_max_request_body_bytes {
+            cfg.edge.max_request_body_bytes = n;
         }
         cfg.admin.listen = p.admin;
         cfg.admin.token_file = "../pki/admin.token".into();

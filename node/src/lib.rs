@@ -13,7 +13,8 @@
 //! - [`procs`]: process checks by pid (is a node, demo app or agent still running).
 //! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
 //! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying.
-//! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend.
+//! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend;
+//!   [`demo_bytes`]: its checkable bulk downloads and uploads.
 //! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
 //! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
 //! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
@@ -36,6 +37,7 @@ pub mod cvm_agent;
 pub mod cvm_quota;
 pub mod cvm_registry;
 pub mod demo;
+pub mod demo_bytes;
 pub mod dns;
 pub mod edge;
 pub mod launcher;
