@@ -6,13 +6,17 @@
 //! - [`harness`]: start a local cluster, run CLI commands, kill/restart nodes, wait for conditions.
 //! - [`cvm`]: CVM-side helpers (agent configurations, registrations) for the tunnel tests.
 //! - `wgl`: a per-key linearizability checker for recorded histories.
-//! - [`wggo`]: wireguard-go on TUN devices in network namespaces (shared with the wg crate's tests).
+//! - [`wggo`]: wireguard-go on TUN devices in network namespaces, and [`bulk`]: the checked
+//!   bulk-transfer protocol of the tunnel soaks (both shared with the wg crate's tests).
 //! - `tests/tNN_*.rs`: the cluster tests, one topic per file.
 //! - `src/bin/`: benchmark drivers.
 
 #![forbid(unsafe_code)]
 
 pub mod backend;
+#[path = "../../wg/tests/common/bulk.rs"]
+#[allow(dead_code)]
+pub mod bulk;
 pub mod chaos;
 pub mod cvm;
 pub mod harness;

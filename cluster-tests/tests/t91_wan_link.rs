@@ -152,6 +152,7 @@ async fn wan_link_delays_and_drops() {
             delay_ms: 50,
             jitter_ms: 0,
             loss: 0.0,
+            reorder: false,
         },
     );
     let slow = min_rtt(5).await.expect("echo with 50 ms delay");
@@ -167,6 +168,7 @@ async fn wan_link_delays_and_drops() {
             delay_ms: 50,
             jitter_ms: 20,
             loss: 0.0,
+            reorder: false,
         },
     );
     let jittered = min_rtt(5).await.expect("echo with jitter");
@@ -181,6 +183,7 @@ async fn wan_link_delays_and_drops() {
             delay_ms: 0,
             jitter_ms: 0,
             loss: 1.0,
+            reorder: false,
         },
     );
     let lost = min_rtt(1).await;

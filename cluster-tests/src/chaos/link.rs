@@ -15,12 +15,15 @@
 //!
 //! Parameters are per directed pair of nodes, set by region pair, and change at run time (the
 //! table is behind a `std::sync::Mutex` that is never held across an `.await`). Each directed
-//! link has a bounded FIFO queue (a full queue drops, like a router buffer), and a packet never
+//! link has a bounded queue (a full queue drops, like a router buffer). By default a packet never
 //! overtakes an earlier one on the same link: with jitter its due time is at least the previous
-//! packet's, so jitter delays but does not reorder. Partitions are not handled here: nftables
+//! packet's, so jitter delays but does not reorder. With `reorder` each packet keeps its own
+//! jittered due time, so packets sent closer together than the jitter arrive out of order, as
+//! with netem's jitter. Partitions are not handled here: nftables
 //! input drops in the node namespaces see the packets we write like any other incoming packet.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +56,9 @@ pub struct LinkParams {
     pub jitter_ms: u64,
     /// Probability (0..=1) that a packet is dropped.
     pub loss: f64,
+    /// Let jitter reorder packets (each is delivered at its own due time) instead of keeping
+    /// the link first-in first-out.
+    pub reorder: bool,
 }
 
 /// One node's end of the WAN.
@@ -75,6 +81,7 @@ struct Counters {
     queue_full: AtomicU64,
     unroutable: AtomicU64,
     write_errors: AtomicU64,
+    reordered: AtomicU64,
 }
 
 /// What the link layer did during a run (in the JSON report).
@@ -89,9 +96,12 @@ pub struct LinkStats {
     pub unroutable: u64,
     /// Writes into a destination device that failed (e.g. its link is down).
     pub write_errors: u64,
+    /// Packets scheduled to arrive before one sent earlier on the same link (`reorder`).
+    pub reordered: u64,
 }
 
 /// A queued packet: when it is due, and its bytes.
+/// A packet and the time it is due at the far end.
 type Queued = (Instant, Vec<u8>);
 /// Per destination index, the queue of the link to it (`None` for the device itself).
 type LinkQueues = Vec<Option<mpsc::Sender<Queued>>>;
@@ -245,6 +255,7 @@ impl LinkLayer {
             queue_full: c.queue_full.load(Ordering::Relaxed),
             unroutable: c.unroutable.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
+            reordered: c.reordered.load(Ordering::Relaxed),
         }
     }
 }
@@ -273,6 +284,8 @@ async fn reader(
     mut rng: StdRng,
 ) {
     let mut buf = vec![0u8; MAX_PACKET];
+    // Per destination: the latest due time handed out, which a FIFO link's next packet waits for.
+    let mut last_due = vec![Instant::now(); links.len()];
     loop {
         let n = match dev.recv(&mut buf).await {
             Ok(n) => n,
@@ -308,30 +321,57 @@ async fn reader(
             let j = p.jitter_ms as f64;
             delay = (delay + rng.gen_range(-j..=j)).max(0.0);
         }
-        let due = Instant::now() + Duration::from_secs_f64(delay / 1000.0);
+        let mut due = Instant::now() + Duration::from_secs_f64(delay / 1000.0);
+        if !p.reorder {
+            // FIFO: a packet with a smaller jittered delay waits for the one before it.
+            due = due.max(last_due[di]);
+        } else if due < last_due[di] {
+            counters.reordered.fetch_add(1, Ordering::Relaxed);
+        }
+        last_due[di] = last_due[di].max(due);
         if tx.try_send((due, pkt.to_vec())).is_err() {
             counters.queue_full.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Delivers one directed link's packets in order, each no earlier than its due time.
+/// Delivers one directed link's packets, each at its due time (the reader has already made
+/// the due times of a first-in first-out link non-decreasing).
 async fn link_writer(
     mut rx: mpsc::Receiver<Queued>,
     dev: Arc<tun_rs::AsyncDevice>,
     counters: Arc<Counters>,
 ) {
-    let mut last = Instant::now();
-    while let Some((due, pkt)) = rx.recv().await {
-        // FIFO: a packet with a smaller jittered delay waits for the one before it.
-        let due = due.max(last);
-        last = due;
-        tokio::time::sleep_until(due).await;
-        match dev.send(&pkt).await {
-            Ok(_) => counters.forwarded.fetch_add(1, Ordering::Relaxed),
-            // Destination link down: the packet is lost, as on a real wire.
-            Err(_) => counters.write_errors.fetch_add(1, Ordering::Relaxed),
-        };
+    // Due time, arrival sequence (ties keep arrival order), packet; earliest first.
+    let mut due: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    loop {
+        let next = due.peek().map(|Reverse((at, _, _))| *at);
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some((at, pkt)) => {
+                    seq += 1;
+                    due.push(Reverse((at, seq, pkt)));
+                }
+                None => return,
+            },
+            () = sleep_until_or_never(next) => {
+                if let Some(Reverse((_, _, pkt))) = due.pop() {
+                    match dev.send(&pkt).await {
+                        Ok(_) => counters.forwarded.fetch_add(1, Ordering::Relaxed),
+                        // Destination link down: the packet is lost, as on a real wire.
+                        Err(_) => counters.write_errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -395,6 +395,7 @@ fn start_wan(sc: &Scenario) -> anyhow::Result<LinkLayer> {
         delay_ms: l.delay_ms,
         jitter_ms: l.jitter_ms,
         loss: l.loss_percent / 100.0,
+        reorder: l.reorder,
     });
     for p in &l.pair {
         // Validated: exactly two regions.
@@ -406,6 +407,7 @@ fn start_wan(sc: &Scenario) -> anyhow::Result<LinkLayer> {
                     delay_ms: p.delay_ms,
                     jitter_ms: p.jitter_ms,
                     loss: p.loss_percent / 100.0,
+                    reorder: p.reorder,
                 },
             );
         }
@@ -679,6 +681,7 @@ async fn start_fault(
                     delay_ms: f.delay_ms.unwrap_or(0),
                     jitter_ms: f.jitter_ms.unwrap_or(0),
                     loss: base.loss,
+                    reorder: base.reorder,
                 }
             } else {
                 LinkParams {
@@ -956,8 +959,8 @@ pub fn summary(r: &Report) -> String {
     s.push_str(&o.join(" "));
     s.push('\n');
     s.push_str(&format!(
-        "  WAN link layer: {} forwarded, {} lost (loss), {} queue-full, {} write errors\n",
-        r.wan.forwarded, r.wan.lost, r.wan.queue_full, r.wan.write_errors
+        "  WAN link layer: {} forwarded, {} lost (loss), {} queue-full, {} write errors, {} reordered\n",
+        r.wan.forwarded, r.wan.lost, r.wan.queue_full, r.wan.write_errors, r.wan.reordered
     ));
     s.push_str(&format!("  data-plane probe: {}\n", r.data_plane_probe));
     for (id, g) in &r.data_plane {

@@ -151,6 +151,8 @@ pub struct Links {
     pub delay_ms: u64,
     pub jitter_ms: u64,
     pub loss_percent: f64,
+    /// Let jitter reorder packets on a link (otherwise each link is first-in first-out).
+    pub reorder: bool,
     /// Per region pair overrides (both directions), applied after the defaults above.
     pub pair: Vec<LinkPair>,
 }
@@ -166,6 +168,8 @@ pub struct LinkPair {
     pub jitter_ms: u64,
     #[serde(default)]
     pub loss_percent: f64,
+    #[serde(default)]
+    pub reorder: bool,
 }
 
 /// Largest delay or jitter accepted: beyond this Raft only sees a dead link anyway.

@@ -2,6 +2,7 @@
 //! WireGuard peer for crafting packets, and wireguard-go in a network namespace.
 #![allow(dead_code)]
 
+pub mod bulk;
 pub mod raw;
 pub mod wggo;
 
