@@ -30,9 +30,13 @@
 //! to last byte), `upload` (one connection, one `POST` of `--upload-mb` MiB, MB/s from request to
 //! the backend's answer, whose byte count the client checks) and `rps` (`--conns` keep-alive
 //! HTTP/1.1 connections, one request in flight on each, for `--duration` s after a 1 s warm-up;
-//! latency per request into hdrhistogram). The load generator is this binary's hidden `client` subcommand, run as a separate process (inside
-//! namespace A for `wggo`/`veth`), so every target is driven by the same code. Targets take
-//! turns within each round; medians over rounds are reported with the load average.
+//! latency per request into hdrhistogram). The load generator is this binary's hidden `client`
+//! subcommand, run as a separate process (inside namespace A for `wggo`/`veth`), so every target
+//! is driven by the same code. Targets take turns within each round; medians over rounds are
+//! reported with the load average. For `bulk` and `upload` it also records the machine's busy
+//! CPU time per byte (every process on the path and the kernel; niced processes excluded) and,
+//! for `gateway`, the mean size of the WireGuard datagrams the gateway received (download) or
+//! sent (upload), from its `/metrics`: a full-MTU path carries ~1450-byte datagrams.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -640,6 +644,35 @@ impl GatewayCvm {
     }
 }
 
+/// Busy CPU time of the whole machine so far (user + system + irq + softirq jiffies, all CPUs;
+/// niced processes left out, so a background job at nice 19 does not count).
+fn busy_jiffies() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq
+    [0, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum()
+}
+
+/// Jiffies per second in /proc/stat: USER_HZ, 100 on every Linux ABI this runs on (the crate
+/// forbids the unsafe call to sysconf(_SC_CLK_TCK)).
+const USER_HZ: f64 = 100.0;
+
+/// A `portcullis_wg_events_total{event="<event>"}` value from a metrics text (0 if absent).
+fn wg_event(metrics: &str, event: &str) -> f64 {
+    let key = format!("portcullis_wg_events_total{{event=\"{event}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -767,6 +800,10 @@ fn orchestrate(cli: &Cli) -> anyhow::Result<()> {
         col(&format!("req/s ({} conns)", cli.conns), 2, "rps", 0),
         col("p50 ms", 2, "p50_ms", 2),
         col("p99 ms", 2, "p99_ms", 2),
+        col("down CPU ns/B", 0, "cpu_ns_per_byte", 2),
+        col("up CPU ns/B", 1, "cpu_ns_per_byte", 2),
+        col("gw B/datagram down", 0, "bytes_per_datagram", 0),
+        col("gw B/datagram up", 1, "bytes_per_datagram", 0),
     ];
     // samples[target][column]: one value per round.
     let mut samples = vec![vec![Vec::<f64>::new(); cols.len()]; targets.len()];
@@ -779,9 +816,38 @@ fn orchestrate(cli: &Cli) -> anyhow::Result<()> {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
             let t = &targets[i];
+            let gw_metrics = || gw.as_ref().map(|g| g.tc.metrics(1)).unwrap_or_default();
             let answers = match runs
                 .iter()
-                .map(|r| t.run_client(r))
+                .enumerate()
+                .map(|(j, r)| {
+                    // The metrics scrapes stay outside the CPU interval.
+                    let m0 = gw_metrics();
+                    let cpu0 = busy_jiffies();
+                    let mut a = t.run_client(r)?;
+                    let cpu1 = busy_jiffies();
+                    let m1 = gw_metrics();
+                    // Bulk runs: the machine's CPU for the whole path (client, gateway or
+                    // wireguard-go, backend, kernel) per byte moved, and for the gateway the
+                    // mean size of the datagrams that carried it.
+                    let len = [cli.bulk_mb, cli.upload_mb].get(j).map(|m| m * 1024 * 1024);
+                    if let Some(len) = len {
+                        let ns = cpu1.saturating_sub(cpu0) as f64 * 1e9 / USER_HZ;
+                        a["cpu_ns_per_byte"] = json!(ns / len as f64);
+                        if t.name == "gateway" {
+                            let dir = if j == 0 { "rx" } else { "tx" };
+                            let d = |m: &str, what: &str| wg_event(m, &format!("{dir}_{what}"));
+                            let (b, n) = (
+                                d(&m1, "bytes") - d(&m0, "bytes"),
+                                d(&m1, "datagrams") - d(&m0, "datagrams"),
+                            );
+                            if n > 0.0 {
+                                a["bytes_per_datagram"] = json!(b / n);
+                            }
+                        }
+                    }
+                    Ok(a)
+                })
                 .collect::<anyhow::Result<Vec<_>>>()
             {
                 Ok(a) => a,
