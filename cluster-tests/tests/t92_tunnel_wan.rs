@@ -73,12 +73,16 @@ fn peer(e: &Endpoint) -> PeerConfig {
 fn cases() -> Vec<(f64, u64, u64, bool)> {
     if std::env::var("PORTCULLIS_TUNNEL_SOAK").as_deref() == Ok("1") {
         vec![
-            (0.01, 16, 2, false),
-            (0.05, 4, 2, false),
-            (0.01, 8, 2, true),
+            (0.01, 16 << 10, 2, false),
+            (0.05, 4 << 10, 2, false),
+            (0.01, 8 << 10, 2, true),
         ]
     } else {
-        vec![(0.01, 1, 2, false), (0.05, 1, 2, false), (0.01, 1, 2, true)]
+        vec![
+            (0.01, 1024, 2, false),
+            (0.05, 512, 2, false),
+            (0.01, 512, 2, true),
+        ]
     }
 }
 

@@ -240,6 +240,8 @@ struct Harness {
     our_max: Option<u32>,
     window_scale: Option<u8>,
     sent: Vec<Vec<u8>>,
+    /// Every segment our stack emitted, in order.
+    emitted: Vec<Segment>,
 }
 
 impl Harness {
@@ -262,6 +264,7 @@ impl Harness {
             our_max: None,
             window_scale: None,
             sent: Vec::new(),
+            emitted: Vec::new(),
         };
         (harness, new_tcp_socket(buffer))
     }
@@ -298,6 +301,7 @@ impl Harness {
             if let Some(ack) = seg.ack {
                 self.peer_next = ack;
             }
+            self.emitted.push(seg);
         }
     }
 
@@ -616,4 +620,89 @@ fn data_past_the_buffer_with_the_syn_ack_is_refused() {
             "byte {i} is not what was sent"
         );
     }
+}
+
+/// A connection whose peer (window 64 KiB × 128) acknowledges everything until the congestion
+/// window lets at least `n` full segments out in one flight; returns the harness and the
+/// sequence numbers of the first `n` segments of that flight, none of them acknowledged.
+fn sender_with_segments_in_flight(n: usize) -> (Harness, Vec<u32>) {
+    let (mut h, sock) = Harness::new(11, 256 * 1024);
+    let mut syn = Segment::new(PEER_PORT, OUR_PORT, TcpControl::Syn, 5000);
+    syn.mss = Some(MSS as u16);
+    syn.window_scale = Some(7);
+    h.open(Opening::Passive, sock, &syn);
+    assert_eq!(h.socket().state(), tcp::State::Established);
+    h.emitted.clear();
+    h.apply(&Op::AppWrite(128 * MSS));
+    for _ in 0..10 {
+        let flight: Vec<Segment> = h
+            .emitted
+            .drain(..)
+            .filter(|s| !s.payload.is_empty())
+            .collect();
+        if flight.len() >= n {
+            return (h, flight.iter().take(n).map(|s| s.seq).collect());
+        }
+        // Slow start: acknowledging the whole flight lets a larger one out.
+        let end = flight.last().map(|s| s.seq.wrapping_add(s.seq_len()));
+        peer_ack(&mut h, end.expect("the stack sent data"));
+    }
+    panic!("the congestion window never reached {n} segments");
+}
+
+/// The peer acknowledges up to `ack` (a pure ACK, the same window every time).
+fn peer_ack(h: &mut Harness, ack: u32) {
+    let mut seg = h.peer_segment(TcpControl::None, h.peer_next, Some(ack));
+    seg.window = 65535;
+    h.inject(ipv4_tcp(PEER_IP, OUR_IP, &seg));
+}
+
+/// The loss recovery we carry in third_party/smoltcp (PATCHES.md): segments 0 and 2 of 8 are
+/// lost. Three duplicate ACKs resend segment 0; the ACK that follows covers only up to segment
+/// 2, and segment 2 must go out at once (NewReno, RFC 6582), not a retransmission timeout later.
+/// Unpatched 0.14.0 sends nothing here until its RTO (at least 1 s).
+#[test]
+fn a_partial_ack_resends_the_next_lost_segment_at_once() {
+    let (mut h, seqs) = sender_with_segments_in_flight(8);
+    for _ in 0..3 {
+        peer_ack(&mut h, seqs[0]);
+    }
+    assert!(
+        h.emitted
+            .iter()
+            .any(|s| s.seq == seqs[0] && !s.payload.is_empty()),
+        "fast retransmit of segment 0 after three duplicate ACKs"
+    );
+    h.emitted.clear();
+    // Segment 0 arrived, 1 was there already, 2 is missing: a partial ACK. No time passes.
+    peer_ack(&mut h, seqs[2]);
+    assert!(
+        h.emitted
+            .iter()
+            .any(|s| s.seq == seqs[2] && !s.payload.is_empty()),
+        "segment 2 not resent on the partial ACK: {:?}",
+        h.emitted.iter().map(|s| s.seq).collect::<Vec<_>>()
+    );
+}
+
+/// The retransmission timer's floor we carry (PATCHES.md): on a path whose round trip is
+/// tiny, a lost tail is resent 200 ms later (Linux's TCP_RTO_MIN), not after RFC 6298's 1 s.
+#[test]
+fn a_lost_tail_is_resent_after_200_ms() {
+    let (mut h, seqs) = sender_with_segments_in_flight(2);
+    // The first segment is acknowledged at once (an RTT sample near 0), the last is lost.
+    peer_ack(&mut h, seqs[1]);
+    h.emitted.clear();
+    h.apply(&Op::Advance(150));
+    assert!(
+        !h.emitted.iter().any(|s| s.seq == seqs[1]),
+        "resent before 150 ms: the floor is lower than we carry"
+    );
+    h.apply(&Op::Advance(100));
+    assert!(
+        h.emitted
+            .iter()
+            .any(|s| s.seq == seqs[1] && !s.payload.is_empty()),
+        "the lost tail was not resent 250 ms after it was sent"
+    );
 }
