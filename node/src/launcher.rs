@@ -3,7 +3,8 @@
 //! `up` creates credentials, writes one config per node, starts each node as its own process
 //! (no root; free high ports on 127.0.0.1), bootstraps Raft with every node as a voter, and
 //! writes `cluster.json`. Without `--detach` it stays in the foreground and stops the nodes on
-//! Ctrl-C; with it, the nodes keep running until `portcullis down`.
+//! Ctrl-C (and exits by itself once `portcullis down` has stopped them); with it, the nodes keep
+//! running until `portcullis down`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -288,10 +289,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("\nrunning in the foreground; Ctrl-C stops every node");
-    wait_for_signal().await;
-    println!("stopping");
+    tokio::select! {
+        () = wait_for_signal() => println!("stopping"),
+        // `portcullis down` from another terminal: nothing is left to wait for.
+        () = every_node_gone(&cf) => println!("every node has stopped; exiting"),
+    }
     stop_nodes(&cf).await;
     Ok(())
+}
+
+/// Returns once no node process of `cf` is alive (checked twice a second).
+async fn every_node_gone(cf: &ClusterFile) {
+    while cf.nodes.iter().any(|n| alive(n.pid)) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn spawn_node(exe: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
