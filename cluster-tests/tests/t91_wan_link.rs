@@ -4,44 +4,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use portcullis_cluster_tests::chaos::link::{spawn_in_netns, DeviceSpec, LinkLayer, LinkParams};
-use portcullis_cluster_tests::chaos::topology::{is_root, sh};
+use portcullis_cluster_tests::chaos::topology::{is_root, ScratchNamespaces};
 
 const NS_A: &str = "pclt-a";
 const NS_B: &str = "pclt-b";
 const IP_A: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 1);
 const IP_B: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 2);
 const PORT: u16 = 17007;
-
-/// Deletes the test namespaces (and so their TUN devices) on drop, pass or fail.
-struct Namespaces;
-
-impl Namespaces {
-    fn create() -> anyhow::Result<Namespaces> {
-        cleanup();
-        let g = Namespaces;
-        for ns in [NS_A, NS_B] {
-            sh(&["ip", "netns", "add", ns])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(g)
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        cleanup();
-    }
-}
-
-fn cleanup() {
-    for ns in [NS_A, NS_B] {
-        let _ = Command::new("ip").args(["netns", "delete", ns]).output();
-    }
-}
 
 /// A TCP echo server in namespace B (a thread that lives until the test process exits).
 fn start_echo() -> anyhow::Result<()> {
@@ -115,7 +87,7 @@ async fn wan_link_delays_and_drops() {
         eprintln!("SKIP: t91_wan_link needs root (network namespaces and TUN devices)");
         return;
     }
-    let _ns = Namespaces::create().expect("create namespaces");
+    let _ns = ScratchNamespaces::create(&[NS_A, NS_B]).expect("create namespaces");
     let specs = vec![
         DeviceSpec {
             id: 1,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_cluster_tests::bulk::{self, download, ping, upload, PORT};
 use portcullis_cluster_tests::chaos::link::{spawn_in_netns, DeviceSpec, LinkLayer, LinkParams};
-use portcullis_cluster_tests::chaos::topology::{is_root, sh};
+use portcullis_cluster_tests::chaos::topology::{is_root, ScratchNamespaces};
 use portcullis_cluster_tests::wggo::{self, WgGo, WgGoSpec};
 use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PrivateKey};
 
@@ -21,35 +21,6 @@ const WAN_GW: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
 const WAN_CVM: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 2);
 /// Per transfer; a stall waits forever.
 const DEADLINE: Duration = Duration::from_secs(300);
-
-/// Deletes the test namespaces on drop, pass or fail.
-struct Namespaces;
-
-impl Namespaces {
-    fn create() -> anyhow::Result<Namespaces> {
-        cleanup();
-        let g = Namespaces;
-        for ns in [NS_GW, NS_CVM] {
-            sh(&["ip", "netns", "add", ns])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(g)
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        cleanup();
-    }
-}
-
-fn cleanup() {
-    for ns in [NS_GW, NS_CVM] {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "delete", ns])
-            .output();
-    }
-}
 
 /// An endpoint whose UDP socket lives in namespace `ns` on `wan`.
 async fn endpoint_in(ns: &str, wan: Ipv4Addr, tunnel_ip: &str) -> anyhow::Result<Endpoint> {
@@ -92,7 +63,7 @@ async fn transfers_survive_loss_and_reordering() -> anyhow::Result<()> {
         eprintln!("SKIPPED transfers_survive_loss_and_reordering: needs root (namespaces, TUN)");
         return Ok(());
     }
-    let _ns = Namespaces::create()?;
+    let _ns = ScratchNamespaces::create(&[NS_GW, NS_CVM])?;
     let wan = LinkLayer::start(
         vec![
             DeviceSpec {

@@ -100,6 +100,34 @@ fn sh_in_with_input(ns: &str, args: &[&str], stdin: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Bare network namespaces for a test (loopback up), deleted on drop, pass or fail, and so their
+/// TUN devices; any left by an earlier run that was killed are deleted first.
+pub struct ScratchNamespaces(Vec<String>);
+
+impl ScratchNamespaces {
+    pub fn create(names: &[&str]) -> anyhow::Result<Self> {
+        let g = ScratchNamespaces(names.iter().map(|n| n.to_string()).collect());
+        g.delete();
+        for ns in names {
+            sh(&["ip", "netns", "add", ns])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(g)
+    }
+
+    fn delete(&self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).output();
+        }
+    }
+}
+
+impl Drop for ScratchNamespaces {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
 /// Whether we run as root (namespaces and nftables need it).
 pub fn is_root() -> bool {
     Command::new("id")
