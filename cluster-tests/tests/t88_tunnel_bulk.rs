@@ -152,6 +152,27 @@ fn small_requests(
     ok
 }
 
+/// Creates app `app` on `port`, a CVM credential for it, and an agent configuration for its
+/// instance `<app>-1`; returns the configuration's path.
+fn app_with_agent(tc: &TestCluster, app: &str, port: u16) -> std::path::PathBuf {
+    let out = tc.cli(&["app", "create", app, "--port", &port.to_string()]);
+    assert!(out.status.success(), "{}", show(&out));
+    let cred = format!("cvm-{app}");
+    issue_credential(tc, app, &cred);
+    let instance = format!("{app}-1");
+    agent_config(
+        tc,
+        &AgentSpec {
+            cred: &cred,
+            app,
+            instance: &instance,
+            wg_key: &format!("{instance}.wg.key"),
+            expose: &[port],
+            reregister_secs: 30,
+        },
+    )
+}
+
 fn stack_panics(tc: &TestCluster) -> Option<u64> {
     tc.metrics(1)
         .lines()
@@ -173,21 +194,7 @@ fn bulk_transfers_through_the_tunnel_arrive_whole() {
     phase("a demo app behind cvm-agent");
     let (app, port) = cvm::spawn_demo_app(&dir.join("bulk-1.log"), "bulk", "bulk-1", &[]);
     t.children.push(app);
-    let out =
-        t.tc.cli(&["app", "create", "bulk", "--port", &port.to_string()]);
-    assert!(out.status.success(), "{}", show(&out));
-    issue_credential(&t.tc, "bulk", "cvm-bulk");
-    let cfg = agent_config(
-        &t.tc,
-        &AgentSpec {
-            cred: "cvm-bulk",
-            app: "bulk",
-            instance: "bulk-1",
-            wg_key: "bulk-1.wg.key",
-            expose: &[port],
-            reregister_secs: 30,
-        },
-    );
+    let cfg = app_with_agent(&t.tc, "bulk", port);
     let agent_log = dir.join("agent-bulk-1.log");
     t.children.push(spawn_logged(
         &["cvm-agent", "--config", cfg.to_str().expect("utf8")],
@@ -204,20 +211,7 @@ fn bulk_transfers_through_the_tunnel_arrive_whole() {
         Some(why) => eprintln!("wireguard-go CVM leg SKIPPED: {why}"),
         None => {
             phase("a demo app behind wireguard-go");
-            let out = t.tc.cli(&["app", "create", "bulkgo", "--port", "8080"]);
-            assert!(out.status.success(), "{}", show(&out));
-            issue_credential(&t.tc, "bulkgo", "cvm-bulkgo");
-            let cfg = agent_config(
-                &t.tc,
-                &AgentSpec {
-                    cred: "cvm-bulkgo",
-                    app: "bulkgo",
-                    instance: "bulkgo-1",
-                    wg_key: "bulkgo-1.wg.key",
-                    expose: &[8080],
-                    reregister_secs: 30,
-                },
-            );
+            let cfg = app_with_agent(&t.tc, "bulkgo", 8080);
             let conf = register_once(&cfg).expect("registration");
             let (_, tunnel_ip) = wg_quick_address(&conf);
             let sfx = wggo::suffix();
