@@ -99,7 +99,7 @@ pub enum Cmd {
     /// Run the built-in demo HTTP service (a backend for the demo app and for tests).
     DemoApp(crate::demo::DemoArgs),
     /// Run inside a CVM: register with the cluster and expose local ports over WireGuard.
-    CvmAgent(crate::cvm_agent::AgentArgs),
+    CvmAgent(crate::tunnel::agent::AgentArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -873,7 +873,7 @@ pub async fn domain(g: &Global, cmd: DomainCmd) -> anyhow::Result<()> {
 
 pub async fn cvm(g: &Global, cmd: CvmCmd) -> anyhow::Result<()> {
     if let CvmCmd::Credential { pki, app, out } = &cmd {
-        crate::cvm_agent::issue_credential(pki, app, out)?;
+        crate::tunnel::agent::issue_credential(pki, app, out)?;
         println!(
             "issued a CVM credential for app {app} in {} (cert.pem, key.pem, ca.pem)",
             out.display()

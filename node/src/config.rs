@@ -144,12 +144,12 @@ impl WgConfig {
                 format!("{} must be within 576..=9000", self.mtu),
             ));
         }
-        if crate::tunnel_addr::gateway_tunnel_ip(node_id).is_none() {
+        if crate::tunnel::addr::gateway_tunnel_ip(node_id).is_none() {
             return Err(bad(
                 "wg.enabled",
                 format!(
                     "node_id {node_id} is too large to derive a gateway tunnel address (at most {}); set wg.enabled = false",
-                    crate::tunnel_addr::MAX_GATEWAY_ID
+                    crate::tunnel::addr::MAX_GATEWAY_ID
                 ),
             ));
         }

@@ -415,7 +415,7 @@ async fn setup_demo(
         .await
         .map_err(rpc_err("create app demo"))?;
 
-    crate::cvm_agent::issue_credential(&pki_dir, "demo", &dir.join("cvm-demo"))?;
+    crate::tunnel::agent::issue_credential(&pki_dir, "demo", &dir.join("cvm-demo"))?;
     let mut regions: Vec<String> = Vec::new();
     for n in &cf.nodes {
         if !regions.contains(&n.region) {
@@ -456,7 +456,7 @@ async fn setup_demo(
             .with_context(|| format!("demo-app {instance_id}; see {}", log.display()))?;
         // The demo takes the real path: a cvm-agent registers the instance over the cluster
         // port and relays tunnel port 8080 to the demo app.
-        let (agent_pid, agent_log) = crate::cvm_agent::start_demo_agent(
+        let (agent_pid, agent_log) = crate::tunnel::agent::start_demo_agent(
             exe,
             dir,
             &cf.nodes,
@@ -472,7 +472,7 @@ async fn setup_demo(
             pid: child.id(),
             agent_pid: Some(agent_pid),
         });
-        crate::cvm_agent::wait_tunnel_up(&agent_log, agent_pid)
+        crate::tunnel::agent::wait_tunnel_up(&agent_log, agent_pid)
             .await
             .with_context(|| format!("cvm-agent {instance_id}; see {}", agent_log.display()))?;
     }

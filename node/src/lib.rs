@@ -18,11 +18,9 @@
 //! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
 //! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
 //! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
-//! - [`tunnel`]: the gateway side of the WireGuard mesh; [`tunnel_addr`]: gateway tunnel
-//!   addresses from node ids (a leaf); [`cvm_agent`]: the CVM side.
-//! - [`cvm_registry`]: CVM registration with CVM credentials on the cluster port, held to the
-//!   tenant's own names; [`cvm_quota`]: its per-app registration rate; [`collisions`]: name
-//!   clashes an older state still holds, reported.
+//! - [`tunnel`]: the WireGuard mesh — the gateway side, CVM registration held to the tenant's
+//!   own names, the CVM agent, the data plane's connector through the mesh.
+//! - [`collisions`]: name clashes an older state still holds, reported.
 
 #![forbid(unsafe_code)]
 
@@ -33,9 +31,6 @@ pub mod client;
 pub mod collisions;
 pub mod config;
 pub mod custom_domain;
-pub mod cvm_agent;
-pub mod cvm_quota;
-pub mod cvm_registry;
 pub mod demo;
 pub mod demo_bytes;
 pub mod dns;
@@ -48,7 +43,6 @@ pub mod procs;
 pub mod secrets;
 pub mod server;
 pub mod tunnel;
-pub mod tunnel_addr;
 
 /// Exit code for an invalid configuration (EX_USAGE from sysexits.h, as linkerd does).
 pub const EXIT_CONFIG: i32 = 64;

@@ -85,7 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::CvmAgent(args) => {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
-            portcullis_node::cvm_agent::run(args, shutdown)
+            portcullis_node::tunnel::agent::run(args, shutdown)
                 .await
                 .map(|_| 0)
         }

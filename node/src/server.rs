@@ -168,9 +168,13 @@ pub async fn run(
     // (a `backend_addr`) over plain TCP.
     let upstream: Arc<dyn crate::edge::upstream::Upstream> = if cfg.wg.enabled {
         let endpoint =
-            crate::tunnel::start(&cfg, &shared, &cluster, &tracker, shutdown.clone()).await?;
+            crate::tunnel::gateway::start(&cfg, &shared, &cluster, &tracker, shutdown.clone())
+                .await?;
         metrics.attach_wg(endpoint.counters().clone());
-        Arc::new(crate::tunnel::TunnelUpstream::new(endpoint, shared.clone()))
+        Arc::new(crate::tunnel::upstream::TunnelUpstream::new(
+            endpoint,
+            shared.clone(),
+        ))
     } else {
         Arc::new(TcpUpstream)
     };
@@ -195,7 +199,7 @@ pub async fn run(
         Arc::new(crate::edge::selfguard::SelfGuard::new(upstream, own, peers))
     };
     // Registrations are cluster-wide, so expiry runs whether or not this node terminates tunnels.
-    crate::cvm_registry::spawn_expiry(
+    crate::tunnel::registry::spawn_expiry(
         Duration::from_secs(cfg.wg.expire_after_secs),
         cluster.clone(),
         shared.clone(),
@@ -230,11 +234,11 @@ pub async fn run(
         // CVM credentials reach only this service (the Raft one refuses them before reading a
         // byte of the message), and a registration is small: 16 KiB at most (`Capped`).
         .add_service(portcullis_raft::service::Capped::new(
-            crate::cvm_registry::service(
+            crate::tunnel::registry::service(
                 cluster.clone(),
                 shared.clone(),
-                Arc::new(crate::cvm_registry::NoAttestation),
-                crate::cvm_registry::RegistryLimits::from_config(&cfg.wg),
+                Arc::new(crate::tunnel::registry::NoAttestation),
+                crate::tunnel::registry::RegistryLimits::from_config(&cfg.wg),
             ),
         ));
     let sd = shutdown.clone();

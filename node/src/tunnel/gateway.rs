@@ -1,13 +1,11 @@
 //! The gateway side of the WireGuard mesh (issue 4): the node's key pair, its tunnel address,
 //! publishing both in the replicated state, keeping the portcullis-wg peer table equal to the
-//! registered CVMs, and the [`TunnelUpstream`] the data plane connects through.
+//! registered CVMs, and the endpoint that [`super::upstream::TunnelUpstream`] connects through.
 //!
-//! Gateway tunnel addresses are derived from node ids in [`crate::tunnel_addr`].
+//! Gateway tunnel addresses are derived from node ids in [`crate::tunnel::addr`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io;
 use std::net::IpAddr;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -15,57 +13,16 @@ use portcullis_raft::changes::{ChangeCursor, Delta};
 use portcullis_raft::state::{GatewayNode, Instance, NodeStatus};
 use portcullis_raft::store::SharedState;
 use portcullis_raft::{Cluster, Command, Response};
-use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PrivateKey, PublicKey, WgError};
+use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PublicKey};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::addr::{gateway_tunnel_ip, gateway_tunnel_ip6};
+use super::key::load_or_create_key;
 use crate::config::NodeConfig;
-pub use crate::tunnel_addr::{
-    gateway_tunnel_ip, gateway_tunnel_ip6, gateway_tunnel_ip_for, MAX_GATEWAY_ID,
-};
 
 /// The smallest link MTU IPv6 allows (RFC 8200).
 const IPV6_MIN_MTU: usize = 1280;
-use crate::edge::upstream::{BoxedIo, Target, TcpUpstream, Upstream};
-
-/// Loads the WireGuard private key from `path`, or creates one there (mode 0600) if the file
-/// does not exist. A key file readable by group or others is refused, like wg(8) warns.
-pub fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let mode = std::fs::metadata(path)
-                .with_context(|| format!("stat {}", path.display()))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                anyhow::bail!(
-                    "WireGuard key {} has mode {:o}; it must be 0600 (chmod 600 it)",
-                    path.display(),
-                    mode & 0o777
-                );
-            }
-            text.trim()
-                .parse::<PrivateKey>()
-                .with_context(|| format!("WireGuard key {}", path.display()))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let key = PrivateKey::generate();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("create WireGuard key {}", path.display()))?;
-            f.write_all(format!("{}\n", key.to_base64()).as_bytes())
-                .and_then(|_| f.sync_all())
-                .with_context(|| format!("write WireGuard key {}", path.display()))?;
-            Ok(key)
-        }
-        Err(e) => Err(e).with_context(|| format!("read WireGuard key {}", path.display())),
-    }
-}
 
 /// The gateway peers a CVM should have: every node that published a WireGuard key.
 pub fn gateway_peers(shared: &SharedState) -> Vec<GatewayNode> {
@@ -405,74 +362,10 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The data plane's connector: targets inside the CVM tunnel pool go through the WireGuard
-/// endpoint, everything else (instances with a `backend_addr`) over plain TCP. An address in the
-/// pool never falls back to the plain network: it would leave the encrypted path.
-pub struct TunnelUpstream {
-    endpoint: Endpoint,
-    tcp: TcpUpstream,
-    shared: SharedState,
-}
-
-impl TunnelUpstream {
-    pub fn new(endpoint: Endpoint, shared: SharedState) -> Self {
-        TunnelUpstream {
-            endpoint,
-            tcp: TcpUpstream,
-            shared,
-        }
-    }
-
-    fn in_pool(&self, ip: IpAddr) -> bool {
-        self.shared.read().state.tunnel_pool.contains(ip)
-    }
-}
-
-fn io_error(e: WgError) -> io::Error {
-    let kind = match &e {
-        WgError::ConnectTimeout { .. } => io::ErrorKind::TimedOut,
-        WgError::ConnectRefused(_) => io::ErrorKind::ConnectionRefused,
-        WgError::NoRoute(_) => io::ErrorKind::HostUnreachable,
-        _ => io::ErrorKind::Other,
-    };
-    io::Error::new(kind, e)
-}
-
-#[async_trait::async_trait]
-impl Upstream for TunnelUpstream {
-    async fn connect(&self, target: &Target) -> io::Result<BoxedIo> {
-        match target.host.parse::<IpAddr>() {
-            Ok(ip) if self.in_pool(ip) => {
-                let s = self
-                    .endpoint
-                    .connect(ip, target.port)
-                    .await
-                    .map_err(io_error)?;
-                Ok(Box::new(s))
-            }
-            _ => self.tcp.connect(target).await,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn key_file_is_created_0600_and_reloaded() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("wg.key");
-        let a = load_or_create_key(&path).expect("create");
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let b = load_or_create_key(&path).expect("load");
-        assert_eq!(a.public_key(), b.public_key());
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let e = load_or_create_key(&path).expect_err("0644 refused");
-        assert!(e.to_string().contains("0600"), "{e}");
-    }
+    use portcullis_wg::PrivateKey;
 
     /// The peer list computed from the whole state, as the sync loop did before it was
     /// incremental: the reference the incremental one must equal.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-use crate::tunnel::load_or_create_key;
+use super::key::load_or_create_key;
 
 /// Per-call deadline for registration.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);

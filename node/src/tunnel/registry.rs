@@ -9,7 +9,7 @@
 //! names: a registration is proposed as `RegisterInstanceV3` with the tenant policy (the id
 //! must be `<app>-…`, a registered id keeps its WireGuard key, the app's instance cap), checked
 //! first against this node's applied state so a refusal is answered before anything is
-//! written, and held to a per-app rate ([`crate::cvm_quota`]). See docs/security.md.
+//! written, and held to a per-app rate ([`super::quota`]). See docs/security.md.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Status};
 
-use crate::cvm_quota::RegistrationQuota;
-use crate::tunnel::{gateway_peers, gateway_tunnel_ip_for, unix_now};
+use super::addr::gateway_tunnel_ip_for;
+use super::gateway::{gateway_peers, unix_now};
+use super::quota::RegistrationQuota;
 
 /// Largest registration message: a few names, a key, and attestation evidence (a TDX quote is
 /// about 5 KiB). Anything larger is refused before it is decoded.
