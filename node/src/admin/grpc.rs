@@ -1,13 +1,7 @@
-//! The admin listener: the gRPC admin API (bearer token) plus `/healthz`, `/readyz` and
-//! `/metrics` on the same port.
+//! The `Admin` gRPC service: every operator command, as Raft writes through the leader and
+//! linearizable reads of the replicated state.
 
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use portcullis_proto::admin::admin_server::{Admin, AdminServer};
+use portcullis_proto::admin::admin_server::Admin;
 use portcullis_proto::admin::{
     self as pb, AddLearnerRequest, AppName, ClusterStatusReply, ClusterStatusRequest,
     CreateAppRequest, Empty, InitRequest, InstanceId, ListAppsReply, ListCertificatesReply,
@@ -15,239 +9,17 @@ use portcullis_proto::admin::{
     PutCertificateRequest, RegisterInstanceRequest, WriteReply,
 };
 use portcullis_raft::state::{
-    App, Certificate, Instance, Registration, RegistrationPolicy, Rewrap, RewrapTarget, TunnelPool,
+    Certificate, Instance, Registration, RegistrationPolicy, Rewrap, RewrapTarget, TunnelPool,
 };
-use portcullis_raft::{Cluster, ClusterError, Command, NodeInfo, Response};
-use subtle::ConstantTimeEq;
-use tokio_util::sync::CancellationToken;
+use portcullis_raft::{ClusterError, Command, NodeInfo, Response};
 use tonic::{Request, Status};
 
-use crate::metrics::Metrics;
+use super::convert::{app_pb, cert_pb, domain_pb, instance_pb};
+use super::keys::stored_keys;
+use super::AdminState;
 
-/// Everything the admin handlers need.
-#[derive(Clone)]
-pub struct AdminState {
-    pub cluster: Cluster,
-    pub region: String,
-    pub metrics: Arc<Metrics>,
-    /// Set once the node is serving: joined Raft, certificates and geo database loaded.
-    pub ready: Arc<std::sync::atomic::AtomicBool>,
-    /// TEST ONLY (`[debug] unsafe_stale_reads`): `KvGet` skips the linearizable barrier.
-    pub unsafe_stale_reads: bool,
-    /// TXT lookups for `DomainVerify` (the same cache the data plane uses).
-    pub dns: crate::dns::TxtResolver,
-    /// `edge.base_domains`: custom domains may not be claimed inside them.
-    pub base_domains: Vec<String>,
-    /// The data plane, once it runs: `<cvm-id>.internal` requests on this port go to it.
-    pub edge: EdgeSlot,
-    /// Seals imported private keys before they are proposed; `KeyStatus` and `RewrapKeys`.
-    pub keyring: Arc<crate::secrets::Keyring>,
-}
-
-/// Filled in when the data plane starts (after the admin listener, which must answer first).
-pub type EdgeSlot = Arc<std::sync::OnceLock<Arc<crate::edge::Edge>>>;
-
-/// Largest request body relayed to a `.internal` name through the admin port: operators'
-/// debugging requests, buffered whole.
-const MAX_INTERNAL_BODY: usize = 1024 * 1024;
-
-/// Builds the router for the admin port. gRPC calls must carry `authorization: Bearer <token>`;
-/// the probe and metrics paths are unauthenticated because the listener is local-only.
-pub fn router(state: AdminState, token: String) -> axum::Router {
-    let token = Arc::new(token);
-    let counted = state.metrics.clone();
-    let internal = InternalRoute {
-        edge: state.edge.clone(),
-        token: token.clone(),
-    };
-    let svc = AdminServer::with_interceptor(
-        AdminService {
-            state: state.clone(),
-        },
-        move |req: Request<()>| {
-            check_token(&req, &token)?;
-            Ok(req)
-        },
-    );
-    let grpc = tonic::service::Routes::new(svc)
-        .prepare()
-        .into_axum_router();
-    let http = axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state);
-    grpc.merge(http)
-        .layer(axum::middleware::from_fn_with_state(
-            internal,
-            internal_names,
-        ))
-        .layer(axum::middleware::from_fn_with_state(counted, count_request))
-}
-
-/// Counts every request the admin listener answers, so a test (or an operator) can tell that
-/// nothing from the data plane ever reached it.
-async fn count_request(
-    State(m): State<Arc<crate::metrics::Metrics>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    m.admin_requests.inc();
-    next.run(req).await
-}
-
-#[derive(Clone)]
-struct InternalRoute {
-    edge: EdgeSlot,
-    token: Arc<String>,
-}
-
-/// `<cvm-id>.internal` on the admin port (ARCHITECTURE.md §1): an operator with the admin token
-/// reaches one instance directly, e.g. `curl -H 'Host: web-1.internal' -H 'Authorization:
-/// Bearer …' http://127.0.0.1:9080/`. Every other request goes on to the admin routes.
-async fn internal_names(
-    State(s): State<InternalRoute>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let host = req
-        .headers()
-        .get(axum::http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        // HTTP/2 carries the name in :authority instead.
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .map(|h| {
-            crate::edge::route::split_host_port(h)
-                .0
-                .trim_end_matches('.')
-                .to_ascii_lowercase()
-        });
-    if !host.is_some_and(|h| h.ends_with(".internal")) {
-        return next.run(req).await;
-    }
-    let presented = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !bool::from(presented.as_bytes().ct_eq(s.token.as_bytes())) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "`.internal` names on the admin port need the admin bearer token\n",
-        )
-            .into_response();
-    }
-    let Some(edge) = s.edge.get().cloned() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the data plane does not run on this node\n",
-        )
-            .into_response();
-    };
-    let client = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0)
-        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-    let (mut parts, body) = req.into_parts();
-    // The admin token is for this node, never for the CVM behind it.
-    parts.headers.remove(axum::http::header::AUTHORIZATION);
-    let body = match axum::body::to_bytes(body, MAX_INTERNAL_BODY).await {
-        Ok(b) => b,
-        Err(_) => {
-            return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body over 1 MiB (or unreadable)\n",
-            )
-                .into_response()
-        }
-    };
-    let req = axum::http::Request::from_parts(parts, http_body_util::Full::new(body));
-    edge.serve_internal(client, req)
-        .await
-        .map(axum::body::Body::new)
-}
-
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // gRPC answers are several small writes (headers, data, trailers); with Nagle on, the
-    // last waits for the client's delayed ACK (~40 ms) and shows up as write latency.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "admin: TCP_NODELAY not set");
-        }
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
-}
-
-fn check_token(req: &Request<()>, token: &str) -> Result<(), Status> {
-    let Some(value) = req.metadata().get("authorization") else {
-        return Err(Status::unauthenticated(
-            "missing bearer token (authorization: Bearer <token>)",
-        ));
-    };
-    let presented = value
-        .to_str()
-        .unwrap_or("")
-        .strip_prefix("Bearer ")
-        .unwrap_or("");
-    if presented.as_bytes().ct_eq(token.as_bytes()).into() {
-        Ok(())
-    } else {
-        Err(Status::unauthenticated("invalid bearer token"))
-    }
-}
-
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let m = s.cluster.metrics();
-    let member = m
-        .membership_config
-        .membership()
-        .get_node(&s.cluster.id)
-        .is_some();
-    let ready = s.ready.load(std::sync::atomic::Ordering::Acquire);
-    match (ready, member, m.current_leader) {
-        (true, true, Some(l)) => (StatusCode::OK, format!("ready; leader {l}\n")),
-        (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string()),
-        (_, false, _) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not a cluster member yet\n".to_string(),
-        ),
-        (_, _, None) => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".to_string()),
-    }
-}
-
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    let m = s.cluster.metrics();
-    match s.metrics.render(&m) {
-        Ok(body) => (
-            StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            format!("metrics: {e}\n"),
-        ),
-    }
-}
-
-struct AdminService {
-    state: AdminState,
+pub(super) struct AdminService {
+    pub(super) state: AdminState,
 }
 
 fn status(e: ClusterError) -> Status {
@@ -272,100 +44,6 @@ fn outcome(r: Response) -> Result<Response, Status> {
     }
 }
 
-fn app_pb(a: &App, instances: Vec<pb::Instance>) -> pb::App {
-    pb::App {
-        name: a.name.clone(),
-        ports: a.ports.iter().map(|p| u32::from(*p)).collect(),
-        lb: a.lb.clone(),
-        revision: a.revision,
-        instances,
-    }
-}
-
-/// An instance as the API shows it; `weights` is the state's weight table.
-pub fn instance_pb(
-    i: &Instance,
-    weights: &std::collections::BTreeMap<String, u32>,
-) -> pb::Instance {
-    pb::Instance {
-        weight: weights.get(&i.instance_id).copied().unwrap_or(1),
-        instance_id: i.instance_id.clone(),
-        app: i.app.clone(),
-        region: i.region.clone(),
-        tunnel_ip: i.tunnel_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        wg_public_key: i.wg_public_key.clone(),
-        backend_addr: i.backend_addr.clone().unwrap_or_default(),
-    }
-}
-
-/// One private key in the replicated state, as `KeyStatus` and `RewrapKeys` see it.
-struct StoredKey {
-    target: RewrapTarget,
-    /// Certificate name or ACME directory.
-    name: String,
-    scheme: String,
-    /// The sealed secret (the account's base64 decoded).
-    stored: Vec<u8>,
-    /// The value exactly as stored, which a rewrap names as the one it replaces.
-    stored_raw: Vec<u8>,
-}
-
-impl StoredKey {
-    fn kind(&self) -> &'static str {
-        match self.target {
-            RewrapTarget::Certificate(_) => "certificate",
-            RewrapTarget::AcmeAccount => "ACME account",
-        }
-    }
-}
-
-fn stored_keys(cluster: &Cluster) -> Vec<StoredKey> {
-    let applied = cluster.shared.read();
-    let mut keys: Vec<StoredKey> = applied
-        .state
-        .certificates
-        .values()
-        .map(|c| StoredKey {
-            target: RewrapTarget::Certificate(c.name.clone()),
-            name: c.name.clone(),
-            scheme: c.key_encryption.clone(),
-            stored: c.key.clone(),
-            stored_raw: c.key.clone(),
-        })
-        .collect();
-    if let Some(a) = &applied.state.acme.account {
-        keys.push(StoredKey {
-            target: RewrapTarget::AcmeAccount,
-            name: a.directory.clone(),
-            scheme: a.encryption.clone(),
-            stored: crate::acme::decode_sealed(&a.encryption, &a.credentials),
-            stored_raw: a.credentials.clone().into_bytes(),
-        });
-    }
-    keys
-}
-
-fn cert_pb(c: &Certificate) -> pb::CertificateInfo {
-    pb::CertificateInfo {
-        name: c.name.clone(),
-        names: c.names.clone(),
-        not_after: c.not_after,
-        issuer: c.issuer.clone(),
-        key_encryption: c.key_encryption.clone(),
-    }
-}
-
-fn domain_pb(d: &portcullis_raft::state::Domain) -> pb::Domain {
-    pb::Domain {
-        name: d.name.clone(),
-        app: d.app.clone(),
-        port: u32::from(d.port),
-        token: d.token.clone(),
-        verified: d.verified,
-        passthrough: d.passthrough,
-    }
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -387,6 +65,16 @@ impl AdminService {
                 admin_addr: m.node.admin_addr,
             })
             .collect()
+    }
+
+    /// The answer to a membership change (add-learner, promote, remove, transfer-leader): the
+    /// change's log index and the membership as this node now sees it.
+    fn membership_answer(
+        &self,
+        change: Result<u64, ClusterError>,
+    ) -> Result<tonic::Response<MembershipReply>, Status> {
+        let log_index = change.map_err(status)?;
+        Ok(tonic::Response::new(self.membership_reply(log_index)))
     }
 
     fn membership_reply(&self, log_index: u64) -> MembershipReply {
@@ -522,52 +210,36 @@ impl Admin for AdminService {
             admin_addr: r.admin_addr,
             region: r.region,
         };
-        let idx = self
-            .state
-            .cluster
-            .add_learner(r.id, node, r.blocking)
-            .await
-            .map_err(status)?;
-        Ok(tonic::Response::new(self.membership_reply(idx)))
+        let change = self.state.cluster.add_learner(r.id, node, r.blocking).await;
+        self.membership_answer(change)
     }
 
     async fn promote(
         &self,
         req: Request<NodeIdRequest>,
     ) -> Result<tonic::Response<MembershipReply>, Status> {
-        let idx = self
-            .state
-            .cluster
-            .promote(req.into_inner().id)
-            .await
-            .map_err(status)?;
-        Ok(tonic::Response::new(self.membership_reply(idx)))
+        let change = self.state.cluster.promote(req.into_inner().id).await;
+        self.membership_answer(change)
     }
 
     async fn remove(
         &self,
         req: Request<NodeIdRequest>,
     ) -> Result<tonic::Response<MembershipReply>, Status> {
-        let idx = self
-            .state
-            .cluster
-            .remove(req.into_inner().id)
-            .await
-            .map_err(status)?;
-        Ok(tonic::Response::new(self.membership_reply(idx)))
+        let change = self.state.cluster.remove(req.into_inner().id).await;
+        self.membership_answer(change)
     }
 
     async fn transfer_leader(
         &self,
         req: Request<NodeIdRequest>,
     ) -> Result<tonic::Response<MembershipReply>, Status> {
-        let idx = self
+        let change = self
             .state
             .cluster
             .transfer_leader(req.into_inner().id)
-            .await
-            .map_err(status)?;
-        Ok(tonic::Response::new(self.membership_reply(idx)))
+            .await;
+        self.membership_answer(change)
     }
 
     async fn create_app(
