@@ -407,7 +407,7 @@ impl Drop for ExtraNode {
 }
 
 fn free_addr() -> String {
-    portcullis_node::ports::reserve_tcp()
+    portcullis_node::cli::ports::reserve_tcp()
         .and_then(|l| l.local_addr())
         .expect("free port")
         .to_string()
@@ -511,7 +511,7 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// A free loopback TCP port (released before returning).
 pub fn free_port() -> u16 {
-    portcullis_node::ports::reserve_tcp()
+    portcullis_node::cli::ports::reserve_tcp()
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()

@@ -22,7 +22,7 @@ use portcullis_cluster_tests::cvm::{
 };
 use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, TestCluster};
 use portcullis_cluster_tests::wggo;
-use portcullis_node::demo_bytes;
+use portcullis_node::cli::demo::bulk as demo_bulk;
 
 /// One transfer's target: a host name on node 1's HTTPS edge.
 struct Target {
@@ -71,7 +71,7 @@ fn download(tc: &TestCluster, host: &str, len: u64, http11: bool) -> Result<(), 
             break;
         }
         if bad.is_none() {
-            bad = demo_bytes::first_mismatch(got, &buf[..n]);
+            bad = demo_bulk::first_mismatch(got, &buf[..n]);
         }
         got += n as u64;
     }
@@ -106,7 +106,7 @@ fn upload(tc: &TestCluster, host: &str, len: u64, http11: bool) -> Result<(), St
         let mut sent = 0u64;
         while sent < len {
             let n = (len - sent).min(buf.len() as u64) as usize;
-            demo_bytes::fill(sent, &mut buf[..n]);
+            demo_bulk::fill(sent, &mut buf[..n]);
             stdin.write_all(&buf[..n])?;
             sent += n as u64;
         }

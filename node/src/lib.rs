@@ -1,44 +1,36 @@
 //! portcullis-node: the `portcullis` binary — gateway node, operator CLI and local launcher.
 //!
-//! Layout:
-//! - [`config`]: the node's TOML configuration and its validation (`config/error.rs`: its error
-//!   type, a leaf).
-//! - [`server`]: running one node (Raft, cluster RPC port, admin port, shutdown).
-//! - [`admin`]: the admin gRPC API and `/healthz`, `/readyz`, `/metrics`.
-//! - [`metrics`]: every metric the node exports.
-//! - [`cli`]: argument definitions and the operator commands.
-//! - [`client`]: finding the cluster (`--admin`, `--cluster`) and calling its admin API.
-//! - [`launcher`]: `up` and `down`, a local multi-node cluster.
-//! - [`ports`]: loopback ports for local clusters, outside the ephemeral range.
-//! - [`procs`]: process checks by pid (is a node, demo app or agent still running).
-//! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
+//! Layout — four wings (module folders, each with a front-door doc) over a few leaves:
 //! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying.
-//! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend;
-//!   [`demo_bytes`]: its checkable bulk downloads and uploads.
-//! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
-//! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
-//! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
 //! - [`tunnel`]: the WireGuard mesh — the gateway side, CVM registration held to the tenant's
 //!   own names, the CVM agent, the data plane's connector through the mesh.
+//! - [`admin`]: the admin listener — gRPC API, `/healthz`, `/readyz`, `/metrics`, `.internal`.
+//! - [`cli`]: the command line, the operator commands, `up`/`down` and the demo app.
+//! - [`server`]: running one node (Raft, cluster RPC port, admin port, the wings, shutdown).
+//! - [`acme`]: certificates from ACME (HTTP-01, TLS-ALPN-01, DNS-01) and their renewal.
+//! - [`config`]: the node's TOML configuration and its validation (`config/error.rs`: its error
+//!   type, a leaf).
+//! - [`metrics`]: every metric the node exports.
+//! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
+//! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
 //! - [`collisions`]: name clashes an older state still holds, reported.
+//! - [`procs`]: process checks by pid (is a node, demo app or agent still running), a leaf
+//!   shared by the CLI wing and the CVM agent's `--exit-with`.
+//! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
+//! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
 
 #![forbid(unsafe_code)]
 
 pub mod acme;
 pub mod admin;
 pub mod cli;
-pub mod client;
 pub mod collisions;
 pub mod config;
 pub mod custom_domain;
-pub mod demo;
-pub mod demo_bytes;
 pub mod dns;
 pub mod edge;
-pub mod launcher;
 pub mod metrics;
 pub mod pki;
-pub mod ports;
 pub mod procs;
 pub mod secrets;
 pub mod server;

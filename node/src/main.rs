@@ -1,9 +1,10 @@
 //! `portcullis`: parse the command line, run the command, map failures to exit codes.
 
 use clap::Parser;
+use portcullis_node::cli::launcher;
 use portcullis_node::cli::{self, Cli, Cmd};
 use portcullis_node::config::NodeConfig;
-use portcullis_node::{launcher, server, EXIT_CONFIG};
+use portcullis_node::{server, EXIT_CONFIG};
 use tokio_util::sync::CancellationToken;
 
 // glibc's allocator showed up at ~12 % of the proxy's samples (docs/benchmarks.md); mimalloc's
@@ -75,13 +76,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Up(args) => launcher::up(args).await.map(|_| 0),
         Cmd::Down { state_dir } => launcher::down(&state_dir).await.map(|_| 0),
-        Cmd::Cluster(c) => cli::cluster(&cli.global, c).await.map(|_| 0),
-        Cmd::App(c) => cli::app(&cli.global, c).await.map(|_| 0),
-        Cmd::Cert(c) => cli::cert(&cli.global, c).await.map(|_| 0),
-        Cmd::Domain(c) => cli::domain(&cli.global, c).await.map(|_| 0),
-        Cmd::Secrets(c) => cli::secrets(&cli.global, c).await.map(|_| 0),
-        Cmd::Cvm(c) => cli::cvm(&cli.global, c).await.map(|_| 0),
-        Cmd::DemoApp(args) => portcullis_node::demo::run(args).await.map(|_| 0),
+        Cmd::Cluster(c) => cli::cluster::run(&cli.global, c).await.map(|_| 0),
+        Cmd::App(c) => cli::app::run(&cli.global, c).await.map(|_| 0),
+        Cmd::Cert(c) => cli::cert::run(&cli.global, c).await.map(|_| 0),
+        Cmd::Domain(c) => cli::domain::run(&cli.global, c).await.map(|_| 0),
+        Cmd::Secrets(c) => cli::secrets::run(&cli.global, c).await.map(|_| 0),
+        Cmd::Cvm(c) => cli::cvm::run(&cli.global, c).await.map(|_| 0),
+        Cmd::DemoApp(args) => portcullis_node::cli::demo::run(args).await.map(|_| 0),
         Cmd::CvmAgent(args) => {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());

@@ -445,7 +445,7 @@ fn find_bin(name: &Path) -> Option<PathBuf> {
 }
 
 fn reserve() -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
-    let l = portcullis_node::ports::reserve_tcp().context("reserve a loopback port")?;
+    let l = portcullis_node::cli::ports::reserve_tcp().context("reserve a loopback port")?;
     let addr = l.local_addr()?;
     Ok((l, addr))
 }
@@ -725,7 +725,7 @@ async fn setup(a: &Args) -> anyhow::Result<Setup> {
         dir: state.clone(),
     };
     run_cmd("portcullis up", up, Duration::from_secs(120)).await?;
-    let cf = portcullis_node::client::ClusterFile::load(&state)?;
+    let cf = portcullis_node::cli::client::ClusterFile::load(&state)?;
     let node = cf.nodes.first().context("cluster.json lists no node")?;
     let https: SocketAddr = node.https_addr.parse().context("node https address")?;
     let base = cf.base_domain.clone();

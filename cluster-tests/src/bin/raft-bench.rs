@@ -101,7 +101,9 @@ where
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(portcullis_node::ports::reserve_tcp()?.local_addr()?.port())
+    Ok(portcullis_node::cli::ports::reserve_tcp()?
+        .local_addr()?
+        .port())
 }
 
 struct Etcd {

@@ -47,7 +47,7 @@ pub(super) async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
     let ca = crate::pki::init_dev_ca(dir.path()).expect("dev ca");
     let leaf = crate::pki::issue_dev_cert(dir.path(), &[format!("*.{BASE}")]).expect("leaf");
     let backend = free_addr().await;
-    let args = crate::demo::DemoArgs {
+    let args = crate::cli::demo::DemoArgs {
         listen: vec![backend],
         name: "demo".into(),
         region: "r1".into(),
@@ -56,7 +56,7 @@ pub(super) async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
         tls_key: None,
         exit_with: vec![],
     };
-    tokio::spawn(crate::demo::run(args));
+    tokio::spawn(crate::cli::demo::run(args));
     for _ in 0..100 {
         if TcpStream::connect(backend).await.is_ok() {
             break;

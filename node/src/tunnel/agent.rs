@@ -119,13 +119,13 @@ fn default_wg_key() -> PathBuf {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
-fn default_reregister() -> u64 {
+pub fn default_reregister() -> u64 {
     30
 }
-fn default_keepalive() -> u16 {
+pub fn default_keepalive() -> u16 {
     25
 }
-fn default_mtu() -> usize {
+pub fn default_mtu() -> usize {
     1420
 }
 
@@ -544,90 +544,6 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
                 tracing::warn!(error = %e, "re-registration failed; keeping the current tunnel")
             }
         }
-    }
-}
-
-/// `portcullis cvm credential`: issues a CVM credential for `app` from the CA in `pki` and
-/// writes `ca.pem`, `cert.pem` and `key.pem` (0600) to `out`: everything a CVM needs besides
-/// its agent configuration.
-pub fn issue_credential(pki: &Path, app: &str, out: &Path) -> anyhow::Result<()> {
-    portcullis_raft::state::validate_app_name(app).context("--app")?;
-    let ca_pem = std::fs::read_to_string(pki.join("ca.pem"))
-        .with_context(|| format!("read {}/ca.pem", pki.display()))?;
-    let ca_key = std::fs::read_to_string(pki.join("ca.key"))
-        .with_context(|| format!("read {}/ca.key", pki.display()))?;
-    let issued = portcullis_raft::tls::issue_cvm_cert(&ca_pem, &ca_key, app)?;
-    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    std::fs::write(out.join("ca.pem"), &ca_pem).context("write ca.pem")?;
-    std::fs::write(out.join("cert.pem"), &issued.cert_pem).context("write cert.pem")?;
-    crate::pki::write_private(&out.join("key.pem"), issued.key_pem.as_bytes())?;
-    Ok(())
-}
-
-/// For `portcullis up`: writes the agent configuration of one demo instance (tunnel port
-/// `app_port` relayed to the demo app at `target`) and starts `portcullis cvm-agent` for it.
-/// The credential for the `demo` app must already be in `<dir>/cvm-demo`. Returns the pid and
-/// the log path.
-pub fn start_demo_agent(
-    exe: &Path,
-    dir: &Path,
-    nodes: &[crate::client::ClusterFileNode],
-    instance_id: &str,
-    region: &str,
-    (app_port, target): (u16, SocketAddr),
-    reregister_secs: Option<u64>,
-) -> anyhow::Result<(u32, PathBuf)> {
-    use std::os::unix::process::CommandExt;
-    let cfg = AgentConfig {
-        cluster: nodes
-            .iter()
-            .map(|n| format!("{}@{}", n.id, n.rpc_addr))
-            .collect(),
-        ca_cert: "cvm-demo/ca.pem".into(),
-        cert: "cvm-demo/cert.pem".into(),
-        key: "cvm-demo/key.pem".into(),
-        app: "demo".into(),
-        instance_id: instance_id.into(),
-        region: region.into(),
-        expose: vec![Expose::Map(format!("{app_port}={target}"))],
-        wg_key: format!("{instance_id}.wg.key").into(),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        reregister_secs: reregister_secs.unwrap_or_else(default_reregister),
-        keepalive_secs: default_keepalive(),
-        mtu: default_mtu(),
-    };
-    let config = dir.join(format!("{instance_id}.agent.toml"));
-    std::fs::write(&config, toml::to_string_pretty(&cfg)?)
-        .with_context(|| format!("write {}", config.display()))?;
-    let log = dir.join(format!("{instance_id}.agent.log"));
-    let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("cvm-agent").arg("--config").arg(&config);
-    for n in nodes {
-        cmd.arg("--exit-with").arg(n.pid.to_string());
-    }
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("start cvm-agent for {instance_id}"))?;
-    Ok((child.id(), log))
-}
-
-/// Waits until the agent logging to `log` has registered and brought its tunnel up.
-pub async fn wait_tunnel_up(log: &Path, pid: u32) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains("tunnel up") {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline || !crate::procs::alive(pid) {
-            bail!("cvm-agent did not bring its tunnel up: {}", text.trim());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -19,7 +19,7 @@ use portcullis_proto::admin::{
     ClusterStatusRequest, CreateAppRequest, InitRequest, Member, PutCertificateRequest,
 };
 
-use crate::client::{connect_addr, ClusterFile, ClusterFileNode, DemoProcess};
+use super::client::{connect_addr, ClusterFile, ClusterFileNode, DemoProcess};
 use crate::config::NodeConfig;
 use crate::pki;
 use crate::procs::alive;
@@ -99,7 +99,7 @@ fn region_coords(name: &str) -> (f64, f64) {
 /// plan cannot be handed the same port. The caller drops `held` right before starting the
 /// processes that bind them.
 fn reserve_port(held: &mut Vec<TcpListener>) -> anyhow::Result<SocketAddr> {
-    let l = crate::ports::reserve_tcp().context("find a free port")?;
+    let l = super::ports::reserve_tcp().context("find a free port")?;
     let addr = l.local_addr()?;
     held.push(l);
     Ok(addr)
@@ -134,7 +134,7 @@ fn reserve_https_port(
 
 /// [`reserve_port`] for UDP.
 fn reserve_udp_port(held: &mut Vec<std::net::UdpSocket>) -> anyhow::Result<SocketAddr> {
-    let s = crate::ports::reserve_udp().context("find a free udp port")?;
+    let s = super::ports::reserve_udp().context("find a free udp port")?;
     let addr = s.local_addr()?;
     held.push(s);
     Ok(addr)
@@ -415,7 +415,7 @@ async fn setup_demo(
         .await
         .map_err(rpc_err("create app demo"))?;
 
-    crate::tunnel::agent::issue_credential(&pki_dir, "demo", &dir.join("cvm-demo"))?;
+    super::cvm::issue_credential(&pki_dir, "demo", &dir.join("cvm-demo"))?;
     let mut regions: Vec<String> = Vec::new();
     for n in &cf.nodes {
         if !regions.contains(&n.region) {
@@ -456,7 +456,7 @@ async fn setup_demo(
             .with_context(|| format!("demo-app {instance_id}; see {}", log.display()))?;
         // The demo takes the real path: a cvm-agent registers the instance over the cluster
         // port and relays tunnel port 8080 to the demo app.
-        let (agent_pid, agent_log) = crate::tunnel::agent::start_demo_agent(
+        let (agent_pid, agent_log) = super::demo_agent::start_demo_agent(
             exe,
             dir,
             &cf.nodes,
@@ -472,7 +472,7 @@ async fn setup_demo(
             pid: child.id(),
             agent_pid: Some(agent_pid),
         });
-        crate::tunnel::agent::wait_tunnel_up(&agent_log, agent_pid)
+        super::demo_agent::wait_tunnel_up(&agent_log, agent_pid)
             .await
             .with_context(|| format!("cvm-agent {instance_id}; see {}", agent_log.display()))?;
     }

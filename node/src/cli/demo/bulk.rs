@@ -11,7 +11,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 
-use crate::demo::Body;
+use super::body::{full, Body};
 
 /// Bytes per response frame.
 const FRAME: usize = 64 * 1024;
@@ -80,7 +80,7 @@ pub async fn verify(mut body: Incoming) -> Response<Body> {
     let mut mismatch = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return crate::demo::full(
+            return full(
                 StatusCode::BAD_REQUEST,
                 format!("body read failed after {seen} bytes\n"),
                 "text/plain",
@@ -94,7 +94,7 @@ pub async fn verify(mut body: Incoming) -> Response<Body> {
         }
     }
     let json = serde_json::json!({ "bytes": seen, "mismatch_at": mismatch });
-    crate::demo::full(StatusCode::OK, format!("{json}\n"), "application/json")
+    full(StatusCode::OK, format!("{json}\n"), "application/json")
 }
 
 #[cfg(test)]

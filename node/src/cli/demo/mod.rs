@@ -6,7 +6,10 @@
 //! size). `Upgrade: websocket` requests become a WebSocket echo. The same listener speaks
 //! HTTP/1.1 and h2c (prior knowledge), and with `--tls-cert/--tls-key` it terminates TLS itself
 //! (the backend of a passthrough route). `/stream?chunks=N&ms=M` streams N chunks M ms apart;
-//! `/bytes` serves and checks bulk data ([`crate::demo_bytes`]).
+//! `/bytes` serves and checks bulk data ([`bulk`]).
+
+pub mod body;
+pub mod bulk;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -20,8 +23,7 @@ use bytes::Bytes;
 use clap::Args;
 use futures::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -31,6 +33,8 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
+
+use body::{full, Body};
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -56,8 +60,6 @@ pub struct DemoArgs {
     pub exit_with: Vec<u32>,
 }
 
-pub(crate) type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
-
 #[derive(Serialize)]
 struct Answer<'a> {
     app: &'a str,
@@ -76,22 +78,6 @@ struct Ident {
     name: String,
     region: String,
     instance_id: String,
-}
-
-pub(crate) fn full(
-    status: StatusCode,
-    body: impl Into<Bytes>,
-    ctype: &'static str,
-) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(body.into())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-    r
 }
 
 fn query_u64(req: &Request<Incoming>, key: &str, default: u64) -> u64 {
@@ -164,10 +150,8 @@ async fn handle(
     }
     if req.uri().path() == "/bytes" {
         return match *req.method() {
-            http::Method::POST | http::Method::PUT => {
-                crate::demo_bytes::verify(req.into_body()).await
-            }
-            _ => crate::demo_bytes::download(query_u64(&req, "n", 0)),
+            http::Method::POST | http::Method::PUT => bulk::verify(req.into_body()).await,
+            _ => bulk::download(query_u64(&req, "n", 0)),
         };
     }
     if req.uri().path() == "/stream" {
