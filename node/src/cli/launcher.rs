@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use portcullis_proto::admin::{
@@ -24,61 +23,7 @@ use crate::config::NodeConfig;
 use crate::pki;
 use crate::procs::alive;
 
-#[derive(Args, Debug)]
-pub struct UpArgs {
-    /// How many gateway nodes to start.
-    #[arg(long, default_value_t = 3)]
-    pub nodes: u64,
-    /// Regions, assigned to nodes in turn.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "us-east,eu-west,ap-south"
-    )]
-    pub regions: Vec<String>,
-    /// Where configs, keys, data and logs go.
-    #[arg(long, default_value = ".portcullis")]
-    pub state_dir: PathBuf,
-    /// Base domain for the demo apps.
-    #[arg(long, default_value = "portcullis.localhost")]
-    pub base_domain: String,
-    /// Take a snapshot every N entries and keep no log behind it (exercises snapshot transfer).
-    #[arg(long, hide = true)]
-    pub snapshot_every: Option<u64>,
-    /// `wg.expire_after_secs` for every node (exercises registration expiry).
-    #[arg(long, hide = true)]
-    pub wg_expire_after: Option<u64>,
-    /// `wg.max_instances_per_app` for every node (exercises the per-app cap).
-    #[arg(long, hide = true)]
-    pub wg_max_instances_per_app: Option<u32>,
-    /// `wg.registration_rate_per_app` for every node (exercises the registration rate).
-    #[arg(long, hide = true)]
-    pub wg_registration_rate_per_app: Option<f64>,
-    /// `wg.registration_burst_per_app` for every node.
-    #[arg(long, hide = true)]
-    pub wg_registration_burst_per_app: Option<u32>,
-    /// `edge.max_request_body_bytes` for every node (the tunnel soak uploads 256 MiB bodies).
-    #[arg(long, hide = true)]
-    pub edge_max_request_body_bytes: Option<u64>,
-    /// `dns.nameservers` for every node (`ip:port`): custom-domain TXT lookups go to this
-    /// server instead of the system resolver (tests run their own authoritative server).
-    #[arg(long, hide = true, value_delimiter = ',')]
-    pub dns_server: Vec<SocketAddr>,
-    /// Return once the cluster is up and leave the nodes running.
-    #[arg(long)]
-    pub detach: bool,
-    /// Accept PROXY protocol headers (and X-Forwarded-For) from these CIDRs, e.g. 127.0.0.1,
-    /// so tests can present clients from anywhere in the world.
-    #[arg(long, hide = true, value_delimiter = ',')]
-    pub proxy_protocol_from: Vec<String>,
-    /// `edge.workers` for every node (benchmarks compare worker threads with the shared
-    /// runtime).
-    #[arg(long, hide = true)]
-    pub edge_workers: Option<usize>,
-    /// `edge.pin_workers` for every node (benchmarks compare pinned with unpinned workers).
-    #[arg(long, hide = true)]
-    pub edge_pin_workers: Option<bool>,
-}
+use super::args::UpArgs;
 
 /// Approximate coordinates for common region names, so geography works out of the box.
 fn region_coords(name: &str) -> (f64, f64) {
