@@ -4,7 +4,10 @@
 //! certificates and CVM peer table (`ClusterState`) that every gateway node serves from.
 //!
 //! Layout:
-//! - [`state`]: `ClusterState`, the typed `Command`s that change it, validation, and `apply`.
+//! - [`state`]: `ClusterState`, the typed `Command`s that change it, validation, and `apply`;
+//!   its front door (`state/mod.rs`) lists its files: `model.rs`, `command.rs`, `validate.rs`,
+//!   `apply.rs`, and the parts with files of their own (`pool.rs`, `names.rs`, `acme.rs`,
+//!   `legacy.rs`, `nesting.rs`).
 //! - [`types`]: openraft type configuration (`TypeConfig`, `NodeInfo`).
 //! - [`store`]: log store and state machine on sled, with real fsyncs and group commit.
 //! - [`snapshot_format`]: the versioned header of snapshot bytes.

@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{field, validate_domain_name, Certificate, ClusterState, Response, ValidationError};
+use super::validate::{field, validate_domain_name, ValidationError};
+use super::{Certificate, ClusterState, Response};
 
 /// Most challenge answers kept at once; an orderer cleans up after each order, so this only
 /// bounds what a misbehaving proposer can pile up.

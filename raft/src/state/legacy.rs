@@ -14,10 +14,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    AcmeState, App, Certificate, ClusterState, Domain, GatewayNode, Instance, Region, Register,
-    TunnelPool,
+use super::acme::AcmeState;
+use super::model::{
+    App, Certificate, ClusterState, Domain, GatewayNode, Instance, Region, Register,
 };
+use super::pool::TunnelPool;
 
 /// An instance as registered before IPv6 pools: the tunnel address is IPv4.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -35,7 +35,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClusterState, Instance};
+use super::model::{ClusterState, Instance};
 
 /// How a registration is held to the namespace, chosen by the proposer and carried in the
 /// entry so that every node applies the same rules.

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
-use super::ValidationError;
+use super::validate::ValidationError;
 
 /// The IPv4 range gateway tunnel addresses come from (`198.18.0.0 + node_id`, RFC 2544
 /// benchmarking space). A CVM pool may not overlap it.

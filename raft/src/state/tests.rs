@@ -1,6 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 fn app_name() -> impl Strategy<Value = String> {
