@@ -45,6 +45,12 @@ pub(super) struct StatusOut {
     name_collisions: Vec<String>,
 }
 
+/// One member as a table line: id, role, region, cluster RPC address.
+fn print_member(id: u64, voter: bool, region: &str, rpc_addr: &str) {
+    let role = if voter { "voter" } else { "learner" };
+    println!("  {id:>4}  {role:<8} {region:<12} {rpc_addr}");
+}
+
 pub(super) fn print_membership(
     g: &Global,
     r: pb::MembershipReply,
@@ -64,14 +70,8 @@ pub(super) fn print_membership(
         });
     }
     println!("{what} (log index {}); leader {}", r.log_index, r.leader_id);
-    for m in r.members {
-        println!(
-            "  {:>4}  {:<8} {:<12} {}",
-            m.id,
-            if m.voter { "voter" } else { "learner" },
-            m.region,
-            m.rpc_addr
-        );
+    for m in &r.members {
+        print_member(m.id, m.voter, &m.region, &m.rpc_addr);
     }
     Ok(())
 }
@@ -158,14 +158,8 @@ pub async fn run(g: &Global, cmd: ClusterCmd) -> anyhow::Result<()> {
                 "last applied {}, last log {}",
                 out.last_applied, out.last_log_index
             );
-            for m in out.members {
-                println!(
-                    "  {:>4}  {:<8} {:<12} {}",
-                    m.id,
-                    if m.voter { "voter" } else { "learner" },
-                    m.region,
-                    m.rpc_addr
-                );
+            for m in &out.members {
+                print_member(m.id, m.voter, &m.region, &m.rpc_addr);
             }
             if !out.name_collisions.is_empty() {
                 println!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use super::spawn::spawn_logged;
 use crate::procs::alive;
 use crate::tunnel::agent::{
     default_keepalive, default_mtu, default_reregister, AgentConfig, Expose,
@@ -25,7 +26,6 @@ pub fn start_demo_agent(
     (app_port, target): (u16, SocketAddr),
     reregister_secs: Option<u64>,
 ) -> anyhow::Result<(u32, PathBuf)> {
-    use std::os::unix::process::CommandExt;
     let cfg = AgentConfig {
         cluster: nodes
             .iter()
@@ -48,20 +48,13 @@ pub fn start_demo_agent(
     std::fs::write(&config, toml::to_string_pretty(&cfg)?)
         .with_context(|| format!("write {}", config.display()))?;
     let log = dir.join(format!("{instance_id}.agent.log"));
-    let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("cvm-agent").arg("--config").arg(&config);
     for n in nodes {
         cmd.arg("--exit-with").arg(n.pid.to_string());
     }
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("start cvm-agent for {instance_id}"))?;
-    Ok((child.id(), log))
+    let pid = spawn_logged(cmd, &log, &format!("cvm-agent for {instance_id}"))?;
+    Ok((pid, log))
 }
 
 /// Waits until the agent logging to `log` has registered and brought its tunnel up.

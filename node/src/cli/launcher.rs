@@ -7,7 +7,6 @@
 //! running until `portcullis down`.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use portcullis_proto::admin::{
 };
 
 use super::client::{connect_addr, ClusterFile, ClusterFileNode, DemoProcess};
+use super::spawn::spawn_logged;
 use crate::config::NodeConfig;
 use crate::pki;
 use crate::procs::alive;
@@ -251,21 +251,9 @@ async fn every_node_gone(cf: &ClusterFile) {
 }
 
 fn spawn_node(exe: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
-    let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-    let err = out.try_clone()?;
-    let child = std::process::Command::new(exe)
-        .arg("node")
-        .arg("--config")
-        .arg(config)
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        // Its own process group: a Ctrl-C in the terminal reaches the launcher, which then
-        // stops the nodes in order, instead of killing them all mid-write.
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("start {}", exe.display()))?;
-    Ok(child.id())
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("node").arg("--config").arg(config);
+    spawn_logged(cmd, log, &exe.display().to_string())
 }
 
 async fn form_cluster(cf: &ClusterFile) -> anyhow::Result<()> {
@@ -370,8 +358,6 @@ async fn setup_demo(
     for region in regions {
         let instance_id = format!("demo-{region}");
         let log = dir.join(format!("{instance_id}.log"));
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args([
             "demo-app",
@@ -389,14 +375,8 @@ async fn setup_demo(
         for n in &cf.nodes {
             cmd.arg("--exit-with").arg(n.pid.to_string());
         }
-        let child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("start demo-app for {region}"))?;
-        let addr = wait_listening(&log, child.id())
+        let pid = spawn_logged(cmd, &log, &format!("demo-app for {region}"))?;
+        let addr = wait_listening(&log, pid)
             .await
             .with_context(|| format!("demo-app {instance_id}; see {}", log.display()))?;
         // The demo takes the real path: a cvm-agent registers the instance over the cluster
@@ -414,7 +394,7 @@ async fn setup_demo(
             instance_id: instance_id.clone(),
             region: region.clone(),
             addr: addr.to_string(),
-            pid: child.id(),
+            pid,
             agent_pid: Some(agent_pid),
         });
         super::demo_agent::wait_tunnel_up(&agent_log, agent_pid)

@@ -7,7 +7,8 @@
 //!   print (`--json`, a contract, or a table) and gRPC failures as operator messages.
 //! - [`client`]: finding the cluster (`--admin`, `--cluster`) and connecting to its admin API.
 //! - [`launcher`]: `up` and `down`, a local multi-node cluster with demo apps;
-//!   [`ports`]: loopback ports for it, outside the ephemeral range.
+//!   [`ports`]: loopback ports for it, outside the ephemeral range; [`spawn`]: starting its
+//!   processes with their output in log files.
 //! - [`demo`]: `portcullis demo-app`, the demo and test backend; [`demo_agent`]: the
 //!   cvm-agents `up` starts in front of it.
 //!
@@ -29,5 +30,6 @@ pub mod launcher;
 pub mod output;
 pub mod ports;
 pub mod secrets;
+pub mod spawn;
 
 pub use args::{Cli, Cmd, Global};
