@@ -35,7 +35,7 @@ pub struct AdminState {
     /// TEST ONLY (`[debug] unsafe_stale_reads`): `KvGet` skips the linearizable barrier.
     pub unsafe_stale_reads: bool,
     /// TXT lookups for `DomainVerify` (the same cache the data plane uses).
-    pub dns: crate::dns::TxtResolver,
+    pub dns: crate::edge::dns::TxtResolver,
     /// `edge.base_domains`: custom domains may not be claimed inside them.
     pub base_domains: Vec<String>,
     /// The data plane, once it runs: `<cvm-id>.internal` requests on this port go to it.
@@ -1003,7 +1003,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DomainAddRequest>,
     ) -> Result<tonic::Response<pb::Domain>, Status> {
-        use crate::custom_domain::normalize_domain;
+        use crate::edge::custom_domain::normalize_domain;
         let r = req.into_inner();
         let name = normalize_domain(&r.name, &self.state.base_domains)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -1031,7 +1031,7 @@ impl Admin for AdminService {
             name,
             app: r.app,
             port,
-            token: crate::custom_domain::new_token(),
+            token: crate::edge::custom_domain::new_token(),
             verified: false,
             passthrough: r.passthrough,
         };
@@ -1044,7 +1044,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DomainName>,
     ) -> Result<tonic::Response<pb::DomainVerifyReply>, Status> {
-        let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
+        let name = crate::edge::custom_domain::normalize_domain(&req.into_inner().name, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.barrier().await?;
         // Copy what the checks need: the state lock must not be held across the lookups.
@@ -1063,9 +1063,9 @@ impl Admin for AdminService {
                 .unwrap_or_default();
             (d.clone(), ports)
         };
-        let routed_port = crate::custom_domain::verify(
+        let routed_port = crate::edge::custom_domain::verify(
             &self.state.dns,
-            &crate::custom_domain::Claim {
+            &crate::edge::custom_domain::Claim {
                 domain: &claim.name,
                 app: &claim.app,
                 token: &claim.token,
@@ -1106,7 +1106,7 @@ impl Admin for AdminService {
         req: Request<pb::DomainName>,
     ) -> Result<tonic::Response<WriteReply>, Status> {
         // No base-domain check: a claim made before the bases changed must stay removable.
-        let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
+        let name = crate::edge::custom_domain::normalize_domain(&req.into_inner().name, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (log_index, _) = self.commit(Command::RemoveDomain { name }).await?;
         Ok(tonic::Response::new(WriteReply { log_index }))

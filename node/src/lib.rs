@@ -12,11 +12,10 @@
 //! - [`ports`]: loopback ports for local clusters, outside the ephemeral range.
 //! - [`procs`]: process checks by pid (is a node, demo app or agent still running).
 //! - [`pki`]: the cluster CA, node certificates and the admin token on disk; the development CA.
-//! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying.
+//! - [`edge`]: the data plane — HTTPS/HTTP listeners, routing, TLS, proxying; custom domains
+//!   (`edge/custom_domain.rs`) and their cached TXT lookups (`edge/dns.rs`).
 //! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend;
 //!   [`demo_bytes`]: its checkable bulk downloads and uploads.
-//! - [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
-//! - [`custom_domain`]: custom domains: name rules, TXT proofs, request-time routing check.
 //! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
 //! - [`tunnel`]: the WireGuard mesh — the gateway side, CVM registration held to the tenant's
 //!   own names, the CVM agent, the data plane's connector through the mesh.
@@ -30,10 +29,8 @@ pub mod cli;
 pub mod client;
 pub mod collisions;
 pub mod config;
-pub mod custom_domain;
 pub mod demo;
 pub mod demo_bytes;
-pub mod dns;
 pub mod edge;
 pub mod launcher;
 pub mod metrics;

@@ -252,7 +252,7 @@ pub async fn run(
     });
 
     // One TXT cache per node, shared by the data plane and `domain verify`.
-    let dns = crate::dns::TxtResolver::from_config(&cfg.dns, metrics.dns.clone())
+    let dns = crate::edge::dns::TxtResolver::from_config(&cfg.dns, metrics.dns.clone())
         .context("dns resolver")?;
 
     let admin_addr = listeners.admin.local_addr()?;
@@ -300,7 +300,7 @@ pub async fn run(
             keyring.clone(),
         )
         .context("start the data plane")?;
-        edge.set_custom_domains(crate::custom_domain::CustomDomains::new(dns.clone()));
+        edge.set_custom_domains(crate::edge::custom_domain::CustomDomains::new(dns.clone()));
         let _ = edge_slot.set(edge.clone());
         edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
         tracker.spawn(crate::edge::balance::announce_region(

@@ -14,6 +14,8 @@
 //! - [`balance`]: backend choice (one geo `Selector` per app), instance health probes and
 //!   passive ejection, client location; [`xff`]: the client a trusted proxy's
 //!   `X-Forwarded-For` names (pure, fuzzed).
+//! - [`custom_domain`]: custom domains: name rules, TXT proofs, the request-time routing check;
+//!   [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
 //! - [`tls`]: certificates from the replicated store; the rustls config.
 //! - [`proxy`]: per-request forwarding, forwarded headers, WebSocket upgrades, error mapping.
 //! - [`h1client`]: the pooled HTTP/1.1 client for bodiless requests, run in the request's task;
@@ -29,6 +31,8 @@
 
 pub mod balance;
 pub mod clienthello;
+pub mod custom_domain;
+pub mod dns;
 pub mod grammar;
 pub mod h1client;
 pub mod h1wire;
@@ -382,7 +386,7 @@ impl Edge {
 
     /// Custom domains route only while their `_dstack-app-address` TXT record names the
     /// claimed app (docs/custom-domains.md). Set once, before `spawn`.
-    pub fn set_custom_domains(&self, c: crate::custom_domain::CustomDomains) {
+    pub fn set_custom_domains(&self, c: custom_domain::CustomDomains) {
         self.proxy.set_custom_domains(c);
     }
 

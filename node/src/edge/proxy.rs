@@ -304,7 +304,7 @@ pub struct Proxy {
     xff_from: Cidrs,
     /// The DNS check for custom domains, set once by the node (`Edge::set_custom_domains`).
     /// Unset (unit tests), custom domains route on their verified claim alone.
-    custom: std::sync::OnceLock<crate::custom_domain::CustomDomains>,
+    custom: std::sync::OnceLock<super::custom_domain::CustomDomains>,
 }
 
 /// Backends one request may try: the first choice and, after connect failures of a request
@@ -619,7 +619,7 @@ impl Proxy {
     }
 
     /// Installs the DNS check for custom domains; later calls are ignored.
-    pub fn set_custom_domains(&self, c: crate::custom_domain::CustomDomains) {
+    pub fn set_custom_domains(&self, c: super::custom_domain::CustomDomains) {
         let _ = self.custom.set(c);
     }
 
