@@ -720,7 +720,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let name = r.name.trim().to_ascii_lowercase();
         // Parse and check before proposing: a bad certificate never enters the log.
-        let meta = crate::edge::tls::inspect(&name, &r.chain_pem, r.key_pem.as_bytes())
+        let meta = crate::tls::inspect(&name, &r.chain_pem, r.key_pem.as_bytes())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let key_pem = zeroize::Zeroizing::new(r.key_pem);
         let (key, key_encryption) = self

@@ -16,6 +16,8 @@
 //!   (`edge/custom_domain.rs`) and their cached TXT lookups (`edge/dns.rs`).
 //! - [`demo`]: `portcullis demo-app`, a small HTTP service used as a demo and test backend;
 //!   [`demo_bytes`]: its checkable bulk downloads and uploads.
+//! - [`tls`]: TLS helpers for the launcher, the demo app, the admin API and ACME (the crypto
+//!   provider, PEM parsing, what a certificate covers); a leaf.
 //! - [`secrets`]: the cluster data key that seals private keys in the replicated state.
 //! - [`tunnel`]: the WireGuard mesh — the gateway side, CVM registration held to the tenant's
 //!   own names, the CVM agent, the data plane's connector through the mesh.
@@ -39,6 +41,7 @@ pub mod ports;
 pub mod procs;
 pub mod secrets;
 pub mod server;
+pub mod tls;
 pub mod tunnel;
 
 /// Exit code for an invalid configuration (EX_USAGE from sysexits.h, as linkerd does).

@@ -16,19 +16,22 @@
 //!   `X-Forwarded-For` names (pure, fuzzed).
 //! - [`custom_domain`]: custom domains: name rules, TXT proofs, the request-time routing check;
 //!   [`dns`]: cached, deadline-bounded TXT lookups (hickory-resolver).
-//! - [`tls`]: certificates from the replicated store; the rustls config.
+//! - [`tls`]: certificates from the replicated store; the rustls config (the PEM parsing and
+//!   the crypto provider under them are the node's, in `crate::tls`).
 //! - [`proxy`]: per-request forwarding, forwarded headers, WebSocket upgrades, error mapping.
 //! - [`h1client`]: the pooled HTTP/1.1 client for bodiless requests, run in the request's task;
 //!   [`h1wire`]: its wire format (pure, fuzzed).
 //! - [`upstream`]: the `Upstream` connector trait and its TCP implementation;
 //!   [`selfguard`]: keeps every backend connection off the gateway's own listeners.
 //! - [`limits`]: connection limits, activity tracking for idle timeouts, replayed prefixes.
-//! - [`redirect`]: the plain HTTP port (308, ACME HTTP-01 hook).
+//! - [`redirect`]: the plain HTTP port (308, ACME HTTP-01);
+//!   [`acme_hook`]: the hook through which ACME answers HTTP-01 and TLS-ALPN-01.
 //! - [`h3`]: HTTP/3 over QUIC on the HTTPS port number (UDP), into the same [`proxy`].
 //!
 //! Routes and certificates live in one immutable [`Snapshot`] behind an `ArcSwap`, rebuilt when
 //! the replicated state changes: requests never take a lock, and open connections keep going.
 
+pub mod acme_hook;
 pub mod balance;
 pub mod clienthello;
 pub mod custom_domain;
@@ -73,12 +76,12 @@ use tracing::Instrument;
 
 use crate::config::EdgeConfig;
 use crate::metrics::{AppLabels, EdgeMetrics, ListenerLabels};
+use acme_hook::AcmeResponder;
 use clienthello::{parse_client_hello, ClientHello, HelloError};
 use grammar::Mode;
 use limits::{Activity, ActivityClock, Cidrs, ConnLimiter, ConnPermit, Rewind};
 use proxy::{ConnCtx, Proxy, ProxySettings};
 use proxy_protocol::{parse_proxy_header, ProxyError as PpError};
-use redirect::AcmeResponder;
 use route::{Route, RouteTable};
 use tls::CertTable;
 use upstream::{connect_with_timeout, Target, Upstream};
@@ -752,9 +755,10 @@ impl Edge {
         let snap = self.snapshot.load_full();
         let sni = pre.hello.server_name.clone();
         // RFC 8737: a CA validating TLS-ALPN-01 offers only `acme-tls/1`. A name with a pending
-        // answer gets the challenge certificate (acme/tls_alpn.rs); any other is refused below,
-        // except passthrough names, whose backends may run their own ACME clients.
-        let acme_tls = crate::acme::tls_alpn::is_acme_tls(&pre.hello.alpn);
+        // answer gets the challenge certificate (through the ACME hook, `acme_hook.rs`); any
+        // other is refused below, except passthrough names, whose backends may run their own
+        // ACME clients.
+        let acme_tls = acme_hook::is_acme_tls(&pre.hello.alpn);
         if let Some((name, cfg)) = sni
             .as_deref()
             .filter(|_| acme_tls)
@@ -762,7 +766,8 @@ impl Edge {
         {
             let limit = Duration::from_millis(self.cfg.tls_handshake_timeout_ms);
             let io = Rewind::new(pre.buf.freeze(), stream);
-            if let Err(e) = crate::acme::tls_alpn::answer(cfg, io, name, limit).await {
+            let answer = self.acme.answer_tls_alpn01(cfg, Box::new(io), name, limit);
+            if let Err(e) = answer.await {
                 tracing::debug!(error = %e, "acme-tls/1 answer failed");
             }
             return;
