@@ -9,8 +9,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use portcullis_raft::state::{App, Certificate, Instance};
 use portcullis_raft::ClusterState;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::config::EdgeConfig;
