@@ -34,9 +34,9 @@
 //! [`clienthello`], [`proxy_protocol`], [`grammar`], [`hostport`], [`h1wire`], [`xff`].
 //!
 //! Protections to come: WAF rules and request rate limits will live in `edge/protect/` and run
-//! in the proxy's forwarding, once a request's route is known and before a backend is chosen, so
-//! that they see the app and the effective client and refuse through `ProxyError`.
-//! Connection-level limits stay in [`limits`].
+//! in `proxy/forward.rs` (`Proxy::forward`), once a request's route is known and before a
+//! backend is chosen, so that they see the app and the effective client and refuse through
+//! `ProxyError`. Connection-level limits stay in [`limits`].
 //!
 //! Routes and certificates live in one immutable [`Snapshot`] behind an `ArcSwap`, rebuilt when
 //! the replicated state changes: requests never take a lock, and open connections keep going.
