@@ -3,7 +3,8 @@
 //! Layout:
 //! - [`config`]: the node's TOML configuration and its validation (`config/error.rs`: its error
 //!   type, a leaf).
-//! - [`server`]: running one node (Raft, cluster RPC port, admin port, shutdown).
+//! - [`server`]: running one node (Raft, cluster RPC port, admin port, the data plane and its
+//!   region announced through Raft, shutdown).
 //! - [`admin`]: the admin gRPC API and `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: every metric the node exports.
 //! - [`cli`]: argument definitions and the operator commands.

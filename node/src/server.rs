@@ -303,7 +303,7 @@ pub async fn run(
         edge.set_custom_domains(crate::edge::custom_domain::CustomDomains::new(dns.clone()));
         let _ = edge_slot.set(edge.clone());
         edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
-        tracker.spawn(crate::edge::balance::announce_region(
+        tracker.spawn(announce_region(
             cluster.clone(),
             shared.clone(),
             portcullis_raft::state::Region {
@@ -369,6 +369,39 @@ pub async fn run(
     match fatal {
         Some(f) => anyhow::bail!("raft stopped: {f}"),
         None => Ok(()),
+    }
+}
+
+/// Writes this node's region and coordinates into the replicated state (`UpsertRegion`) unless
+/// the state already defines that region, so every gateway can rank every region: a node knows
+/// its own coordinates from its config; the others learn them here. Retries until the cluster
+/// accepts the write (it may not have a leader yet at start-up).
+async fn announce_region(
+    cluster: Cluster,
+    shared: store::SharedState,
+    region: portcullis_raft::state::Region,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if shared.read().state.regions.contains_key(&region.name) {
+            return;
+        }
+        match cluster
+            .write(portcullis_raft::Command::UpsertRegion(region.clone()))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(region = %region.name, lat = region.latitude, lon = region.longitude, "region announced");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "region announcement not accepted yet; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -7,8 +7,10 @@
 //!
 //! What it may import: the node's leaves — `config` (its settings), `metrics`, `secrets` (to
 //! open sealed certificate keys) and `tls` (PEM parsing, the crypto provider) — and the
-//! replicated state, read only (`portcullis_raft`'s store), and `portcullis_geo`. ACME plugs in through [`acme_hook`] and the WireGuard tunnel as an
-//! [`upstream::Upstream`]; neither is imported, nor is the server, the admin API or the CLI.
+//! replicated state, read only (`portcullis_raft`'s store), and `portcullis_geo`. Nothing here
+//! writes through Raft (the server announces the node's region). ACME plugs in through
+//! [`acme_hook`] and the WireGuard tunnel as an [`upstream::Upstream`]; neither is imported,
+//! nor is the server, the admin API or the CLI.
 //!
 //! The request path on the HTTPS port, file by file:
 //! 1. `accept.rs`: accept (node-wide limit, accept backoff), the per-IP limit, one task per
