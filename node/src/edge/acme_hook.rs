@@ -1,6 +1,7 @@
 //! The hook ACME plugs into the data plane: HTTP-01 answers on the plain port (`redirect.rs`)
-//! and TLS-ALPN-01 answers on the HTTPS port. The edge reaches both challenges only through
-//! [`AcmeResponder`]; the `acme` module implements it, and nothing in the edge imports `acme`.
+//! and TLS-ALPN-01 answers on the HTTPS port (`conn.rs`). The edge reaches both challenges only
+//! through [`AcmeResponder`]; the `acme` module implements it, and nothing in the edge imports
+//! `acme`.
 
 use std::sync::Arc;
 use std::time::Duration;

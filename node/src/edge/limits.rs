@@ -5,7 +5,7 @@
 //! - [`Activity`]: an IO wrapper that stamps the last time bytes moved, so an idle connection can
 //!   be told apart from one streaming a long response.
 //! - [`Cidrs`]: trusted networks (PROXY protocol senders, `.internal` callers).
-//! - [`OpenGuard`]: the open-connections gauge, held by each connection's task; [`CONN_DRAIN`]:
+//! - `OpenGuard`: the open-connections gauge, held by each connection's task; `CONN_DRAIN`:
 //!   how long a closing connection may take.
 
 use std::collections::HashMap;
