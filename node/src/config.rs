@@ -35,7 +35,7 @@ pub struct NodeConfig {
     /// Automatic certificates (docs/certificates.md). Disabled by default.
     pub acme: crate::acme::AcmeConfig,
     /// `[dns]`: TXT lookups for custom domains (docs/custom-domains.md).
-    pub dns: crate::dns::DnsConfig,
+    pub dns: crate::edge::dns::DnsConfig,
     /// `[secrets]`: the cluster data key that seals private keys at rest (docs/keys-at-rest.md).
     pub secrets: crate::secrets::SecretsConfig,
     /// Test-only switches that deliberately break guarantees, so the chaos harness can prove it
@@ -68,7 +68,7 @@ impl Default for NodeConfig {
             health: Default::default(),
             wg: WgConfig::default(),
             acme: crate::acme::AcmeConfig::default(),
-            dns: crate::dns::DnsConfig::default(),
+            dns: crate::edge::dns::DnsConfig::default(),
             secrets: Default::default(),
             debug: DebugConfig::default(),
         }

@@ -17,8 +17,8 @@ pub struct Metrics {
     pub raft: RaftMetricsSink,
     pub edge: Arc<EdgeMetrics>,
     pub acme: Arc<crate::acme::AcmeMetrics>,
-    /// TXT lookups and the custom-domain check (`dns.rs`).
-    pub dns: Arc<crate::dns::DnsMetrics>,
+    /// TXT lookups and the custom-domain check (`edge/dns.rs`).
+    pub dns: Arc<crate::edge::dns::DnsMetrics>,
     term: Gauge,
     leader: Gauge,
     is_leader: Gauge,
@@ -49,7 +49,7 @@ impl Metrics {
         raft.register(&mut r);
         let edge = Arc::new(EdgeMetrics::register(&mut r));
         let acme = Arc::new(crate::acme::AcmeMetrics::register(&mut r));
-        let dns = Arc::new(crate::dns::DnsMetrics::register(&mut r));
+        let dns = Arc::new(crate::edge::dns::DnsMetrics::register(&mut r));
         let wg_events = Family::<WgEventLabels, Counter>::default();
         r.register(
             "portcullis_wg_events",

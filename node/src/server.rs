@@ -252,7 +252,7 @@ pub async fn run(
     });
 
     // One TXT cache per node, shared by the data plane and `domain verify`.
-    let dns = crate::dns::TxtResolver::from_config(&cfg.dns, metrics.dns.clone())
+    let dns = crate::edge::dns::TxtResolver::from_config(&cfg.dns, metrics.dns.clone())
         .context("dns resolver")?;
 
     let admin_addr = listeners.admin.local_addr()?;
@@ -300,10 +300,10 @@ pub async fn run(
             keyring.clone(),
         )
         .context("start the data plane")?;
-        edge.set_custom_domains(crate::custom_domain::CustomDomains::new(dns.clone()));
+        edge.set_custom_domains(crate::edge::custom_domain::CustomDomains::new(dns.clone()));
         let _ = edge_slot.set(edge.clone());
         edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
-        tracker.spawn(crate::edge::balance::announce_region(
+        tracker.spawn(announce_region(
             cluster.clone(),
             shared.clone(),
             portcullis_raft::state::Region {
@@ -369,6 +369,39 @@ pub async fn run(
     match fatal {
         Some(f) => anyhow::bail!("raft stopped: {f}"),
         None => Ok(()),
+    }
+}
+
+/// Writes this node's region and coordinates into the replicated state (`UpsertRegion`) unless
+/// the state already defines that region, so every gateway can rank every region: a node knows
+/// its own coordinates from its config; the others learn them here. Retries until the cluster
+/// accepts the write (it may not have a leader yet at start-up).
+async fn announce_region(
+    cluster: Cluster,
+    shared: store::SharedState,
+    region: portcullis_raft::state::Region,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if shared.read().state.regions.contains_key(&region.name) {
+            return;
+        }
+        match cluster
+            .write(portcullis_raft::Command::UpsertRegion(region.clone()))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(region = %region.name, lat = region.latitude, lon = region.longitude, "region announced");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "region announcement not accepted yet; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

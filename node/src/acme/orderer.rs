@@ -723,7 +723,7 @@ impl Orderer {
         self.ca(order.finalize_csr(csr.der())).await?;
         let chain_pem = self.ca(order.poll_certificate(&retry)).await?;
         let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
-        let meta = crate::edge::tls::inspect(name, &chain_pem, key_pem.as_bytes())
+        let meta = crate::tls::inspect(name, &chain_pem, key_pem.as_bytes())
             .map_err(|e| AcmeError::BadCertificate(e.to_string()))?;
         let not_after = meta.not_after;
         let (sealed_key, key_encryption) = self

@@ -3,12 +3,14 @@
 //! CA to validate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use portcullis_raft::state::ChallengeKind;
 use portcullis_raft::store::SharedState;
 
 use super::tls_alpn::ChallengeCache;
-use crate::edge::redirect::AcmeResponder;
+use crate::edge::acme_hook::AcmeResponder;
+use crate::edge::upstream::BoxedIo;
 
 pub struct ReplicatedResponder {
     shared: SharedState,
@@ -24,6 +26,7 @@ impl ReplicatedResponder {
     }
 }
 
+#[async_trait::async_trait]
 impl AcmeResponder for ReplicatedResponder {
     fn http01(&self, host: &str, token: &str) -> Option<String> {
         // A short read of the applied state; no await while the guard is held.
@@ -56,6 +59,16 @@ impl AcmeResponder for ReplicatedResponder {
                 None
             }
         }
+    }
+
+    async fn answer_tls_alpn01(
+        &self,
+        cfg: Arc<rustls::ServerConfig>,
+        io: BoxedIo,
+        name: &str,
+        limit: Duration,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(super::tls_alpn::answer(cfg, io, name, limit).await?)
     }
 }
 

@@ -6,10 +6,11 @@
 //! the key authorization. The orderer publishes the key authorization through Raft, so whichever
 //! node the CA reaches builds the same certificate.
 //!
-//! Isolation from normal traffic: the edge only calls into this module for a ClientHello whose
-//! ALPN list is exactly `acme-tls/1`, and the challenge certificate lives in a `ServerConfig` of
-//! its own that offers nothing but `acme-tls/1`; the normal config never offers that protocol.
-//! The connection is closed as soon as the handshake is done (RFC 8737 §3).
+//! Isolation from normal traffic: the edge asks for an answer (through its ACME hook,
+//! `edge/acme_hook.rs`, which [`super::ReplicatedResponder`] implements with this module) only
+//! for a ClientHello whose ALPN list is exactly `acme-tls/1`, and the challenge certificate lives
+//! in a `ServerConfig` of its own that offers nothing but `acme-tls/1`; the normal config never
+//! offers that protocol. The connection is closed as soon as the handshake is done (RFC 8737 §3).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,7 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
-/// The ALPN protocol id of TLS-ALPN-01.
-pub const ACME_TLS_1: &[u8] = b"acme-tls/1";
+use crate::edge::acme_hook::ACME_TLS_1;
 
 /// Most challenge certificates kept; more pending TLS-ALPN-01 names than this just means some
 /// are built again on the next validation attempt.
@@ -44,12 +44,6 @@ pub enum TlsAlpnError {
     Timeout { name: String, limit: Duration },
 }
 
-/// True for a ClientHello that offers `acme-tls/1` and nothing else, as RFC 8737 §3 requires of
-/// a validating CA. A client that also offers `h2` is ordinary traffic.
-pub fn is_acme_tls(alpn: &[Vec<u8>]) -> bool {
-    matches!(alpn, [only] if only.as_slice() == ACME_TLS_1)
-}
-
 /// A TLS config whose only certificate is the RFC 8737 challenge certificate for `name`, and
 /// whose only protocol is `acme-tls/1`.
 pub fn challenge_config(
@@ -68,7 +62,7 @@ pub fn challenge_config(
     let cert = params.self_signed(&key).map_err(cert_err)?;
     let chain = vec![CertificateDer::from(cert.der().to_vec())];
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let provider = crate::edge::tls::provider();
+    let provider = crate::tls::provider();
     let signer = provider.key_provider.load_private_key(key_der)?;
     // Not `with_single_cert`: it parses the leaf with webpki, which rejects the (unknown to it)
     // critical acmeIdentifier extension. The key was generated for this certificate just above.
@@ -203,14 +197,14 @@ mod tests {
             Ok(HandshakeSignatureValid::assertion())
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            crate::edge::tls::provider()
+            crate::tls::provider()
                 .signature_verification_algorithms
                 .supported_schemes()
         }
     }
 
     fn client(alpn: &[&[u8]]) -> TlsConnector {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::edge::tls::provider())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .expect("versions")
             .dangerous()
@@ -218,14 +212,6 @@ mod tests {
             .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         TlsConnector::from(Arc::new(cfg))
-    }
-
-    #[test]
-    fn only_exactly_acme_tls_1_is_a_validation() {
-        assert!(is_acme_tls(&[ACME_TLS_1.to_vec()]));
-        assert!(!is_acme_tls(&[]));
-        assert!(!is_acme_tls(&[b"h2".to_vec()]));
-        assert!(!is_acme_tls(&[ACME_TLS_1.to_vec(), b"h2".to_vec()]));
     }
 
     #[tokio::test]

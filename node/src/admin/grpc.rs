@@ -392,7 +392,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let name = r.name.trim().to_ascii_lowercase();
         // Parse and check before proposing: a bad certificate never enters the log.
-        let meta = crate::edge::tls::inspect(&name, &r.chain_pem, r.key_pem.as_bytes())
+        let meta = crate::tls::inspect(&name, &r.chain_pem, r.key_pem.as_bytes())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let key_pem = zeroize::Zeroizing::new(r.key_pem);
         let (key, key_encryption) = self
@@ -675,7 +675,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DomainAddRequest>,
     ) -> Result<tonic::Response<pb::Domain>, Status> {
-        use crate::custom_domain::normalize_domain;
+        use crate::edge::custom_domain::normalize_domain;
         let r = req.into_inner();
         let name = normalize_domain(&r.name, &self.state.base_domains)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -703,7 +703,7 @@ impl Admin for AdminService {
             name,
             app: r.app,
             port,
-            token: crate::custom_domain::new_token(),
+            token: crate::edge::custom_domain::new_token(),
             verified: false,
             passthrough: r.passthrough,
         };
@@ -716,7 +716,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DomainName>,
     ) -> Result<tonic::Response<pb::DomainVerifyReply>, Status> {
-        let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
+        let name = crate::edge::custom_domain::normalize_domain(&req.into_inner().name, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.barrier().await?;
         // Copy what the checks need: the state lock must not be held across the lookups.
@@ -735,9 +735,9 @@ impl Admin for AdminService {
                 .unwrap_or_default();
             (d.clone(), ports)
         };
-        let routed_port = crate::custom_domain::verify(
+        let routed_port = crate::edge::custom_domain::verify(
             &self.state.dns,
-            &crate::custom_domain::Claim {
+            &crate::edge::custom_domain::Claim {
                 domain: &claim.name,
                 app: &claim.app,
                 token: &claim.token,
@@ -778,7 +778,7 @@ impl Admin for AdminService {
         req: Request<pb::DomainName>,
     ) -> Result<tonic::Response<WriteReply>, Status> {
         // No base-domain check: a claim made before the bases changed must stay removable.
-        let name = crate::custom_domain::normalize_domain(&req.into_inner().name, &[])
+        let name = crate::edge::custom_domain::normalize_domain(&req.into_inner().name, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (log_index, _) = self.commit(Command::RemoveDomain { name }).await?;
         Ok(tonic::Response::new(WriteReply { log_index }))

@@ -44,7 +44,7 @@ pub struct AdminState {
     /// TEST ONLY (`[debug] unsafe_stale_reads`): `KvGet` skips the linearizable barrier.
     pub unsafe_stale_reads: bool,
     /// TXT lookups for `DomainVerify` (the same cache the data plane uses).
-    pub dns: crate::dns::TxtResolver,
+    pub dns: crate::edge::dns::TxtResolver,
     /// `edge.base_domains`: custom domains may not be claimed inside them.
     pub base_domains: Vec<String>,
     /// The data plane, once it runs: `<cvm-id>.internal` requests on this port go to it.

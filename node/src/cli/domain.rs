@@ -54,12 +54,12 @@ pub async fn run(g: &Global, cmd: DomainCmd) -> anyhow::Result<()> {
             );
             println!(
                 "  {} TXT \"{}\"",
-                crate::custom_domain::challenge_name(&d.name),
+                crate::edge::custom_domain::challenge_name(&d.name),
                 d.token
             );
             println!(
                 "  {} TXT \"{}:{}\"",
-                crate::custom_domain::app_address_name(&d.name),
+                crate::edge::custom_domain::app_address_name(&d.name),
                 d.app,
                 d.port
             );

@@ -453,7 +453,7 @@ pub async fn probe_https(addr: SocketAddr, host: &str, ca_pem: &str) -> anyhow::
     for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
         roots.add(c?)?;
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::edge::tls::provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();

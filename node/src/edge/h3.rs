@@ -35,9 +35,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::grammar::Mode;
-use super::limits::ConnPermit;
+use super::limits::{ConnPermit, OpenGuard, CONN_DRAIN};
 use super::proxy::{BoxError, ConnCtx};
-use super::{Edge, OpenGuard, Snapshot, CONN_DRAIN};
+use super::{Edge, Snapshot};
 use crate::config::EdgeConfig;
 use crate::metrics::{EdgeMetrics, ListenerLabels};
 

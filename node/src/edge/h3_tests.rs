@@ -11,7 +11,7 @@ use super::super::tests::{start, Env, BASE};
 use crate::metrics::ReasonLabels;
 
 fn client(env: &Env) -> quinn::Endpoint {
-    let mut tls = rustls::ClientConfig::builder_with_provider(super::super::tls::provider())
+    let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls 1.3")
         .with_root_certificates(env.roots.clone())

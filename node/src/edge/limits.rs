@@ -5,6 +5,8 @@
 //! - [`Activity`]: an IO wrapper that stamps the last time bytes moved, so an idle connection can
 //!   be told apart from one streaming a long response.
 //! - [`Cidrs`]: trusted networks (PROXY protocol senders, `.internal` callers).
+//! - `OpenGuard`: the open-connections gauge, held by each connection's task; `CONN_DRAIN`:
+//!   how long a closing connection may take.
 
 use std::collections::HashMap;
 use std::io;
@@ -105,6 +107,18 @@ impl Drop for ConnPermit {
                 }
             }
         }
+    }
+}
+
+/// How long a connection that was asked to close may take to finish its in-flight requests.
+pub(super) const CONN_DRAIN: Duration = Duration::from_secs(10);
+
+/// Decrements the open-connections gauge when the connection task ends.
+pub(super) struct OpenGuard(pub(super) prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

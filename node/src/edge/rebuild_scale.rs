@@ -98,7 +98,7 @@ pub(crate) fn edge(shared: &SharedState) -> Arc<Edge> {
         shared,
         Arc::new(upstream::TcpUpstream),
         Arc::new(EdgeMetrics::default()),
-        Arc::new(redirect::NoAcme),
+        Arc::new(acme_hook::NoAcme),
     )
     .expect("edge")
 }

@@ -6,29 +6,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use super::acme_hook::AcmeResponder;
 use super::proxy::ProxyBody;
-
-/// Answers ACME HTTP-01 challenges. The ACME issue plugs the replicated account key in here:
-/// any node can compute the key authorization for any pending order.
-pub trait AcmeResponder: Send + Sync + 'static {
-    /// The key authorization for `token` on `host`, if an order is pending for it.
-    fn http01(&self, host: &str, token: &str) -> Option<String>;
-
-    /// The TLS-ALPN-01 (RFC 8737) config for `name`, if a TLS-ALPN-01 answer is pending for it:
-    /// used only for ClientHellos that offer nothing but `acme-tls/1`.
-    fn tls_alpn01(&self, _name: &str) -> Option<std::sync::Arc<rustls::ServerConfig>> {
-        None
-    }
-}
-
-/// No ACME yet: every challenge path is a 404.
-pub struct NoAcme;
-
-impl AcmeResponder for NoAcme {
-    fn http01(&self, _host: &str, _token: &str) -> Option<String> {
-        None
-    }
-}
 
 pub const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -100,6 +79,7 @@ pub fn respond<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::acme_hook::NoAcme;
 
     struct Fixed;
     impl AcmeResponder for Fixed {

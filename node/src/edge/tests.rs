@@ -9,8 +9,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use portcullis_raft::state::{App, Certificate, Instance};
 use portcullis_raft::ClusterState;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::config::EdgeConfig;
@@ -109,7 +110,7 @@ pub(super) async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Env {
         &shared,
         Arc::new(upstream::TcpUpstream),
         metrics.clone(),
-        Arc::new(redirect::NoAcme),
+        Arc::new(acme_hook::NoAcme),
     )
     .expect("edge");
     let shutdown = CancellationToken::new();
@@ -139,7 +140,7 @@ impl Env {
         host: &str,
         alpn: &[&[u8]],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .expect("versions")
             .with_root_certificates(self.roots.clone())

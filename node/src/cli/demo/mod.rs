@@ -229,8 +229,8 @@ fn tls_acceptor(args: &DemoArgs) -> anyhow::Result<Option<tokio_rustls::TlsAccep
     let chain =
         std::fs::read_to_string(cert).with_context(|| format!("read {}", cert.display()))?;
     let key_pem = std::fs::read(key).with_context(|| format!("read {}", key.display()))?;
-    let ck = crate::edge::tls::certified_key("demo", &chain, &key_pem)?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::edge::tls::provider())
+    let ck = crate::tls::certified_key("demo", &chain, &key_pem)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(

@@ -13,9 +13,9 @@
 
 use rand::RngCore;
 
-use crate::dns::{DnsError, TxtAnswer, TxtResolver};
-use crate::edge::grammar::{self, ParsedHost};
-use crate::edge::route::{Route, RouteError, RouteTable};
+use super::dns::{DnsError, TxtAnswer, TxtResolver};
+use super::grammar::{self, ParsedHost};
+use super::route::{Route, RouteError, RouteTable};
 
 /// Ownership proof: a TXT record here must contain the claim's token.
 pub const CHALLENGE_LABEL: &str = "_portcullis-challenge";
@@ -304,7 +304,7 @@ impl CustomDomains {
             self.resolver
                 .metrics()
                 .unrouted
-                .get_or_create(&crate::dns::UnroutedLabels { reason })
+                .get_or_create(&super::dns::UnroutedLabels { reason })
                 .inc();
             tracing::debug!(domain = %domain, error = %e, "custom domain not routed");
             RouteError::CustomDomainDns {
@@ -449,7 +449,7 @@ mod tests {
     struct Fixed(Vec<String>);
 
     #[async_trait::async_trait]
-    impl crate::dns::TxtSource for Fixed {
+    impl crate::edge::dns::TxtSource for Fixed {
         async fn txt(&self, name: &str) -> Result<(Vec<String>, std::time::Duration), DnsError> {
             if self.0.is_empty() {
                 return Err(DnsError::NotFound(name.to_string()));
@@ -461,7 +461,7 @@ mod tests {
     fn edge_with(records: &[&str]) -> CustomDomains {
         let src = Fixed(records.iter().map(|s| s.to_string()).collect());
         CustomDomains::new(TxtResolver::with_source(
-            &crate::dns::DnsConfig::default(),
+            &crate::edge::dns::DnsConfig::default(),
             Arc::new(src),
         ))
     }

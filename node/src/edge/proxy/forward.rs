@@ -1,9 +1,6 @@
-//! HTTP proxying: one request from a client (HTTP/1.1 or HTTP/2, over TLS or on the plain
-//! port for `.internal`) to a backend over pooled HTTP/1.1 or h2c connections.
-//!
-//! Per request: Host → route (must be the SNI's route on TLS connections, else 421) → backend
-//! (round robin) → forwarded headers → the backend's response streamed back with HSTS. Every
-//! failure is a [`ProxyError`], mapped to a status in one place.
+//! Forwarding one request: the route check (the SNI's route on TLS, trusted networks for
+//! `.internal`), backend choice, the attempts over pooled HTTP/1.1 or h2c connections, and the
+//! response streamed back with HSTS; request metrics and the access log.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,122 +9,25 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::balance::{self, Balancer, NoCandidate};
-use super::grammar::{GrammarError, Mode};
-use super::h1client::H1Pool;
-use super::limits::{Activity, ActivityClock, Cidrs};
-use super::route::{Route, RouteError, RouteTable};
-use super::upstream::{HyperConnector, Upstream};
-use super::Snapshot;
+use super::error::{BoxError, Fault, ProxyBody, ProxyError};
+use super::headers::{narrow_cookie_domains, strip_hop_by_hop, ForwardedFor};
+use super::upgrade::{
+    self, is_upgrade_request, is_websocket_connect, websocket_handshake, Answered,
+};
+use crate::edge::balance::{self, Balancer, NoCandidate};
+use crate::edge::grammar::{GrammarError, Mode};
+use crate::edge::h1client::H1Pool;
+use crate::edge::limits::Cidrs;
+use crate::edge::route::{Route, RouteError, RouteTable};
+use crate::edge::upstream::{HyperConnector, Upstream};
+use crate::edge::Snapshot;
 use crate::metrics::{AppLabels, EdgeMetrics, ProtocolLabels, RequestLabels};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
-
-/// Who is at fault, for logs and for deciding whether another backend could help.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    Client,
-    Upstream,
-    Internal,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("request has no usable host: {0}")]
-    BadHost(String),
-    #[error("request target {0:?} is not origin-form (`/…`, or `*` for OPTIONS)")]
-    BadTarget(String),
-    #[error("no route for host {host:?}: {source}")]
-    NoRoute { host: String, source: RouteError },
-    #[error("malformed host {host:?}: {source}")]
-    BadName { host: String, source: GrammarError },
-    #[error("host {host:?} does not belong to the route of the TLS server name {sni:?}")]
-    Misdirected { host: String, sni: String },
-    #[error("{0:?} is only served to trusted networks")]
-    Forbidden(String),
-    #[error("app {0:?} has no instance to serve it")]
-    NoBackend(String),
-    #[error("app {0:?} has no healthy instance")]
-    NoHealthyBackend(String),
-    #[error("request body larger than {0} bytes")]
-    BodyTooLarge(u64),
-    #[error("request body: {0}")]
-    ClientBody(BoxError),
-    #[error("CONNECT is only served for WebSocket (extended CONNECT, `:protocol websocket`)")]
-    ConnectNotSupported,
-    #[error("backend {backend} refused the WebSocket handshake: {reason}")]
-    WebSocketRefused { backend: String, reason: String },
-    #[error("{host:?} is a TLS passthrough route; it cannot be reached over plain HTTP")]
-    PassthroughOverHttp { host: String },
-    #[error("backend {backend} did not answer within {timeout:?}")]
-    Timeout { backend: String, timeout: Duration },
-    #[error("cannot connect to backend {backend}: {source}")]
-    Connect { backend: String, source: BoxError },
-    #[error("backend {backend} failed: {source}")]
-    Upstream { backend: String, source: BoxError },
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl ProxyError {
-    /// The one place that maps failures to statuses.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ProxyError::BadHost(_) | ProxyError::BadTarget(_) | ProxyError::BadName { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
-            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ProxyError::PassthroughOverHttp { .. } => StatusCode::MISDIRECTED_REQUEST,
-            ProxyError::NoBackend(_) | ProxyError::NoHealthyBackend(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::WebSocketRefused { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    pub fn fault(&self) -> Fault {
-        match self {
-            ProxyError::BadHost(_)
-            | ProxyError::BadTarget(_)
-            | ProxyError::NoRoute { .. }
-            | ProxyError::BadName { .. }
-            | ProxyError::Misdirected { .. }
-            | ProxyError::Forbidden(_)
-            | ProxyError::PassthroughOverHttp { .. }
-            | ProxyError::BodyTooLarge(_)
-            | ProxyError::ClientBody(_)
-            | ProxyError::ConnectNotSupported => Fault::Client,
-            ProxyError::NoBackend(_)
-            | ProxyError::NoHealthyBackend(_)
-            | ProxyError::Timeout { .. }
-            | ProxyError::Connect { .. }
-            | ProxyError::Upstream { .. }
-            | ProxyError::WebSocketRefused { .. } => Fault::Upstream,
-            ProxyError::Internal(_) => Fault::Internal,
-        }
-    }
-
-    /// Could the same request go to another backend? Only when nothing reached the first one.
-    pub fn retryable(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. })
-    }
-}
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnCtx {
@@ -197,71 +97,6 @@ pub struct LastRoute {
     route: Route,
 }
 
-/// `X-Forwarded-For` and the start of `Forwarded` (`for=…;proto=…;host="`) for one client,
-/// and the headers made from the authority its last request named: a keep-alive connection
-/// names the same one every time, so they are built once, not per request.
-pub struct ForwardedFor {
-    xff: HeaderValue,
-    forwarded_prefix: Vec<u8>,
-    /// The authority, its `Host` / `X-Forwarded-Host` value and the whole `Forwarded`.
-    last: std::sync::Mutex<Option<AuthorityHeaders>>,
-}
-
-#[derive(Clone)]
-struct AuthorityHeaders {
-    authority: Bytes,
-    host: HeaderValue,
-    forwarded: HeaderValue,
-}
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-
-impl ForwardedFor {
-    fn new(client: std::net::IpAddr, scheme: &str) -> Self {
-        let ip = client.to_string();
-        let forwarded_prefix = format!(
-            "for={};proto={scheme};host=\"",
-            ip_for_forwarded(&SocketAddr::new(client, 0))
-        )
-        .into_bytes();
-        ForwardedFor {
-            // An address's text is always a valid header value.
-            xff: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
-            forwarded_prefix,
-            last: Default::default(),
-        }
-    }
-
-    fn authority_headers(&self, authority: &str) -> Option<AuthorityHeaders> {
-        // Held for a comparison and a few reference-count bumps, never across an await.
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = last
-            .as_ref()
-            .filter(|a| a.authority == authority.as_bytes())
-        {
-            return Some(a.clone());
-        }
-        let host = HeaderValue::from_str(authority).ok()?;
-        let mut forwarded = Vec::with_capacity(self.forwarded_prefix.len() + authority.len() + 1);
-        forwarded.extend_from_slice(&self.forwarded_prefix);
-        forwarded.extend_from_slice(authority.as_bytes());
-        forwarded.push(b'"');
-        let forwarded = HeaderValue::from_maybe_shared(Bytes::from(forwarded)).ok()?;
-        let a = AuthorityHeaders {
-            authority: Bytes::copy_from_slice(authority.as_bytes()),
-            host,
-            forwarded,
-        };
-        *last = Some(a.clone());
-        Some(a)
-    }
-}
-
 /// Proxy settings taken from `EdgeConfig`.
 pub struct ProxySettings {
     pub request_timeout: Duration,
@@ -304,7 +139,7 @@ pub struct Proxy {
     xff_from: Cidrs,
     /// The DNS check for custom domains, set once by the node (`Edge::set_custom_domains`).
     /// Unset (unit tests), custom domains route on their verified claim alone.
-    custom: std::sync::OnceLock<crate::custom_domain::CustomDomains>,
+    custom: std::sync::OnceLock<crate::edge::custom_domain::CustomDomains>,
 }
 
 /// Backends one request may try: the first choice and, after connect failures of a request
@@ -317,86 +152,6 @@ impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most requests carry none of these: one pass over their few names is cheaper than a hash
-    // lookup per hop-by-hop name.
-    let present = headers
-        .keys()
-        .any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k));
-    if !present {
-        if keep_upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        return;
-    }
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !(keep_upgrade && s == "upgrade"))
-        .filter_map(|s| HeaderName::from_bytes(s.as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for h in HOP_BY_HOP.iter() {
-        headers.remove(h);
-    }
-    if keep_upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
-    }
-}
-
-/// A WebSocket opened with extended CONNECT (`:protocol websocket`): RFC 8441 over HTTP/2,
-/// RFC 9220 over HTTP/3. Backends get the RFC 6455 HTTP/1.1 handshake instead, so an app
-/// serves one kind of WebSocket whatever the client speaks.
-fn is_websocket_connect<B>(req: &Request<B>) -> bool {
-    req.method() == Method::CONNECT
-        && req
-            .extensions()
-            .get::<hyper::ext::Protocol>()
-            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
-}
-
-/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
-fn websocket_accept(key: &[u8]) -> String {
-    use base64::Engine as _;
-    let mut d = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-    d.update(key);
-    d.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(d.finish())
-}
-
-fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
 }
 
 /// The authority a request names, as sent: the URI's (HTTP/2 `:authority`, absolute-form) or
@@ -425,7 +180,7 @@ pub fn request_host<B>(req: &Request<B>) -> Result<(String, String), ProxyError>
                 .map_err(|_| ProxyError::BadHost(format!("Host {s:?} is malformed")))?
         }
     };
-    let host = super::grammar::normalize_host(authority.host())
+    let host = crate::edge::grammar::normalize_host(authority.host())
         .map_err(|e| ProxyError::BadHost(e.to_string()))?;
     Ok((host, without_userinfo(authority.as_str()).to_string()))
 }
@@ -452,76 +207,6 @@ fn origin_form<B>(req: &Request<B>) -> bool {
     }
 }
 
-/// Narrows `Set-Cookie` fields whose `Domain` is a suffix above `authority`'s host (a base
-/// domain, or any parent of the app's own name): every other app under that name would get
-/// the cookie. The attribute is removed, which makes the cookie host-only, for the app's own
-/// host. A `Domain` equal to the host stays; one that is no suffix of it is left for the
-/// browser to refuse.
-pub(crate) fn narrow_cookie_domains(headers: &mut HeaderMap, authority: &str) {
-    if !headers.contains_key(header::SET_COOKIE) {
-        return;
-    }
-    let Ok(a) = authority.parse::<http::uri::Authority>() else {
-        return;
-    };
-    let host = a.host().trim_end_matches('.').to_ascii_lowercase();
-    let narrowed: Vec<Option<HeaderValue>> = headers
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .map(|v| narrow_cookie(v.as_bytes(), &host))
-        .collect();
-    if narrowed.iter().all(Option::is_none) {
-        return;
-    }
-    let old: Vec<HeaderValue> = headers
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .cloned()
-        .collect();
-    headers.remove(header::SET_COOKIE);
-    for (v, n) in old.into_iter().zip(narrowed) {
-        headers.append(header::SET_COOKIE, n.unwrap_or(v));
-    }
-}
-
-/// `cookie` without its `Domain` attributes that name a parent of `host`; `None` when it has
-/// none.
-fn narrow_cookie(cookie: &[u8], host: &str) -> Option<HeaderValue> {
-    let mut out = Vec::with_capacity(cookie.len());
-    let mut dropped = false;
-    for (i, part) in cookie.split(|&b| b == b';').enumerate() {
-        if i > 0 {
-            let attr = part.trim_ascii_start();
-            let (name, value) = match attr.iter().position(|&b| b == b'=') {
-                Some(eq) => (&attr[..eq], &attr[eq + 1..]),
-                None => (attr, &b""[..]),
-            };
-            if name.trim_ascii().eq_ignore_ascii_case(b"domain") {
-                let value = value.trim_ascii();
-                let value = value.strip_prefix(b".").unwrap_or(value);
-                let value = value
-                    .strip_suffix(b".")
-                    .unwrap_or(value)
-                    .to_ascii_lowercase();
-                let above = host.len() > value.len()
-                    && !value.is_empty()
-                    && host.as_bytes().ends_with(&value)
-                    && host.as_bytes()[host.len() - value.len() - 1] == b'.';
-                if above {
-                    dropped = true;
-                    continue;
-                }
-            }
-            out.push(b';');
-        }
-        out.extend_from_slice(part);
-    }
-    if !dropped {
-        return None;
-    }
-    HeaderValue::from_bytes(&out).ok()
-}
-
 /// `http://<addr><path-and-query>`, from parts (the path is shared, not copied).
 fn backend_uri(addr: &str, pq: &http::uri::PathAndQuery) -> Result<Uri, http::Error> {
     Uri::builder()
@@ -538,13 +223,6 @@ fn protocol_name(v: Version) -> &'static str {
         Version::HTTP_2 => "h2",
         Version::HTTP_10 => "http/1.0",
         _ => "http/1.1",
-    }
-}
-
-fn ip_for_forwarded(addr: &SocketAddr) -> String {
-    match addr.ip() {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
     }
 }
 
@@ -619,7 +297,7 @@ impl Proxy {
     }
 
     /// Installs the DNS check for custom domains; later calls are ignored.
-    pub fn set_custom_domains(&self, c: crate::custom_domain::CustomDomains) {
+    pub fn set_custom_domains(&self, c: crate::edge::custom_domain::CustomDomains) {
         let _ = self.custom.set(c);
     }
 
@@ -661,7 +339,7 @@ impl Proxy {
         });
         // Filled in as forwarding gets that far; `-` in metrics and logs until then.
         let mut app: Option<Arc<str>> = None;
-        let mut instance: Option<Arc<super::route::Backend>> = None;
+        let mut instance: Option<Arc<crate::edge::route::Backend>> = None;
         let mut authority: Option<Bytes> = None;
         // Boxed: hyper moves the request future into a task per HTTP/2 stream, and the
         // forwarding state (~1.6 KiB) is most of it. Node CPU per h2 request fell ~5 % (three
@@ -769,7 +447,7 @@ impl Proxy {
         mut req: Request<B>,
         (app_out, instance_out): (
             &mut Option<Arc<str>>,
-            &mut Option<Arc<super::route::Backend>>,
+            &mut Option<Arc<crate::edge::route::Backend>>,
         ),
         authority_out: &mut Option<Bytes>,
     ) -> Result<Response<ProxyBody>, ProxyError>
@@ -845,19 +523,7 @@ impl Proxy {
         self.forwarded_headers(&mut parts.headers, ctx, client_ip, authority);
         // Extended CONNECT becomes the HTTP/1.1 handshake; the key is ours, so the backend's
         // answer can be checked before the client is told the tunnel is open.
-        let ws_key = (ws_connect && upgrade).then(|| {
-            use base64::Engine as _;
-            let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-            parts.method = Method::GET;
-            let h = &mut parts.headers;
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.entry(header::SEC_WEBSOCKET_VERSION)
-                .or_insert(HeaderValue::from_static("13"));
-            if let Ok(v) = HeaderValue::from_str(&key) {
-                h.insert(header::SEC_WEBSOCKET_KEY, v);
-            }
-            key
-        });
+        let ws_key = (ws_connect && upgrade).then(|| websocket_handshake(&mut parts));
         // A request with no body can be sent again as it is: after a connect failure nothing
         // reached the backend, so it is retried on the next choice (GET, HEAD and OPTIONS
         // normally have no body). A body is streamed once and cannot be replayed. A WebSocket's
@@ -867,7 +533,7 @@ impl Proxy {
 
         let pools = self
             .pools
-            .get(super::worker::current())
+            .get(crate::edge::worker::current())
             .unwrap_or(&self.pools[0]);
         let client = if route.mode == Mode::H2c {
             &pools.h2c
@@ -981,75 +647,26 @@ impl Proxy {
                 }
             }
         };
-        let mut resp = match resp {
+        let resp = match resp {
             Sent::Direct(r) => return Ok(relay_response(r, load_guard)),
             Sent::Hyper(r) => r,
         };
-
-        if let Some(key) = &ws_key {
-            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                if resp.status().is_success() {
-                    // A 2xx would tell an extended-CONNECT client that the tunnel is open.
-                    return Err(ProxyError::WebSocketRefused {
-                        backend: cand_id(instance_out),
-                        reason: format!("answered {} instead of 101", resp.status()),
-                    });
-                }
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers, false);
-                return Ok(Response::from_parts(
-                    parts,
-                    body.map_err(BoxError::from).boxed(),
-                ));
-            }
-            let want = websocket_accept(key.as_bytes());
-            if resp
-                .headers()
-                .get(header::SEC_WEBSOCKET_ACCEPT)
-                .map(|v| v.as_bytes())
-                != Some(want.as_bytes())
-            {
-                return Err(ProxyError::WebSocketRefused {
-                    backend: cand_id(instance_out),
-                    reason: "wrong or missing Sec-WebSocket-Accept".into(),
-                });
-            }
+        // An upgrade request's answer opens a tunnel, or is relayed as any other response.
+        let Some(client_upgrade) = client_upgrade else {
+            return Ok(relay_response(resp, load_guard));
+        };
+        let idle = self.settings.upgrade_idle_timeout;
+        match upgrade::answer(
+            resp,
+            client_upgrade,
+            ws_key.as_deref(),
+            load_guard,
+            idle,
+            instance_out,
+        )? {
+            Answered::Done(r) => Ok(r),
+            Answered::Relay(resp, load_guard) => Ok(relay_response(resp, load_guard)),
         }
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let backend_upgrade = hyper::upgrade::on(&mut resp);
-                let idle = self.settings.upgrade_idle_timeout;
-                // The instance stays loaded (least-conn) for as long as the tunnel is open.
-                let held = load_guard;
-                tokio::spawn(async move {
-                    let _held = held;
-                    let (c, b) = match tokio::try_join!(client_upgrade, backend_upgrade) {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "upgrade failed");
-                            return;
-                        }
-                    };
-                    relay(TokioIo::new(c), TokioIo::new(b), idle).await;
-                });
-                let (mut parts, _) = resp.into_parts();
-                if ws_key.is_some() {
-                    // Extended CONNECT succeeds with 200 and no handshake headers (RFC 8441 §5).
-                    strip_hop_by_hop(&mut parts.headers, false);
-                    parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
-                    parts.status = StatusCode::OK;
-                } else {
-                    strip_hop_by_hop(&mut parts.headers, true);
-                }
-                return Ok(Response::from_parts(
-                    parts,
-                    http_body_util::Empty::new()
-                        .map_err(|never| match never {})
-                        .boxed(),
-                ));
-            }
-        }
-        Ok(relay_response(resp, load_guard))
     }
 
     /// Resolves the request's host to a route this connection may use, and remembers it for
@@ -1099,8 +716,8 @@ impl Proxy {
         }
         let authority = Bytes::from(authority);
         let custom = matches!(
-            super::grammar::parse_host(&host, snap.routes.bases()),
-            Ok(super::grammar::ParsedHost::Custom { .. })
+            crate::edge::grammar::parse_host(&host, snap.routes.bases()),
+            Ok(crate::edge::grammar::ParsedHost::Custom { .. })
         );
         if !custom && raw_authority(req) == Some(&authority[..]) {
             *ctx.last_route.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastRoute {
@@ -1120,8 +737,8 @@ impl Proxy {
         authority: &str,
     ) {
         // The client address comes from the TCP peer, a trusted PROXY header, or a trusted
-        // sender's X-Forwarded-For (`client`); whatever an untrusted client claims in these
-        // headers is replaced, not appended to, so backends can trust them.
+        // sender's X-Forwarded-For (`client`). The connection's own client's headers are built
+        // once per connection.
         let owned;
         let fwd = if client == ctx.client.ip() {
             ctx.forwarded
@@ -1130,26 +747,8 @@ impl Proxy {
             owned = ForwardedFor::new(client, ctx.scheme);
             &owned
         };
-        h.insert(X_FORWARDED_FOR, fwd.xff.clone());
-        // The same client in the field nginx-style backends read; a client's own value would
-        // be believed there.
-        h.insert(X_REAL_IP, fwd.xff.clone());
-        // The client's port claim: the gateway does not vouch for it (the scheme says whether
-        // the client came over TLS), so it is dropped rather than passed on.
-        h.remove(X_FORWARDED_PORT);
-        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
-        let Some(a) = fwd.authority_headers(authority) else {
-            return;
-        };
-        h.insert(X_FORWARDED_HOST, a.host.clone());
-        h.insert(FORWARDED, a.forwarded);
-        h.insert(header::HOST, a.host);
+        fwd.apply(h, ctx.scheme, authority);
     }
-}
-
-fn cand_id(b: &Option<Arc<super::route::Backend>>) -> String {
-    b.as_ref()
-        .map_or_else(String::new, |b| b.instance_id.clone())
 }
 
 /// Why an attempt got no response head.
@@ -1172,7 +771,7 @@ impl Failed {
 
 /// What a backend answered, through whichever client sent the request.
 enum Sent {
-    Direct(Response<super::h1client::H1Body>),
+    Direct(Response<crate::edge::h1client::H1Body>),
     Hyper(Response<hyper::body::Incoming>),
 }
 
@@ -1197,49 +796,9 @@ where
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
-/// Relays an upgraded (WebSocket) or passthrough connection until either side closes or no
-/// byte moves for `idle`.
-pub async fn relay<A, B>(a: A, b: B, idle: Duration)
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut clock = ActivityClock::new();
-    let mut a = Activity::new(a, clock.clone());
-    let mut b = b;
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    tokio::pin!(copy);
-    let tick = (idle / 4).max(Duration::from_millis(10));
-    loop {
-        tokio::select! {
-            r = &mut copy => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "relay ended");
-                }
-                return;
-            }
-            _ = tokio::time::sleep(tick) => {
-                if clock.idle_for() >= idle {
-                    tracing::debug!(?idle, "relay idle; closing");
-                    return;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn websocket_accept_matches_rfc_6455_example() {
-        // RFC 6455 §1.3.
-        assert_eq!(
-            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
-    }
 
     #[test]
     fn only_origin_form_targets_are_forwarded() {
@@ -1306,79 +865,5 @@ mod tests {
             ("app.example".to_string(), "app.example".to_string())
         );
         assert_eq!(without_userinfo("app.example:1"), "app.example:1");
-    }
-
-    #[test]
-    fn cookie_domains_above_the_app_are_narrowed_to_its_host() {
-        let host = "shop.apps.example";
-        let narrow = |c: &str| {
-            narrow_cookie(c.as_bytes(), host).map(|v| v.to_str().expect("ascii").to_string())
-        };
-        // The base domain, a parent, with a leading dot, any case: the Domain goes.
-        assert_eq!(
-            narrow("sid=1; Path=/; Domain=apps.example; Secure").as_deref(),
-            Some("sid=1; Path=/; Secure")
-        );
-        assert_eq!(narrow("a=b; domain=.APPS.example").as_deref(), Some("a=b"));
-        assert_eq!(narrow("a=b;Domain=example").as_deref(), Some("a=b"));
-        assert_eq!(
-            narrow("a=b; Domain = apps.example. ").as_deref(),
-            Some("a=b")
-        );
-        // The app's own host, no Domain, an unrelated or a deeper name: left as they are.
-        for keep in [
-            "a=b; Domain=shop.apps.example",
-            "a=b; Domain=.Shop.Apps.Example",
-            "a=b; Path=/",
-            "a=b; Domain=other.example",
-            "a=b; Domain=x.shop.apps.example",
-            "a=b; Domain=hop.apps.example",
-            "a=b; Domain=",
-            "domain=apps.example",
-        ] {
-            assert_eq!(narrow(keep), None, "{keep}");
-        }
-
-        let mut h = HeaderMap::new();
-        h.append(
-            header::SET_COOKIE,
-            HeaderValue::from_static("a=1; Domain=apps.example"),
-        );
-        h.append(
-            header::SET_COOKIE,
-            HeaderValue::from_static("b=2; HttpOnly"),
-        );
-        h.append(
-            header::SET_COOKIE,
-            HeaderValue::from_static("c=3; Domain=shop.apps.example"),
-        );
-        narrow_cookie_domains(&mut h, "Shop.apps.example:8443");
-        let all: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
-        assert_eq!(
-            all,
-            ["a=1", "b=2; HttpOnly", "c=3; Domain=shop.apps.example"]
-        );
-    }
-
-    #[test]
-    fn only_websocket_is_an_extended_connect_we_serve() {
-        let mut ws = Request::connect("https://a.example/chat")
-            .body(())
-            .expect("req");
-        ws.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
-        assert!(is_websocket_connect(&ws));
-        let mut wt = Request::connect("https://a.example/chat")
-            .body(())
-            .expect("req");
-        wt.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("webtransport"));
-        assert!(!is_websocket_connect(&wt));
-        let plain = Request::connect("a.example:443").body(()).expect("req");
-        assert!(!is_websocket_connect(&plain));
-        assert_eq!(
-            ProxyError::ConnectNotSupported.status(),
-            StatusCode::NOT_IMPLEMENTED
-        );
     }
 }
