@@ -5,7 +5,8 @@
 //! - [`backend`]: the HTTP/1.1 backend loop of the benchmark drivers.
 //! - [`harness`]: start a local cluster, run CLI commands, kill/restart nodes, wait for conditions.
 //! - [`cvm`]: CVM-side helpers (agent configurations, registrations) for the tunnel tests.
-//! - `wgl`: a per-key linearizability checker for recorded histories.
+//! - [`chaos`]: the modules of the `portcullis-chaos` driver (docs/chaos.md), among them
+//!   `chaos::wgl`, the per-key linearizability checker for recorded histories.
 //! - [`wggo`]: wireguard-go on TUN devices in network namespaces, and [`bulk`]: the checked
 //!   bulk-transfer protocol of the tunnel soaks (both shared with the wg crate's tests).
 //! - `tests/tNN_*.rs`: the cluster tests, one topic per file.
@@ -23,4 +24,3 @@ pub mod harness;
 #[path = "../../wg/tests/common/wggo.rs"]
 #[allow(dead_code)]
 pub mod wggo;
-pub mod wgl;
