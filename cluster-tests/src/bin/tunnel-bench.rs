@@ -60,7 +60,7 @@ use portcullis_cluster_tests::cvm::{
 };
 use portcullis_cluster_tests::edge_bench::stats::{latency_histogram, quantile_ms};
 use portcullis_cluster_tests::harness::TestCluster;
-use portcullis_cluster_tests::wggo::{self, Proc, WgGoPair};
+use portcullis_test_support::wggo::{self, Proc, WgGoPair};
 use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
