@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::Context as _;
+use portcullis_test_support::wggo::{self, Netns, WgGo, WgGoSpec};
 
 use crate::harness::{portcullis_bin, run, TestCluster};
-use crate::wggo::{self, Netns, WgGo, WgGoSpec};
 
 /// `portcullis <args>` in the background, stdout and stderr to `log`.
 pub fn spawn_logged(args: &[&str], log: &Path) -> Child {

@@ -8,7 +8,7 @@ use portcullis_cluster_tests::cvm::{
     wg_quick_address, AgentSpec,
 };
 use portcullis_cluster_tests::harness::{phase, show, TestCluster};
-use portcullis_cluster_tests::wggo;
+use portcullis_test_support::wggo;
 
 #[test]
 fn gateways_reach_a_cvm_running_wireguard_go() {

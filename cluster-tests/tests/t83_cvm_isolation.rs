@@ -32,7 +32,7 @@ use portcullis_cluster_tests::cvm::{
     wg_event, wg_event_now, wg_quick_address, AgentSpec, GatewayPeer, WgGoCvm,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
-use portcullis_cluster_tests::wggo::{self, ns_exec, Proc};
+use portcullis_test_support::wggo::{self, ns_exec, Proc};
 
 /// UDP port on B that A's datagrams target (nothing listens; the sniffer sees them regardless).
 const B_UDP_PORT: u16 = 7777;

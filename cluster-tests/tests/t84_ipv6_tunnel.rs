@@ -18,7 +18,7 @@ use portcullis_cluster_tests::cvm::{
     wg_event_now, wg_quick_address, AgentSpec, WithChildren,
 };
 use portcullis_cluster_tests::harness::{phase, show, wait_for, TestCluster};
-use portcullis_cluster_tests::wggo;
+use portcullis_test_support::wggo;
 
 const POOL: &str = "fd00:1:2::/64";
 

@@ -21,8 +21,8 @@ use portcullis_cluster_tests::cvm::{
     wg_quick_address, AgentSpec, WithChildren,
 };
 use portcullis_cluster_tests::harness::{phase, portcullis_bin, show, TestCluster};
-use portcullis_cluster_tests::wggo;
 use portcullis_node::cli::demo::bulk as demo_bulk;
+use portcullis_test_support::wggo;
 
 /// One transfer's target: a host name on node 1's HTTPS edge.
 struct Target {

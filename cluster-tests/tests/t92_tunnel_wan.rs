@@ -9,10 +9,10 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use portcullis_cluster_tests::bulk::{self, download, ping, upload, PORT};
 use portcullis_cluster_tests::chaos::link::{spawn_in_netns, DeviceSpec, LinkLayer, LinkParams};
 use portcullis_cluster_tests::chaos::topology::{is_root, ScratchNamespaces};
-use portcullis_cluster_tests::wggo::{self, WgGo, WgGoSpec};
+use portcullis_test_support::bulk::{self, download, ping, upload, PORT};
+use portcullis_test_support::wggo::{self, WgGo, WgGoSpec};
 use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PrivateKey};
 
 const NS_GW: &str = "pctw-gw";

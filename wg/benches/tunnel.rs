@@ -17,19 +17,15 @@
 //! Run: `CARGO_TARGET_DIR=... cargo bench -p portcullis-wg --bench tunnel`
 //! (the binary re-executes itself as `sink`/`source` inside the namespaces).
 
-#[allow(dead_code)]
-#[path = "../tests/common/wggo.rs"]
-mod wggo;
-
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use portcullis_test_support::wggo::{self, Netns, Proc, WgGo, WgGoPair, WgGoSpec};
 use portcullis_wg::{Endpoint, EndpointConfig, PeerConfig, PrivateKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use wggo::{Netns, Proc, WgGo, WgGoPair, WgGoSpec};
 
 const CHUNK: usize = 256 * 1024;
 

@@ -11,8 +11,8 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use common::wggo::{self, Netns, WgGo, WgGoSpec};
 use common::*;
+use portcullis_test_support::wggo::{self, Netns, WgGo, WgGoSpec};
 use portcullis_wg::PeerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

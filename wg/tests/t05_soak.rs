@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use common::wggo::{self, Netns, WgGo, WgGoSpec};
 use common::*;
+use portcullis_test_support::wggo::{self, Netns, WgGo, WgGoSpec};
 use portcullis_wg::{Endpoint, PeerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -206,7 +206,7 @@ async fn upload_to_kernel_tcp_behind_wireguard_go_recovers_losses() -> Result<()
 /// smoltcp 0.13. With `loss_every`, the gateway's socket drops one full-size datagram in that
 /// many.
 async fn kernel_upload(name: &str, loss_every: Option<u64>, tag: &str, net: u8) -> Result<()> {
-    use common::wggo::{self, Netns, Proc, WgGo, WgGoSpec};
+    use portcullis_test_support::wggo::{self, Netns, Proc, WgGo, WgGoSpec};
     use portcullis_wg::PeerConfig;
     init_tracing();
     if let Some(why) = wggo::skip_reason() {

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use common::bulk::{self, download, ping, upload, PORT};
-use common::wggo::{self, Netns, WgGo, WgGoSpec};
 use common::*;
+use portcullis_test_support::bulk::{self, download, ping, upload, PORT};
+use portcullis_test_support::wggo::{self, Netns, WgGo, WgGoSpec};
 use portcullis_wg::PeerConfig;
 
 /// Per transfer, generous for a debug build on a busy 2-core machine; a stall waits forever.

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::bulk::{self, download, upload, PORT};
 use common::*;
+use portcullis_test_support::bulk::{self, download, upload, PORT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What one direction of one connection may hold in flight, from the writing application to

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use hdrhistogram::Histogram;
+use portcullis_cluster_tests::edge_bench::stats::latency_histogram;
 use portcullis_cluster_tests::harness::{wait_for, TestCluster};
 use portcullis_proto::admin::admin_client::AdminClient;
 use portcullis_proto::admin::CreateAppRequest;
@@ -66,8 +66,7 @@ where
         let f = f.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
-            let mut h =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut h = latency_histogram();
             let mut errors = 0;
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -83,7 +82,7 @@ where
             (h, errors)
         }));
     }
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut all = latency_histogram();
     let mut errors = 0;
     for t in tasks {
         let (h, e) = t.await?;

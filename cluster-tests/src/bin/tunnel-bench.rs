@@ -49,7 +49,6 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use hdrhistogram::Histogram;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
@@ -59,8 +58,9 @@ use portcullis_cluster_tests::cvm::{
     agent_config, issue_credential, register_once, start_wggo_cvm, wg_quick_address, AgentSpec,
     WgGoCvm,
 };
+use portcullis_cluster_tests::edge_bench::stats::{latency_histogram, quantile_ms};
 use portcullis_cluster_tests::harness::TestCluster;
-use portcullis_cluster_tests::wggo::{self, Proc, WgGoPair};
+use portcullis_test_support::wggo::{self, Proc, WgGoPair};
 use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -350,7 +350,7 @@ async fn client(a: ClientArgs) -> anyhow::Result<serde_json::Value> {
                 let a = a.clone();
                 let tls = tls.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                    let mut h = latency_histogram();
                     let mut errors = 0u64;
                     let mut send = open(&a, &tls).await?;
                     while Instant::now() < until {
@@ -374,7 +374,7 @@ async fn client(a: ClientArgs) -> anyhow::Result<serde_json::Value> {
                     anyhow::Ok((h, errors))
                 }));
             }
-            let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut all = latency_histogram();
             let mut errors = 0;
             for t in tasks {
                 let (h, e) = t.await??;
@@ -383,8 +383,8 @@ async fn client(a: ClientArgs) -> anyhow::Result<serde_json::Value> {
             }
             Ok(json!({
                 "rps": all.len() as f64 / a.duration as f64,
-                "p50_ms": all.value_at_quantile(0.5) as f64 / 1000.0,
-                "p99_ms": all.value_at_quantile(0.99) as f64 / 1000.0,
+                "p50_ms": quantile_ms(&all, 0.5),
+                "p99_ms": quantile_ms(&all, 0.99),
                 "errors": errors,
             }))
         }

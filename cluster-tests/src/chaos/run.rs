@@ -18,8 +18,8 @@ use super::probe::DataPlane;
 use super::samples::GatewayStats;
 use super::scenario::{Expect, FaultKind, Scenario, Target};
 use super::topology::{is_root, node_ns, wan_dev, wan_ip, Topology};
+use super::wgl::{self, CheckOptions, Event, Outcome};
 use super::workload::{self, History};
-use crate::wgl::{self, CheckOptions, Event, Outcome};
 
 /// What happened to one scheduled fault.
 #[derive(Debug, Clone, Serialize)]

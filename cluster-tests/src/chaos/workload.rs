@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::cluster::Admin;
 use super::scenario::Clients;
-use crate::wgl::{Event, Op, OpResult, Outcome};
+use super::wgl::{Event, Op, OpResult, Outcome};
 
 /// The shared history. Events are appended under one lock with timestamps from one clock, so
 /// the slice order is the real-time order the checker needs.

@@ -1,10 +1,11 @@
-//! Helpers shared by the integration tests: endpoints on 127.0.0.1, an echo service, a raw
-//! WireGuard peer for crafting packets, and wireguard-go in a network namespace.
+//! Helpers shared by the integration tests: endpoints on 127.0.0.1, an echo service, and a raw
+//! WireGuard peer for crafting packets. wireguard-go in a network namespace and the checked
+//! bulk-transfer protocol come from the portcullis-test-support crate (shared with the
+//! cluster tests).
+// Every test binary includes this module and uses a different part of it.
 #![allow(dead_code)]
 
-pub mod bulk;
 pub mod raw;
-pub mod wggo;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

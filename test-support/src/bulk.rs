@@ -1,5 +1,5 @@
-//! The bulk-transfer protocol of the tunnel soaks (wg/tests/t08_bulk_soak.rs, and the WAN
-//! loss test cluster-tests/tests/t92_tunnel_wan.rs, which includes this file): a CVM-side
+//! The bulk-transfer protocol of the tunnel soaks (wg/tests/t08_bulk_soak.rs and
+//! t09_flow_control.rs, and the WAN loss test cluster-tests/tests/t92_tunnel_wan.rs): a CVM-side
 //! server, in Rust on an `Endpoint` or in Python on kernel TCP, and the gateway-side client.
 //! Each stream starts with one line: `down N` (the server sends N pattern bytes and closes),
 //! `up` (it reads to EOF and answers `<bytes> <first mismatch or -1>`), or `ping` (`pong`).
@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use portcullis_wg::{Endpoint, TunnelListener};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::wggo::Proc;
+use crate::wggo::Proc;
 
 /// The tunnel port the servers listen on.
 pub const PORT: u16 = 9000;
