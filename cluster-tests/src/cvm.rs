@@ -168,10 +168,7 @@ impl Drop for WithChildren {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
+        self.tc.down();
     }
 }
 

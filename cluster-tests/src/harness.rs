@@ -371,6 +371,12 @@ impl TestCluster {
         std::fs::read_to_string(self.node(id).config.with_file_name("node.log")).unwrap_or_default()
     }
 
+    /// `portcullis down` for this cluster: stops the demo apps and agents `up` started (and the
+    /// nodes), so a test's guard can run it before the harness kills what is left.
+    pub fn down(&self) {
+        down(self.path());
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -525,4 +531,22 @@ pub fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Runs `portcullis down --state-dir DIR`, ignoring its outcome (a guard's last word).
+pub fn down(state_dir: &Path) {
+    let _ = Command::new(portcullis_bin())
+        .args(["down", "--state-dir"])
+        .arg(state_dir)
+        .output();
+}
+
+/// Runs [`down`] for a state directory when dropped: clusters a test starts with `up` must not
+/// outlive it when an assertion fails.
+pub struct DownOnDrop(pub PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        down(&self.0);
+    }
 }

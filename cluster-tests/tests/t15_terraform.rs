@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use portcullis_cluster_tests::harness::{
-    alive, phase, portcullis_bin, read_cluster_json, run, show, Status,
+    alive, phase, portcullis_bin, read_cluster_json, run, show, DownOnDrop, Status,
 };
 
 fn terraform_dir() -> PathBuf {
@@ -96,16 +96,7 @@ fn terraform_modules_apply_for_real() {
         .expect("tempdir");
     let state_dir = state.path().join("cluster");
     // If an assertion fails before `destroy`, the nodes must not outlive the test.
-    struct Down(PathBuf);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = Command::new(portcullis_bin())
-                .args(["down", "--state-dir"])
-                .arg(&self.0)
-                .output();
-        }
-    }
-    let _down = Down(state_dir.clone());
+    let _down = DownOnDrop(state_dir.clone());
     root_config(
         work.path(),
         "local-cluster",

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_cluster_tests::harness::{
-    free_port, phase, portcullis_bin, run, show, wait_for, TestCluster,
+    free_port, phase, portcullis_bin, run, show, wait_for, DownOnDrop, TestCluster,
 };
 
 /// A cluster whose demo apps are stopped with it: `portcullis down` before the harness kills
@@ -21,10 +21,7 @@ struct DataPlane {
 
 impl Drop for DataPlane {
     fn drop(&mut self) {
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
+        self.tc.down();
         for c in &mut self.backends {
             let _ = c.kill();
             let _ = c.wait();
@@ -156,7 +153,7 @@ fn t60_up_prints_a_curl_line_that_works() {
     let out = run(Command::new(portcullis_bin())
         .args(["up", "--detach", "--state-dir"])
         .arg(dir.path()));
-    let guard = scopeguard(dir.path());
+    let guard = DownOnDrop(dir.path().to_path_buf());
     assert!(out.status.success(), "up: {}", show(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let lines: Vec<&str> = stdout
@@ -181,19 +178,6 @@ fn t60_up_prints_a_curl_line_that_works() {
     drop(guard);
 }
 
-/// Runs `portcullis down` for a directory when dropped.
-struct Down(PathBuf);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(&self.0)
-            .output();
-    }
-}
-fn scopeguard(p: &Path) -> Down {
-    Down(p.to_path_buf())
-}
 
 #[test]
 fn t61_https_routing_limits_and_live_updates() {

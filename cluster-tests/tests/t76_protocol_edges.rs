@@ -201,10 +201,7 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
+        self.tc.down();
     }
 }
 

@@ -25,10 +25,7 @@ struct Lb {
 
 impl Drop for Lb {
     fn drop(&mut self) {
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
+        self.tc.down();
         for (c, _) in self.backends.values_mut() {
             let _ = c.kill();
             let _ = c.wait();

@@ -58,10 +58,7 @@ pub struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let _ = Command::new(portcullis_bin())
-            .args(["down", "--state-dir"])
-            .arg(self.tc.path())
-            .output();
+        self.tc.down();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
