@@ -178,7 +178,6 @@ fn t60_up_prints_a_curl_line_that_works() {
     drop(guard);
 }
 
-
 #[test]
 fn t61_https_routing_limits_and_live_updates() {
     phase("start a 3-node cluster with the demo app");
