@@ -4,7 +4,6 @@
 //! ends a run.
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use portcullis_node::cli::spawn::spawn_logged;
 use tokio::net::TcpStream;
 
 use super::target::START_TIMEOUT;
@@ -27,15 +27,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
+        let child = spawn_logged(cmd, &log, name)?;
         Ok(Proc {
             name: name.to_string(),
             child,

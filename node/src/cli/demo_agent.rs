@@ -53,7 +53,7 @@ pub fn start_demo_agent(
     for n in nodes {
         cmd.arg("--exit-with").arg(n.pid.to_string());
     }
-    let pid = spawn_logged(cmd, &log, &format!("cvm-agent for {instance_id}"))?;
+    let pid = spawn_logged(&mut cmd, &log, &format!("cvm-agent for {instance_id}"))?.id();
     Ok((pid, log))
 }
 

@@ -253,7 +253,7 @@ async fn every_node_gone(cf: &ClusterFile) {
 fn spawn_node(exe: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("node").arg("--config").arg(config);
-    spawn_logged(cmd, log, &exe.display().to_string())
+    Ok(spawn_logged(&mut cmd, log, &exe.display().to_string())?.id())
 }
 
 async fn form_cluster(cf: &ClusterFile) -> anyhow::Result<()> {
@@ -375,7 +375,7 @@ async fn setup_demo(
         for n in &cf.nodes {
             cmd.arg("--exit-with").arg(n.pid.to_string());
         }
-        let pid = spawn_logged(cmd, &log, &format!("demo-app for {region}"))?;
+        let pid = spawn_logged(&mut cmd, &log, &format!("demo-app for {region}"))?.id();
         let addr = wait_listening(&log, pid)
             .await
             .with_context(|| format!("demo-app {instance_id}; see {}", log.display()))?;

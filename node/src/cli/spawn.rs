@@ -3,21 +3,19 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
 
 /// Starts `cmd` with stdin closed and stdout and stderr appended to a fresh `log`, in its own
 /// process group: a Ctrl-C in the terminal reaches the launcher, which then stops the nodes in
-/// order, instead of killing them all mid-write. `what` names it in errors. Returns the pid.
-pub fn spawn_logged(mut cmd: Command, log: &Path, what: &str) -> anyhow::Result<u32> {
+/// order, instead of killing them all mid-write. `what` names it in errors.
+pub fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-    let child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .process_group(0)
         .spawn()
-        .with_context(|| format!("start {what}"))?;
-    Ok(child.id())
+        .with_context(|| format!("start {what}"))
 }
