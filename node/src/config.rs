@@ -38,9 +38,67 @@ pub struct NodeConfig {
     pub dns: crate::edge::dns::DnsConfig,
     /// `[secrets]`: the cluster data key that seals private keys at rest (docs/keys-at-rest.md).
     pub secrets: crate::secrets::SecretsConfig,
+    /// `[waf]`: the rules the web application firewall runs (docs/waf.md). Per-app policy is in
+    /// the replicated state.
+    pub waf: WafConfig,
     /// Test-only switches that deliberately break guarantees, so the chaos harness can prove it
     /// catches the breakage (docs/chaos.md). Never set these in production.
     pub debug: DebugConfig,
+}
+
+/// `[waf]`: where this node's WAF rules come from. Without `crs_dir` no rules run, and apps whose
+/// policy turns the WAF on follow their fail mode (`on_budget`), counted in
+/// `portcullis_waf_unavailable_total`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WafConfig {
+    /// An OWASP CRS release directory: `crs-setup.conf` (or `crs-setup.conf.example`) and
+    /// `rules/*.conf`.
+    pub crs_dir: Option<PathBuf>,
+    /// SecLang files included after the CRS setup and the policy's settings, before the rules
+    /// (site-wide settings, exclusions).
+    pub extra_conf: Vec<PathBuf>,
+    /// libmodsecurity 3's shared library; default: the system's `libmodsecurity.so.3`.
+    pub library: Option<String>,
+    /// The JSON audit log (relative to `data_dir`). Default `waf-audit.jsonl`.
+    pub audit_log: PathBuf,
+    /// Log every inspected request, not only those that matched a rule.
+    pub audit_all: bool,
+    /// Rule evaluations running at once (blocking threads). Default: the number of CPUs.
+    pub max_concurrent: usize,
+}
+
+impl Default for WafConfig {
+    fn default() -> Self {
+        WafConfig {
+            crs_dir: None,
+            extra_conf: Vec::new(),
+            library: None,
+            audit_log: PathBuf::from("waf-audit.jsonl"),
+            audit_all: false,
+            max_concurrent: 0,
+        }
+    }
+}
+
+impl WafConfig {
+    /// Evaluations at once: the configured number, else one per CPU.
+    pub fn concurrency(&self) -> usize {
+        if self.max_concurrent > 0 {
+            self.max_concurrent
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+
+    /// The audit log's path, under `data_dir` unless absolute.
+    pub fn audit_path(&self, data_dir: &Path) -> PathBuf {
+        if self.audit_log.is_absolute() {
+            self.audit_log.clone()
+        } else {
+            data_dir.join(&self.audit_log)
+        }
+    }
 }
 
 /// Test-only fault switches (`[debug]`). All default to off.
@@ -70,6 +128,7 @@ impl Default for NodeConfig {
             acme: crate::acme::AcmeConfig::default(),
             dns: crate::edge::dns::DnsConfig::default(),
             secrets: Default::default(),
+            waf: WafConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -509,6 +568,16 @@ impl NodeConfig {
             *db = base.join(&*db);
         }
         if let Some(p) = cfg.acme.extra_root.as_mut() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        for p in cfg
+            .waf
+            .crs_dir
+            .iter_mut()
+            .chain(cfg.waf.extra_conf.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -82,6 +82,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Domain(c) => cli::domain::run(&cli.global, c).await.map(|_| 0),
         Cmd::Secrets(c) => cli::secrets::run(&cli.global, c).await.map(|_| 0),
         Cmd::Cvm(c) => cli::cvm::run(&cli.global, c).await.map(|_| 0),
+        Cmd::Waf(c) => cli::waf::run(&cli.global, c).await.map(|_| 0),
         Cmd::DemoApp(args) => portcullis_node::cli::demo::run(args).await.map(|_| 0),
         Cmd::CvmAgent(args) => {
             let shutdown = CancellationToken::new();

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub acme: Arc<crate::acme::AcmeMetrics>,
     /// TXT lookups and the custom-domain check (`edge/dns.rs`).
     pub dns: Arc<crate::edge::dns::DnsMetrics>,
+    /// The web application firewall (`edge/protect/waf`).
+    pub waf: Arc<crate::edge::protect::waf::WafMetrics>,
     term: Gauge,
     leader: Gauge,
     is_leader: Gauge,
@@ -50,6 +52,7 @@ impl Metrics {
         let edge = Arc::new(EdgeMetrics::register(&mut r));
         let acme = Arc::new(crate::acme::AcmeMetrics::register(&mut r));
         let dns = Arc::new(crate::edge::dns::DnsMetrics::register(&mut r));
+        let waf = Arc::new(crate::edge::protect::waf::WafMetrics::register(&mut r));
         let wg_events = Family::<WgEventLabels, Counter>::default();
         r.register(
             "portcullis_wg_events",
@@ -84,6 +87,7 @@ impl Metrics {
             edge,
             acme,
             dns,
+            waf,
             term: gauge(&mut r, "portcullis_raft_term", "Current Raft term"),
             leader: gauge(
                 &mut r,

@@ -301,6 +301,12 @@ pub async fn run(
         )
         .context("start the data plane")?;
         edge.set_custom_domains(crate::edge::custom_domain::CustomDomains::new(dns.clone()));
+        edge.set_waf(start_waf(&cfg, metrics.waf.clone()));
+        // Compiling the CRS takes a second or so per policy; requests of protected apps that
+        // arrive meanwhile follow their fail mode.
+        let e = edge.clone();
+        tracker.spawn_blocking(move || e.prepare_waf());
+        tracker.spawn(reload_waf_on_sighup(edge.clone(), shutdown.clone()));
         let _ = edge_slot.set(edge.clone());
         edge.spawn(edge_listeners, shared.clone(), &tracker, shutdown.clone());
         tracker.spawn(announce_region(
@@ -402,6 +408,63 @@ async fn announce_region(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The WAF engine from `[waf]`: the rules directory resolved, the library opened.
+fn start_waf(
+    cfg: &NodeConfig,
+    metrics: Arc<crate::edge::protect::waf::WafMetrics>,
+) -> Arc<crate::edge::protect::waf::Waf> {
+    use crate::edge::protect::waf::{seclang::RuleFiles, Waf, WafSettings};
+    let files = cfg.waf.crs_dir.as_ref().and_then(|dir| {
+        RuleFiles::from_crs_dir(
+            dir,
+            cfg.waf.extra_conf.clone(),
+            cfg.data_dir.join("waf-tmp"),
+        )
+        .map_err(|e| tracing::error!(error = %e, "WAF rules not found"))
+        .ok()
+    });
+    if let Some(f) = &files {
+        let _ = std::fs::create_dir_all(&f.tmp);
+    }
+    Waf::new(
+        WafSettings {
+            files,
+            library: cfg.waf.library.clone(),
+            audit_log: cfg.waf.audit_path(&cfg.data_dir),
+            audit_all: cfg.waf.audit_all,
+            max_concurrent: cfg.waf.concurrency(),
+            node_id: cfg.node_id,
+        },
+        metrics,
+    )
+}
+
+/// `SIGHUP` reloads the WAF rules (docs/waf.md); a rule set that fails to load keeps the old
+/// one serving.
+async fn reload_waf_on_sighup(edge: Arc<Edge>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload WAF rules with `portcullis waf reload`");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = hup.recv() => if r.is_none() { return },
+        }
+        let Some(waf) = edge.waf().cloned() else {
+            continue;
+        };
+        match tokio::task::spawn_blocking(move || waf.reload()).await {
+            Ok(Ok(n)) => tracing::info!(rule_sets = n, "SIGHUP: WAF rules reloaded"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "SIGHUP: WAF rules not reloaded; the previous rules keep serving")
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: WAF reload panicked"),
+        }
     }
 }
 

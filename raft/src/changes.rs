@@ -93,6 +93,9 @@ pub fn touched(state: &ClusterState, cmd: &Command, out: &mut Vec<Touched>) {
         | Command::RemoveDomain { name } => out.push(Touched::Domain(name.clone())),
         Command::PutCertificate(c) => out.push(Touched::Certificate(c.name.clone())),
         Command::RemoveCertificate { name } => out.push(Touched::Certificate(name.clone())),
+        Command::SetWafPolicy { app: Some(app), .. } => out.push(Touched::App(app.clone())),
+        // The default applies to every app without a policy of its own.
+        Command::SetWafPolicy { app: None, .. } => out.push(Touched::Everything),
         Command::RewrapKeys(list) => {
             for r in list {
                 if let RewrapTarget::Certificate(name) = &r.target {

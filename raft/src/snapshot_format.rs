@@ -7,13 +7,14 @@
 //!
 //! Formats:
 //! - 1: `Applied` holding a [`ClusterStateV1`] (IPv4-only tunnel addresses and pool).
-//! - 2: `Applied` holding today's `ClusterState` (IPv4 or IPv6 tunnel addresses and pool).
+//! - 2: `Applied` holding a [`ClusterStateV2`] (IPv4 or IPv6 tunnel addresses and pool).
+//! - 3: `Applied` holding today's `ClusterState` (WAF policies).
 //!
 //! Header-less snapshots (before the header existed) have the format-1 shape.
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{ClusterState, ClusterStateV1};
+use crate::state::{ClusterState, ClusterStateV1, ClusterStateV2};
 use crate::types::{LogId, StoredMembership};
 
 /// What the state machine holds, and what a snapshot carries: the applied position and the
@@ -29,10 +30,11 @@ pub struct Applied {
 /// `Applied`) starts with an `Option` tag, 0 or 1, never `P`, so the two cannot be confused.
 const MAGIC: &[u8; 6] = b"PCSNAP";
 /// The format this build writes and reads.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 /// The first format this build still reads.
 const FORMAT_V1: u16 = 1;
+const FORMAT_V2: u16 = 2;
 
 /// `Applied` as formats 0 (header-less) and 1 stored it. Frozen: see `state::legacy`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +42,24 @@ pub struct AppliedV1 {
     pub last_applied: Option<LogId>,
     pub last_membership: StoredMembership,
     pub state: ClusterStateV1,
+}
+
+/// `Applied` as format 2 stored it. Frozen: see `state::legacy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppliedV2 {
+    pub last_applied: Option<LogId>,
+    pub last_membership: StoredMembership,
+    pub state: ClusterStateV2,
+}
+
+impl From<AppliedV2> for Applied {
+    fn from(a: AppliedV2) -> Self {
+        Applied {
+            last_applied: a.last_applied,
+            last_membership: a.last_membership,
+            state: a.state.into(),
+        }
+    }
 }
 
 impl From<AppliedV1> for Applied {
@@ -90,6 +110,9 @@ pub fn decode(data: &[u8]) -> Result<Applied, SnapshotFormatError> {
         FORMAT_VERSION => {
             bincode::deserialize(body).map_err(|e| SnapshotFormatError::Body(e.to_string()))
         }
+        FORMAT_V2 => bincode::deserialize::<AppliedV2>(body)
+            .map(Applied::from)
+            .map_err(|e| SnapshotFormatError::Body(e.to_string())),
         FORMAT_V1 => bincode::deserialize::<AppliedV1>(body)
             .map(Applied::from)
             .map_err(|e| SnapshotFormatError::Body(e.to_string())),
@@ -133,7 +156,7 @@ mod tests {
         });
         a.state.apply(3, &reg);
         let bytes = encode(&a).expect("encode");
-        assert!(bytes.starts_with(b"PCSNAP\x02\x00"));
+        assert!(bytes.starts_with(b"PCSNAP\x03\x00"));
         let back = decode(&bytes).expect("decode");
         assert_eq!(back.state, a.state);
         assert_eq!(

@@ -18,7 +18,7 @@ use super::convert::{app_pb, cert_pb, domain_pb, instance_pb};
 use super::keys::stored_keys;
 use super::AdminState;
 
-pub(super) struct AdminService {
+pub(crate) struct AdminService {
     pub(super) state: AdminState,
 }
 
@@ -91,7 +91,7 @@ impl AdminService {
     /// Proposes `cmd` through the leader: (log index, the state machine's answer), with a
     /// refusal or a failed write turned into the matching gRPC status.
     /// Reads after this see every write committed before it (see `Cluster::linearizable_barrier`).
-    async fn barrier(&self) -> Result<(), Status> {
+    pub(super) async fn barrier(&self) -> Result<(), Status> {
         self.state
             .cluster
             .linearizable_barrier()
@@ -99,7 +99,7 @@ impl AdminService {
             .map_err(status)
     }
 
-    async fn commit(&self, cmd: Command) -> Result<(u64, Response), Status> {
+    pub(super) async fn commit(&self, cmd: Command) -> Result<(u64, Response), Status> {
         let (index, resp) = self.state.cluster.write(cmd).await.map_err(status)?;
         Ok((index, outcome(resp)?))
     }
@@ -566,6 +566,34 @@ impl Admin for AdminService {
         // A follower forwarded the write: wait until it has applied it before reading.
         self.barrier().await?;
         Ok(tonic::Response::new(self.tunnel_pool_pb(log_index)))
+    }
+
+    async fn set_waf_policy(
+        &self,
+        req: Request<pb::WafPolicyRequest>,
+    ) -> Result<tonic::Response<WriteReply>, Status> {
+        Ok(tonic::Response::new(self.waf_set(req.into_inner()).await?))
+    }
+
+    async fn get_waf_policy(
+        &self,
+        req: Request<pb::WafPolicyQuery>,
+    ) -> Result<tonic::Response<pb::WafPolicyReply>, Status> {
+        Ok(tonic::Response::new(self.waf_get(req.into_inner()).await?))
+    }
+
+    async fn test_waf(
+        &self,
+        req: Request<pb::WafTestRequest>,
+    ) -> Result<tonic::Response<pb::WafTestReply>, Status> {
+        Ok(tonic::Response::new(self.waf_test(req.into_inner()).await?))
+    }
+
+    async fn reload_waf(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<tonic::Response<pb::WafReloadReply>, Status> {
+        Ok(tonic::Response::new(self.waf_reload().await?))
     }
 
     async fn set_instance_weight(

@@ -8,6 +8,7 @@
 //! - [`grpc`]: the `Admin` gRPC service — every operator command, as Raft writes and
 //!   linearizable reads; [`keys`]: the sealed private keys `KeyStatus` and `RewrapKeys` see.
 //! - [`convert`]: replicated-state records to their protobuf messages.
+//! - `waf.rs`: the WAF calls — policies, `waf test` against this node's engine, rule reload.
 //!
 //! What it may import: the raft crate, the proto crate, and the node's leaves (metrics,
 //! secrets, collisions, acme's sealed-key decoding, edge's host splitting); the data plane only
@@ -29,6 +30,7 @@ mod grpc;
 pub mod http;
 mod internal;
 mod keys;
+mod waf;
 
 pub use convert::instance_pb;
 pub use http::{router, serve};

@@ -90,6 +90,9 @@ pub enum Cmd {
     /// CVM instances (an app's backends).
     #[command(subcommand)]
     Cvm(CvmCmd),
+    /// Web application firewall: per-app policy, testing a request, rule reloads (docs/waf.md).
+    #[command(subcommand)]
+    Waf(WafCmd),
     /// Run the built-in demo HTTP service (a backend for the demo app and for tests).
     DemoApp(super::demo::DemoArgs),
     /// Run inside a CVM: register with the cluster and expose local ports over WireGuard.
@@ -155,6 +158,84 @@ pub enum DomainCmd {
     Remove {
         domain: String,
     },
+}
+
+/// Whose policy: an app's, or the cluster default.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WafTarget {
+    /// The app.
+    pub app: Option<String>,
+    /// The cluster default, for apps without a policy of their own.
+    #[arg(long, conflicts_with = "app")]
+    pub default: bool,
+}
+
+/// Policy fields `waf set` changes; the rest keep their current values.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WafPolicyArgs {
+    /// off, detect (log and forward) or block (403).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// CRS paranoia level, 1-4.
+    #[arg(long)]
+    pub paranoia: Option<u8>,
+    /// Inbound anomaly score threshold (CRS default 5: one critical match).
+    #[arg(long)]
+    pub inbound_threshold: Option<u32>,
+    /// Outbound (response) anomaly score threshold (CRS default 4).
+    #[arg(long)]
+    pub outbound_threshold: Option<u32>,
+    /// Switch a rule off: RULE_ID, or RULE_ID:/path/prefix for requests under a path. Repeat.
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Drop the current exclusions first.
+    #[arg(long)]
+    pub clear_exclusions: bool,
+    /// Request body bytes inspected.
+    #[arg(long)]
+    pub body_limit: Option<u64>,
+    /// A larger body: inspect (the first part) or refuse (413).
+    #[arg(long)]
+    pub over_limit: Option<String>,
+    /// Inspect responses too (CRS 95x rules).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub response_inspection: Option<bool>,
+    /// Evaluation budget per request, in milliseconds.
+    #[arg(long)]
+    pub budget_ms: Option<u32>,
+    /// Past the budget: open (forward uninspected) or closed (503).
+    #[arg(long)]
+    pub on_budget: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WafCmd {
+    /// Change an app's policy (or the cluster default's): only the flags given.
+    Set {
+        #[command(flatten)]
+        target: WafTarget,
+        #[command(flatten)]
+        policy: WafPolicyArgs,
+    },
+    /// Remove an app's own policy (it falls back to the cluster default).
+    Unset {
+        #[command(flatten)]
+        target: WafTarget,
+    },
+    /// The policy that applies to an app, and where it comes from.
+    Show {
+        #[command(flatten)]
+        target: WafTarget,
+    },
+    /// Run one raw HTTP/1.1 request through a node's engine under the app's policy.
+    Test {
+        app: String,
+        /// File holding the request (request line, headers, empty line, body); `-` for stdin.
+        #[arg(long)]
+        request: PathBuf,
+    },
+    /// Reload the rule files: on every node of --cluster, or on the --admin node.
+    Reload,
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,6 +397,16 @@ pub struct UpArgs {
     /// `wg.registration_burst_per_app` for every node.
     #[arg(long, hide = true)]
     pub wg_registration_burst_per_app: Option<u32>,
+    /// An OWASP CRS release directory (`waf.crs_dir`) for every node; apps then turn the WAF on
+    /// with `portcullis waf set APP --mode block` (docs/waf.md).
+    #[arg(long)]
+    pub waf_crs_dir: Option<PathBuf>,
+    /// `waf.extra_conf` files for every node (the CRS regression corpus's test settings).
+    #[arg(long, hide = true)]
+    pub waf_extra_conf: Vec<PathBuf>,
+    /// `waf.audit_all` for every node: an audit line for every inspected request.
+    #[arg(long, hide = true)]
+    pub waf_audit_all: bool,
     /// `edge.max_request_body_bytes` for every node (the tunnel soak uploads 256 MiB bodies).
     #[arg(long, hide = true)]
     pub edge_max_request_body_bytes: Option<u64>,

@@ -168,6 +168,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         if let Some(b) = args.wg_registration_burst_per_app {
             cfg.wg.registration_burst_per_app = b;
         }
+        // Absolute: node configs live in their own directories.
+        let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        cfg.waf.crs_dir = args.waf_crs_dir.as_deref().map(abs);
+        cfg.waf.extra_conf = args.waf_extra_conf.iter().map(|p| abs(p)).collect();
+        cfg.waf.audit_all = args.waf_audit_all;
         if let Some(n) = args.edge_max_request_body_bytes {
             cfg.edge.max_request_body_bytes = n;
         }

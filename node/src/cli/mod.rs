@@ -3,7 +3,7 @@
 //! What it owns:
 //! - [`args`]: the command line's shape (clap types) — every command, subcommand and flag.
 //! - The operator commands, one file per group, each a thin client of the admin API:
-//!   [`cluster`], [`app`], [`cert`], [`domain`], [`cvm`], [`secrets`]; [`output`]: what they
+//!   [`cluster`], [`app`], [`cert`], [`domain`], [`cvm`], [`secrets`], [`waf`]; [`output`]: what they
 //!   print (`--json`, a contract, or a table) and gRPC failures as operator messages.
 //! - [`client`]: finding the cluster (`--admin`, `--cluster`) and connecting to its admin API.
 //! - [`launcher`]: `up` and `down`, a local multi-node cluster with demo apps;
@@ -14,7 +14,7 @@
 //!
 //! What it may import: the proto crate (admin API client), [`crate::config`] and
 //! [`crate::pki`] (the launcher writes configurations and certificates), the tunnel wing's
-//! agent arguments, and the leaves ([`crate::tls`]-style helpers, [`crate::procs`]). Nothing
+//! agent arguments, `portcullis_raft`'s WAF policy type (`waf` edits it as JSON), and the leaves ([`crate::tls`]-style helpers, [`crate::procs`]). Nothing
 //! below `main.rs` imports this wing except tests and the benchmark drivers.
 
 pub mod app;
@@ -31,5 +31,6 @@ pub mod output;
 pub mod ports;
 pub mod secrets;
 pub mod spawn;
+pub mod waf;
 
 pub use args::{Cli, Cmd, Global};

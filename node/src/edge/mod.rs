@@ -58,6 +58,7 @@ pub mod hostport;
 pub mod limits;
 mod passthrough;
 mod preamble;
+pub mod protect;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod redirect;
@@ -98,6 +99,8 @@ pub struct Snapshot {
     pub certs: CertTable,
     /// Per-app selectors and instance health, built with `routes`.
     pub balance: balance::Balance,
+    /// Each app's WAF policy.
+    pub waf: Arc<protect::waf::Policies>,
 }
 
 /// What one [`Edge::rebuild`] cost.
@@ -191,6 +194,7 @@ impl Edge {
             routes: RouteTable::build(&Default::default(), &cfg.base_domains, 0),
             certs: CertTable::default(),
             balance: balance::Balance::default(),
+            waf: Default::default(),
         };
         let snapshot = Arc::new(ArcSwap::from_pointee(empty));
         let acceptor = TlsAcceptor::from(tls::server_config(snapshot.clone())?);
@@ -256,6 +260,24 @@ impl Edge {
         Ok(edge)
     }
 
+    /// Installs the WAF engine (set once, before `spawn`). Call [`Edge::prepare_waf`] next, off
+    /// the event loops.
+    pub fn set_waf(&self, waf: Arc<protect::waf::Waf>) {
+        self.proxy.set_waf(waf);
+    }
+
+    /// Compiles the rule sets of the current snapshot's policies. Blocking.
+    pub fn prepare_waf(&self) {
+        if let Some(w) = self.proxy.waf() {
+            w.prepare(self.snapshot.load().waf.in_use());
+        }
+    }
+
+    /// The WAF engine, when installed.
+    pub fn waf(&self) -> Option<&Arc<protect::waf::Waf>> {
+        self.proxy.waf()
+    }
+
     /// Custom domains route only while their `_dstack-app-address` TXT record names the
     /// claimed app (docs/custom-domains.md). Set once, before `spawn`.
     pub fn set_custom_domains(&self, c: custom_domain::CustomDomains) {
@@ -290,8 +312,9 @@ impl Edge {
         let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
         let state = &applied.state;
         let regions = self.balancer.regions(state);
-        let (mut routes, balance, (certs, errors), locked, full) = match delta {
+        let (mut routes, balance, (certs, errors), locked, full, waf) = match delta {
             Delta::Everything => {
+                let waf = Arc::new(protect::waf::Policies::from_state(&state.waf));
                 let routes = RouteTable::build(state, bases, index);
                 let weights = balance::weights_of(state);
                 let certs = state.certificates.clone();
@@ -299,9 +322,14 @@ impl Edge {
                 let locked = locked_at.elapsed();
                 let balance = self.balancer.compile(&routes, weights, regions);
                 let certs = CertTable::build(&certs, Some(&prev.certs), &self.keyring);
-                (routes, balance, certs, locked, true)
+                (routes, balance, certs, locked, true, waf)
             }
             Delta::Keys(ch) => {
+                let waf = if ch.apps.is_empty() {
+                    prev.waf.clone()
+                } else {
+                    Arc::new(prev.waf.update(&state.waf, ch.apps.iter()))
+                };
                 let update = route::RouteUpdate::collect(
                     state,
                     ch.instances.iter().cloned(),
@@ -325,18 +353,27 @@ impl Edge {
                     self.balancer
                         .update(&prev.balance, &routes, &changed, &weights, regions);
                 let certs = prev.certs.update(&certs, &self.keyring);
-                (routes, balance, certs, locked, false)
+                (routes, balance, certs, locked, false, waf)
             }
         };
         for e in errors {
             tracing::warn!(error = %e, "stored certificate not loaded (an earlier version, if any, keeps serving)");
         }
         routes.changes = Some(cursor);
+        let waf_changed = !Arc::ptr_eq(&waf, &prev.waf);
         self.snapshot.store(Arc::new(Snapshot {
             routes,
             certs,
             balance,
+            waf: waf.clone(),
         }));
+        // New policies get their rule sets before requests need them (blocking: this runs on a
+        // blocking thread, see `watch`).
+        if waf_changed {
+            if let Some(w) = self.proxy.waf() {
+                w.prepare(waf.in_use());
+            }
+        }
         self.metrics.route_table_rebuilds.inc();
         self.metrics
             .route_table_apply_index

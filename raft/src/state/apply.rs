@@ -65,6 +65,7 @@ impl ClusterState {
                     self.remove_instance(&id);
                 }
                 self.domains.retain(|_, d| &d.app != name);
+                self.waf.apps.remove(name);
                 Response::Ok
             }
             Command::RegisterInstance(old) => {
@@ -120,6 +121,26 @@ impl ClusterState {
                         ..d.clone()
                     },
                 );
+                Response::Ok
+            }
+            Command::SetWafPolicy { app, policy } => {
+                // Checked again here: a policy must not outlive validation rules of an older
+                // proposer, and an app deleted meanwhile must not get one.
+                if let Some(Err(e)) = policy.as_ref().map(|p| p.validate()) {
+                    return Response::Rejected(e.to_string());
+                }
+                match (app, policy) {
+                    (None, p) => self.waf.default = p.clone(),
+                    (Some(app), Some(p)) => {
+                        if !self.apps.contains_key(app) {
+                            return Response::Rejected(format!("app {app:?} not found"));
+                        }
+                        self.waf.apps.insert(app.clone(), p.clone());
+                    }
+                    (Some(app), None) => {
+                        self.waf.apps.remove(app);
+                    }
+                }
                 Response::Ok
             }
             Command::SetInstanceWeight {

@@ -22,6 +22,7 @@ use super::validate::{
     field, is_dns_label, validate_app_name, validate_coords, validate_domain_name,
     validate_instance, validate_lb, validate_name, validate_ports, ValidationError, MAX_CERT_BYTES,
 };
+use super::waf::WafPolicy;
 
 /// A typed change to the cluster state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +116,12 @@ pub enum Command {
         name: String,
         ports: Vec<u16>,
         lb: String,
+    },
+    /// Sets (`Some`) or removes (`None`) the WAF policy of an app, or with `app: None` the
+    /// cluster default for apps without one.
+    SetWafPolicy {
+        app: Option<String>,
+        policy: Option<WafPolicy>,
     },
 }
 
@@ -237,6 +244,15 @@ impl Command {
                     return Err(field("weight", weight.to_string(), "must be 0-10000"));
                 }
                 Ok(())
+            }
+            Command::SetWafPolicy { app, policy } => {
+                if let Some(app) = app {
+                    validate_app_name(app)?;
+                }
+                match policy {
+                    Some(p) => p.validate(),
+                    None => Ok(()),
+                }
             }
             Command::VerifyDomainClaim { name, token } => {
                 validate_domain_name(name)?;

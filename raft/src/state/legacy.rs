@@ -4,8 +4,8 @@
 //! changes shape, the old shape stays here, frozen, so old bytes still decode:
 //! - `Command::RegisterInstance` carries an [`InstanceV1`] (IPv4-only tunnel address) in every
 //!   log written before IPv6 pools; newer proposers use `Command::RegisterInstanceV2`.
-//! - Snapshot format 1 (and header-less snapshots) hold a [`ClusterStateV1`]; format 2 holds
-//!   today's `ClusterState`.
+//! - Snapshot format 1 (and header-less snapshots) hold a [`ClusterStateV1`]; format 2 a
+//!   [`ClusterStateV2`] (no WAF policies); format 3 holds today's `ClusterState`.
 //!
 //! Never change a type in this file: that would change how existing bytes decode.
 
@@ -120,6 +120,41 @@ impl From<ClusterStateV1> for ClusterState {
             registers: s.registers,
             acme: s.acme,
             instance_weights: s.instance_weights,
+            waf: Default::default(),
+        }
+    }
+}
+
+/// `ClusterState` as snapshot format 2 stored it: today's fields up to `instance_weights`, before
+/// WAF policies existed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStateV2 {
+    pub nodes: BTreeMap<u64, GatewayNode>,
+    pub regions: BTreeMap<String, Region>,
+    pub apps: BTreeMap<String, App>,
+    pub domains: BTreeMap<String, Domain>,
+    pub certificates: BTreeMap<String, Certificate>,
+    pub instances: BTreeMap<String, Instance>,
+    pub tunnel_pool: TunnelPool,
+    pub registers: BTreeMap<String, Register>,
+    pub acme: AcmeState,
+    pub instance_weights: BTreeMap<String, u32>,
+}
+
+impl From<ClusterStateV2> for ClusterState {
+    fn from(s: ClusterStateV2) -> Self {
+        ClusterState {
+            nodes: s.nodes,
+            regions: s.regions,
+            apps: s.apps,
+            domains: s.domains,
+            certificates: s.certificates,
+            instances: s.instances,
+            tunnel_pool: s.tunnel_pool,
+            registers: s.registers,
+            acme: s.acme,
+            instance_weights: s.instance_weights,
+            waf: Default::default(),
         }
     }
 }

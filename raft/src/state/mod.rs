@@ -21,6 +21,7 @@
 //! - `acme.rs`: ACME account, challenges, orders and the orderer lease, all in one place: its
 //!   state (held in `ClusterState`), commands, validation and apply. So it is the one file that
 //!   takes names from this file (`ClusterState`, `Certificate`, `Response`, `Command`).
+//! - `waf.rs`: WAF policies (`WafPolicy`, `WafState`), their types and field checks.
 //! - `model.rs`: `ClusterState` and the records it holds (nodes, regions, apps, instances,
 //!   domains, certificates, registers).
 //! - `names.rs`: one namespace for routable names; `Registration`, and the checks of app names
@@ -41,6 +42,7 @@ mod names;
 mod nesting;
 mod pool;
 mod validate;
+mod waf;
 
 pub use acme::{
     AcmeAccount, AcmeChallenge, AcmeCommand, AcmeOrder, AcmeState, ChallengeKind, Http01Challenge,
@@ -49,7 +51,7 @@ pub use acme::{
 pub use command::{
     Command, Response, Rewrap, RewrapTarget, StaleInstance, MAX_EXPIRE_BATCH, MAX_REWRAP_BATCH,
 };
-pub use legacy::{ClusterStateV1, InstanceV1, TunnelPoolV1};
+pub use legacy::{ClusterStateV1, ClusterStateV2, InstanceV1, TunnelPoolV1};
 pub use model::{
     App, Certificate, ClusterState, Domain, GatewayNode, Instance, NodeStatus, Region, Register,
     MAX_INSTANCE_WEIGHT,
@@ -59,6 +61,10 @@ pub use nesting::MAX_BATCH_DEPTH;
 pub use pool::{TunnelPool, GATEWAY_TUNNEL_V4, GATEWAY_TUNNEL_V6};
 pub use validate::{
     validate_app_name, validate_lb, validate_ports, ValidationError, MAX_APP_PORTS, MAX_CERT_BYTES,
+};
+pub use waf::{
+    FailMode, OverLimit, RuleExclusion, WafMode, WafPolicy, WafState, MAX_WAF_BODY_LIMIT,
+    MAX_WAF_BUDGET_MS, MAX_WAF_EXCLUSIONS,
 };
 
 #[cfg(test)]

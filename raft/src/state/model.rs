@@ -2,7 +2,7 @@
 //!
 //! Types only, plus read-only queries. What may change them is in `command.rs`; how they change,
 //! in `apply.rs`. It imports only the parts of the state that keep files of their own, `pool.rs`
-//! (`TunnelPool`) and `acme.rs` (`AcmeState`); never the commands or `apply`.
+//! (`TunnelPool`), `acme.rs` (`AcmeState`) and `waf.rs` (`WafState`); never the commands or `apply`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::acme::AcmeState;
 use super::pool::TunnelPool;
+use super::waf::WafState;
 
 /// A gateway node as the data plane and CVMs see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -119,6 +120,8 @@ pub struct ClusterState {
     /// A map beside `instances` rather than a field of `Instance`, so registration entries
     /// already in logs keep their encoding.
     pub instance_weights: BTreeMap<String, u32>,
+    /// WAF policies: per app and the cluster default (snapshot format 3).
+    pub waf: WafState,
 }
 
 /// Largest instance weight (the same bound the balancer enforces).

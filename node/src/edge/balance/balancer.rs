@@ -486,6 +486,7 @@ mod tests {
             routes: RouteTable::build(s, &["apps.test".to_string()], 1),
             certs: Default::default(),
             balance: b.build(s),
+            waf: Default::default(),
         }
     }
 

@@ -58,6 +58,16 @@ pub enum ProxyError {
     Upstream { backend: String, source: BoxError },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The WAF refused the request (`edge/protect/waf`).
+    #[error("refused by the web application firewall (request id {request_id})")]
+    WafBlocked {
+        request_id: String,
+        status: StatusCode,
+    },
+    /// The WAF could not inspect the request (over budget, or no engine) and the app's policy
+    /// fails closed.
+    #[error("the web application firewall could not inspect this request (request id {request_id}); try again")]
+    WafUnavailable { request_id: String },
 }
 
 impl ProxyError {
@@ -81,6 +91,8 @@ impl ProxyError {
             ProxyError::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::WebSocketRefused { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::WafBlocked { status, .. } => *status,
+            ProxyError::WafUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -95,14 +107,15 @@ impl ProxyError {
             | ProxyError::PassthroughOverHttp { .. }
             | ProxyError::BodyTooLarge(_)
             | ProxyError::ClientBody(_)
-            | ProxyError::ConnectNotSupported => Fault::Client,
+            | ProxyError::ConnectNotSupported
+            | ProxyError::WafBlocked { .. } => Fault::Client,
             ProxyError::NoBackend(_)
             | ProxyError::NoHealthyBackend(_)
             | ProxyError::Timeout { .. }
             | ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::WebSocketRefused { .. } => Fault::Upstream,
-            ProxyError::Internal(_) => Fault::Internal,
+            ProxyError::Internal(_) | ProxyError::WafUnavailable { .. } => Fault::Internal,
         }
     }
 

@@ -24,6 +24,8 @@ use crate::edge::balance::{self, Balancer, NoCandidate};
 use crate::edge::grammar::{GrammarError, Mode};
 use crate::edge::h1client::H1Pool;
 use crate::edge::limits::Cidrs;
+use crate::edge::protect::waf::gate::{self, REQUEST_ID};
+use crate::edge::protect::waf::Waf;
 use crate::edge::route::{Route, RouteError, RouteTable};
 use crate::edge::upstream::{HyperConnector, Upstream};
 use crate::edge::Snapshot;
@@ -140,6 +142,19 @@ pub struct Proxy {
     /// The DNS check for custom domains, set once by the node (`Edge::set_custom_domains`).
     /// Unset (unit tests), custom domains route on their verified claim alone.
     custom: std::sync::OnceLock<crate::edge::custom_domain::CustomDomains>,
+    /// The WAF engine, set once by the node (`Edge::set_waf`). Unset (unit tests), apps with a
+    /// WAF policy are forwarded uninspected.
+    waf: std::sync::OnceLock<Arc<Waf>>,
+}
+
+/// What forwarding learnt about a request, for metrics, the access log and error responses.
+#[derive(Default)]
+struct Progress {
+    app: Option<Arc<str>>,
+    instance: Option<Arc<crate::edge::route::Backend>>,
+    authority: Option<Bytes>,
+    /// Set when the WAF inspected the request.
+    request_id: Option<String>,
 }
 
 /// Backends one request may try: the first choice and, after connect failures of a request
@@ -276,7 +291,17 @@ impl Proxy {
             balancer,
             xff_from,
             custom: std::sync::OnceLock::new(),
+            waf: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the WAF engine; later calls are ignored.
+    pub fn set_waf(&self, w: Arc<Waf>) {
+        let _ = self.waf.set(w);
+    }
+
+    pub fn waf(&self) -> Option<&Arc<Waf>> {
+        self.waf.get()
     }
 
     /// Closes the direct client's backend connections that sat idle past the pool's idle
@@ -338,20 +363,17 @@ impl Proxy {
             )
         });
         // Filled in as forwarding gets that far; `-` in metrics and logs until then.
-        let mut app: Option<Arc<str>> = None;
-        let mut instance: Option<Arc<crate::edge::route::Backend>> = None;
-        let mut authority: Option<Bytes> = None;
+        let mut progress = Progress::default();
         // Boxed: hyper moves the request future into a task per HTTP/2 stream, and the
         // forwarding state (~1.6 KiB) is most of it. Node CPU per h2 request fell ~5 % (three
         // alternating runs each, /proc/<pid>/stat); one allocation per h1 request is the cost.
-        let result = Box::pin(self.forward(
-            snapshot,
-            ctx,
-            req,
-            (&mut app, &mut instance),
-            &mut authority,
-        ))
-        .await;
+        let result = Box::pin(self.forward(snapshot, ctx, req, &mut progress)).await;
+        let Progress {
+            app,
+            instance,
+            authority,
+            request_id,
+        } = progress;
         let app = app.as_deref().unwrap_or("-");
         let mut resp = match result {
             Ok(mut r) => {
@@ -372,7 +394,14 @@ impl Proxy {
                     Fault::Upstream => tracing::warn!(error = %e, app = %app, "backend failure"),
                     Fault::Internal => tracing::error!(error = %e, "proxy internal error"),
                 }
-                text_response(status, format!("{}\n", e))
+                let mut r = text_response(status, format!("{}\n", e));
+                if let Some(v) = request_id
+                    .as_deref()
+                    .and_then(|id| HeaderValue::from_str(id).ok())
+                {
+                    r.headers_mut().insert(REQUEST_ID, v);
+                }
+                r
             }
         };
         if ctx.scheme == "https" {
@@ -395,6 +424,7 @@ impl Proxy {
                 status,
                 app = %app,
                 instance = %instance.as_ref().map_or("-", |b| b.instance_id.as_str()),
+                request_id = %request_id.as_deref().unwrap_or("-"),
                 ms = elapsed.as_secs_f64() * 1000.0,
                 "request"
             );
@@ -444,12 +474,8 @@ impl Proxy {
         &self,
         snapshot: &ArcSwap<Snapshot>,
         ctx: &ConnCtx,
-        mut req: Request<B>,
-        (app_out, instance_out): (
-            &mut Option<Arc<str>>,
-            &mut Option<Arc<crate::edge::route::Backend>>,
-        ),
-        authority_out: &mut Option<Bytes>,
+        req: Request<B>,
+        progress: &mut Progress,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
@@ -472,16 +498,72 @@ impl Proxy {
             Some((route, authority)) => (route, authority),
             None => self.route_request(&snap, ctx, &req).await?,
         };
-        *authority_out = Some(authority.clone());
+        progress.authority = Some(authority.clone());
         let authority = std::str::from_utf8(&authority).unwrap_or_default();
-        *app_out = Some(route.app.clone());
+        progress.app = Some(route.app.clone());
         let client_ip = balance::effective_client(ctx.client.ip(), req.headers(), |ip| {
             self.xff_from.contains(ip)
         });
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            if len > self.settings.max_body {
+                return Err(ProxyError::BodyTooLarge(self.settings.max_body));
+            }
+        }
+        let inspect = snap
+            .waf
+            .active(&route.app)
+            .cloned()
+            .and_then(|p| Some((self.waf.get()?, p)));
+        let Some((waf, policy)) = inspect else {
+            return self
+                .send(snap, ctx, req, (&route, authority, client_ip), progress)
+                .await;
+        };
+        let origin = gate::Origin {
+            client: SocketAddr::new(client_ip, ctx.client.port()),
+            app: &route.app,
+            host: authority,
+        };
+        let (req, pending) =
+            gate::inspect_request(waf, &policy, origin, req, self.settings.request_timeout)
+                .await
+                .inspect_err(|e| {
+                    if let ProxyError::WafBlocked { request_id, .. }
+                    | ProxyError::WafUnavailable { request_id } = e
+                    {
+                        progress.request_id = Some(request_id.clone());
+                    }
+                })?;
+        progress.request_id = Some(pending.request_id.clone());
+        let resp = self
+            .send(snap, ctx, req, (&route, authority, client_ip), progress)
+            .await?;
+        pending.response(resp).await
+    }
+
+    /// Chooses a backend for a routed (and inspected) request and sends it, trying the next
+    /// choice after connect failures of a request that can be resent.
+    async fn send<B>(
+        &self,
+        snap: Arc<Snapshot>,
+        ctx: &ConnCtx,
+        mut req: Request<B>,
+        (route, authority, client_ip): (&Route, &str, std::net::IpAddr),
+        progress: &mut Progress,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let instance_out = &mut progress.instance;
         let candidates = balance::candidates(
             &snap,
             &self.balancer,
-            &route,
+            route,
             client_ip,
             Some(req.headers()),
             MAX_ATTEMPTS,
@@ -492,15 +574,6 @@ impl Proxy {
         })?;
         drop(snap);
 
-        if let Some(len) = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        {
-            if len > self.settings.max_body {
-                return Err(ProxyError::BodyTooLarge(self.settings.max_body));
-            }
-        }
         let ws_connect = is_websocket_connect(&req);
         if req.method() == Method::CONNECT && !ws_connect {
             // A gateway in front of apps is not a forward proxy.
