@@ -360,20 +360,21 @@ impl Edge {
             tracing::warn!(error = %e, "stored certificate not loaded (an earlier version, if any, keeps serving)");
         }
         routes.changes = Some(cursor);
-        let waf_changed = !Arc::ptr_eq(&waf, &prev.waf);
-        self.snapshot.store(Arc::new(Snapshot {
-            routes,
-            certs,
-            balance,
-            waf: waf.clone(),
-        }));
-        // New policies get their rule sets before requests need them (blocking: this runs on a
-        // blocking thread, see `watch`).
-        if waf_changed {
+        // A changed policy gets its rule set before the snapshot that carries it serves, so a
+        // request never meets a policy whose rules are still compiling (which would send it
+        // down the fail mode). Blocking, a few hundred milliseconds for a policy never seen
+        // before; this runs on a blocking thread (`watch`).
+        if !Arc::ptr_eq(&waf, &prev.waf) {
             if let Some(w) = self.proxy.waf() {
                 w.prepare(waf.in_use());
             }
         }
+        self.snapshot.store(Arc::new(Snapshot {
+            routes,
+            certs,
+            balance,
+            waf,
+        }));
         self.metrics.route_table_rebuilds.inc();
         self.metrics
             .route_table_apply_index

@@ -28,7 +28,8 @@ pub struct Record {
     pub protocol: &'static str,
     pub mode: &'static str,
     pub paranoia: u8,
-    /// `pass`, `detected`, `blocked`, `over_budget_pass`, `over_budget_blocked`.
+    /// `pass`, `detected`, `blocked`; `over_budget_pass` / `over_budget_blocked` (evaluation
+    /// outran the budget); `unavailable_pass` / `unavailable_blocked` (no rule set could run).
     pub action: &'static str,
     /// The status the client got when the WAF answered (403, 413, 503), else `null`.
     pub status: Option<u16>,

@@ -247,10 +247,11 @@ where
             } else {
                 waf.metrics.unavailable.get_or_create(&labels).inc();
             }
-            record.action = if closed {
-                "over_budget_blocked"
-            } else {
-                "over_budget_pass"
+            record.action = match (why, closed) {
+                ("over_budget", true) => "over_budget_blocked",
+                ("over_budget", false) => "over_budget_pass",
+                (_, true) => "unavailable_blocked",
+                (_, false) => "unavailable_pass",
             };
             if closed {
                 record.status = Some(503);
@@ -431,12 +432,9 @@ impl Pending {
 
     fn close(&mut self, action: Option<&'static str>) {
         self.closed = true;
-        if let Some(a) = action.or(self.skipped.map(|s| {
-            if s == "over_budget" || s == "unavailable" {
-                "over_budget_pass"
-            } else {
-                "pass"
-            }
+        if let Some(a) = action.or(self.skipped.map(|s| match s {
+            "over_budget" => "over_budget_pass",
+            _ => "unavailable_pass",
         })) {
             self.record.action = a;
         }

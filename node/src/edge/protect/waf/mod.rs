@@ -64,6 +64,9 @@ pub struct WafSettings {
     pub node_id: u64,
 }
 
+/// Compiled rule sets kept for policies no app uses right now (a few tens of MiB each).
+const MAX_IDLE_SETS: usize = 4;
+
 /// Compiled rule sets by policy. The mode is part of the key (detect compiles without
 /// disruptive actions).
 type Sets = HashMap<WafPolicy, Arc<RuleSet>>;
@@ -225,6 +228,7 @@ impl Waf {
         };
         let current = self.sets.load_full();
         let mut next: Sets = HashMap::new();
+        let policies: Vec<&WafPolicy> = policies.into_iter().collect();
         for p in policies.into_iter().filter(|p| p.mode != WafMode::Off) {
             if next.contains_key(p) {
                 continue;
@@ -250,6 +254,15 @@ impl Waf {
                 },
             };
             next.insert(p.clone(), set);
+        }
+        // Sets no policy uses any more are kept a while: switching an app back (detect, then
+        // block again) must not wait for a compile.
+        let in_use = next.len();
+        for (p, set) in current.iter() {
+            if next.len() >= in_use + MAX_IDLE_SETS {
+                break;
+            }
+            next.entry(p.clone()).or_insert_with(|| set.clone());
         }
         self.sets.store(Arc::new(next));
     }
