@@ -22,6 +22,15 @@ fn to_json(p: &WafPolicy) -> String {
 }
 
 impl AdminService {
+    /// This node's WAF engine (every node that runs a data plane has one).
+    fn waf_engine(&self) -> Result<std::sync::Arc<crate::edge::protect::waf::Waf>, Status> {
+        self.state
+            .edge
+            .get()
+            .and_then(|e| e.waf().cloned())
+            .ok_or_else(|| Status::unavailable("this node runs no data plane"))
+    }
+
     pub(super) async fn waf_set(&self, r: pb::WafPolicyRequest) -> Result<WriteReply, Status> {
         let app = match (r.cluster_default, r.app.is_empty()) {
             (true, true) => None,
@@ -82,12 +91,7 @@ impl AdminService {
             })
             .await?;
         let policy = parse_policy(&policy.policy_json)?;
-        let waf = self
-            .state
-            .edge
-            .get()
-            .and_then(|e| e.waf().cloned())
-            .ok_or_else(|| Status::unavailable("this node runs no data plane"))?;
+        let waf = self.waf_engine()?;
         let out = tokio::task::spawn_blocking(move || waf.probe(&policy, &r.request))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
@@ -98,12 +102,7 @@ impl AdminService {
     }
 
     pub(super) async fn waf_reload(&self) -> Result<pb::WafReloadReply, Status> {
-        let waf = self
-            .state
-            .edge
-            .get()
-            .and_then(|e| e.waf().cloned())
-            .ok_or_else(|| Status::unavailable("this node runs no data plane"))?;
+        let waf = self.waf_engine()?;
         let w = waf.clone();
         let n = tokio::task::spawn_blocking(move || w.reload())
             .await

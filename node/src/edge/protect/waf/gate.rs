@@ -73,6 +73,19 @@ struct Evaluated {
     cpu: Duration,
 }
 
+/// Header fields as owned bytes, for the evaluation thread.
+fn owned_headers(h: &http::HeaderMap, keep: impl Fn(&str) -> bool) -> Vec<(Bytes, Bytes)> {
+    h.iter()
+        .filter(|(k, _)| keep(k.as_str()))
+        .map(|(k, v)| {
+            (
+                Bytes::copy_from_slice(k.as_str().as_bytes()),
+                Bytes::copy_from_slice(v.as_bytes()),
+            )
+        })
+        .collect()
+}
+
 fn protocol(v: Version) -> (&'static str, &'static str) {
     match v {
         Version::HTTP_3 => ("h3", "3.0"),
@@ -177,17 +190,7 @@ where
     let inspected = prefix.read.slice(..prefix.read.len().min(limit));
 
     // Headers as the engine expects them: HTTP/2 and HTTP/3 carry the host in `:authority`.
-    let mut headers: Vec<(Bytes, Bytes)> = parts
-        .headers
-        .iter()
-        .filter(|(k, _)| k.as_str() != REQUEST_ID)
-        .map(|(k, v)| {
-            (
-                Bytes::copy_from_slice(k.as_str().as_bytes()),
-                Bytes::copy_from_slice(v.as_bytes()),
-            )
-        })
-        .collect();
+    let mut headers = owned_headers(&parts.headers, |k| k != REQUEST_ID);
     if !parts.headers.contains_key(http::header::HOST) {
         if let Some(a) = parts.uri.authority() {
             headers.push((
@@ -366,16 +369,7 @@ impl Pending {
             .read
             .slice(..prefix.read.len().min(RESPONSE_BODY_LIMIT));
         let status = parts.status.as_u16();
-        let headers: Vec<(Bytes, Bytes)> = parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    Bytes::copy_from_slice(k.as_str().as_bytes()),
-                    Bytes::copy_from_slice(v.as_bytes()),
-                )
-            })
-            .collect();
+        let headers = owned_headers(&parts.headers, |_| true);
         let budget = Duration::from_millis(u64::from(self.policy.budget_ms));
         let slot = self.waf.slot().await;
         let handle = tokio::task::spawn_blocking(move || {
